@@ -1,0 +1,53 @@
+"""corral: an asyncio-native process pool and task queue.
+
+Workers are processes whose pipes the event loop drives: no helper threads, no polling. A
+worker that crashes costs one job at most and is replaced; a job is never lost or silently
+run twice.
+
+    async with corral.Pool() as pool:
+        y = await pool.run(f, x)
+        ys = await pool.map(f, xs)
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from ._errors import CorralError as CorralError
+from ._errors import PoolClosedError as PoolClosedError
+from ._errors import RemoteTraceback as RemoteTraceback
+from ._errors import SerializationError as SerializationError
+from ._errors import SoftTimeLimitExceeded as SoftTimeLimitExceeded
+from ._errors import TimeLimitExceeded as TimeLimitExceeded
+from ._errors import WorkerLostError as WorkerLostError
+from ._errors import WorkerStartupError as WorkerStartupError
+from ._job import Job as Job
+from ._job import JobState as JobState
+from ._pool import Pool as Pool
+from ._taskqueue import TaskQueue as TaskQueue
+
+try:
+    __version__ = version("corral")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0"
+
+__all__ = [
+    "CorralError",
+    "Job",
+    "JobState",
+    "Pool",
+    "PoolClosedError",
+    "RemoteTraceback",
+    "SerializationError",
+    "SoftTimeLimitExceeded",
+    "TaskQueue",
+    "TimeLimitExceeded",
+    "WorkerLostError",
+    "WorkerStartupError",
+]
+
+for _name in __all__:
+    _obj = globals()[_name]
+    if getattr(_obj, "__module__", "").startswith("corral."):
+        _obj.__module__ = "corral"
+del _name, _obj

@@ -1,0 +1,167 @@
+"""The worker process: run the initializer, announce itself, then serve calls until EOF.
+
+The child blocks on its in-pipe (no polling, no sleeps) and answers on its out-pipe::
+
+    parent                               child
+      |  CALL(job, fn, args)  ------------>  unpickle the call
+      |  <------------  ACK(job)             about to run: from here the job is "started"
+      |                                      fn(*args)
+      |  <------------  RESULT | ERROR(job)  the value, or the exception and its traceback
+
+Unpickling comes before the acknowledgement on purpose: a call whose arguments kill the
+process while they are unpickled was never started, so the parent may deliver it again
+(a bounded number of times) without running anything twice.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from ._errors import SerializationError
+from ._wire import (
+    ACK,
+    CALL,
+    ERROR,
+    INIT_FAILED,
+    KIND_MASK,
+    RESULT,
+    UP,
+    Buffer,
+    Frame,
+    FrameDecoder,
+    describe,
+    dumps,
+    dumps_error,
+    frame,
+    loads,
+    out_of_band,
+)
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+
+
+def call_each(fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
+    """Run fn on each item of a chunk: one job, one pickle and one frame for many calls."""
+    return [fn(item) for item in items]
+
+
+def main(inbound: Connection, outbound: Connection, setup: bytes, inherited: list[int]) -> None:
+    """Entry point of a worker process (the target of its ``multiprocessing.Process``).
+
+    ``inherited`` lists the parent's pipe ends that a forked child got by accident; closing
+    them lets siblings see EOF when the parent closes their pipes.
+    """
+    for fd in inherited:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    # Ctrl-C in a terminal reaches the whole process group; the parent decides what stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        signal.set_wakeup_fd(-1)  # a forked child must not poke the parent's event loop
+    except ValueError:
+        pass
+    worker = _Worker(inbound.fileno(), outbound.fileno())
+    try:
+        worker.serve(setup)
+    except BrokenPipeError:
+        pass  # the parent is gone; nobody is left to tell
+    finally:
+        inbound.close()
+        outbound.close()
+
+
+class _Worker:
+    """The child's side of the pipes: blocking reads in, blocking writes out."""
+
+    def __init__(self, in_fd: int, out_fd: int) -> None:
+        self._in = in_fd
+        self._out = out_fd
+        self._decoder = FrameDecoder()
+
+    def serve(self, setup: bytes) -> None:
+        """Run the initializer, say UP, and answer calls until the parent closes the pipe."""
+        try:
+            (setup_frame,) = FrameDecoder().feed(setup)
+            initializer, initargs = loads(setup_frame.kind, setup_frame.body)
+            if initializer is not None:
+                initializer(*initargs)
+        except BaseException as exc:
+            self._send(frame(INIT_FAILED, 0, dumps_error(exc)))
+            raise SystemExit(1) from None
+        self._send(frame(UP, 0, dumps(os.getpid())))
+        while True:
+            frames = self._read()
+            if frames is None:
+                return
+            for f in frames:
+                if f.kind & KIND_MASK == CALL:
+                    self._call(f)
+
+    def _call(self, f: Frame) -> None:
+        job = f.job
+        try:
+            fn, args = loads(f.kind, f.body)
+        except BaseException as exc:
+            error = SerializationError(
+                "the call", "in the worker", f"unpickling failed: {type(exc).__name__}: {exc}"
+            )
+            self._send(frame(ERROR, job, dumps_error(error)))
+            return
+        del f
+        self._send(frame(ACK, job))
+        try:
+            value = fn(*args)
+        except BaseException as exc:
+            self._send(frame(ERROR, job, dumps_error(exc)))
+            return
+        del args
+        try:
+            payload = dumps(out_of_band(value))
+        except BaseException as exc:
+            error = SerializationError(
+                f"the result of {describe(fn)} ({describe(value)})",
+                "in the worker",
+                f"{type(exc).__name__}: {exc}",
+            )
+            self._send(frame(ERROR, job, dumps_error(error)))
+            return
+        self._send(frame(RESULT, job, payload))
+
+    def _read(self) -> list[Frame] | None:
+        """Block until at least one whole frame is in; None at EOF."""
+        decoder = self._decoder
+        while True:
+            try:
+                n = os.readv(self._in, [decoder.get_buffer()])
+            except OSError:
+                return None
+            if n == 0:
+                return None
+            frames = decoder.buffer_updated(n)
+            if frames:
+                return frames
+
+    def _send(self, buffers: list[Buffer]) -> None:
+        """Write all buffers, blocking; resumes after partial writes."""
+        total = sum(map(len, buffers))  # 1-D byte buffers: len is the size
+        n = os.writev(self._out, buffers)
+        if n == total:
+            return
+        views = [memoryview(b) for b in buffers]
+        while views:
+            while n and views:
+                head = views[0]
+                if n >= head.nbytes:
+                    n -= head.nbytes
+                    views.pop(0)
+                else:
+                    views[0] = head[n:]
+                    n = 0
+            if views:
+                n = os.writev(self._out, views)

@@ -1,0 +1,134 @@
+"""``Job``: the handle of one submitted call, its states and its cancellation.
+
+A job is awaitable. Awaiting it gives the call's value or raises its exception; awaiting a
+cancelled job raises ``asyncio.CancelledError``. Cancelling the asyncio task that awaits a job
+cancels the job, as cancelling a task cancels the future it awaits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import Callable, Generator
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    from ._wire import Encoded
+
+T = TypeVar("T")
+
+
+class JobState(enum.Enum):
+    """Where a job is in its life."""
+
+    PENDING = "pending"  # queued, not yet handed to a worker
+    SENT = "sent"  # handed to a worker that has not acknowledged it
+    RUNNING = "running"  # acknowledged: the worker is running it
+    DONE = "done"  # finished with a value or an exception
+    CANCELLED = "cancelled"
+
+
+class JobOwner(Protocol):
+    """What a job needs from the queue that holds it."""
+
+    def cancel_job(self, job: Job[Any]) -> None:
+        """Withdraw job: drop it if pending, stop it if running."""
+
+
+class Job(Generic[T]):
+    """One call on its way through the queue: awaitable, cancellable, inspectable."""
+
+    __slots__ = (
+        "__weakref__",
+        "_owner",
+        "args",
+        "deliveries",
+        "fn",
+        "future",
+        "id",
+        "payload",
+        "priority",
+        "retries",
+        "series",
+        "soft_time_limit",
+        "started_at",
+        "state",
+        "submitted_at",
+        "time_limit",
+    )
+
+    def __init__(
+        self,
+        owner: JobOwner,
+        job_id: int,
+        fn: Callable[..., T],
+        args: tuple[Any, ...],
+        future: asyncio.Future[T],
+        *,
+        priority: float = 0,
+        series: str | None = None,
+        retries: int = 0,
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
+    ) -> None:
+        self._owner = owner
+        self.id = job_id
+        self.fn = fn
+        self.args = args
+        self.future = future
+        self.priority = priority
+        self.series = series
+        self.retries = retries
+        self.time_limit = time_limit
+        self.soft_time_limit = soft_time_limit
+        self.state = JobState.PENDING
+        self.payload: Encoded | None = None  # the pickled call, for process workers
+        self.deliveries = 0  # times a worker died holding it before acknowledging it
+        self.submitted_at = time.monotonic()
+        self.started_at = 0.0
+        future.add_done_callback(self._future_done)
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return self.future.__await__()
+
+    def __repr__(self) -> str:
+        name = getattr(self.fn, "__qualname__", type(self.fn).__qualname__)
+        return f"<Job {self.id} {name} {self.state.value}>"
+
+    def done(self) -> bool:
+        """Whether the job finished, failed or was cancelled."""
+        return self.future.done()
+
+    def cancelled(self) -> bool:
+        """Whether the job was cancelled."""
+        return self.future.cancelled()
+
+    def cancel(self) -> bool:
+        """Cancel the job: a pending job never runs, a running one is stopped in its worker.
+
+        Returns False when the job was already done, True otherwise.
+        """
+        if self.future.done():
+            return False
+        self.future.cancel()  # _future_done withdraws it from the queue
+        return True
+
+    def result(self) -> T:
+        """The value of a finished job; raises its exception, or ``InvalidStateError``."""
+        return self.future.result()
+
+    def exception(self) -> BaseException | None:
+        """The exception of a finished job, or None."""
+        return self.future.exception()
+
+    def add_done_callback(self, fn: Callable[[Job[T]], object]) -> None:
+        """Call fn(job) once the job is done (in the event loop)."""
+        self.future.add_done_callback(lambda _: fn(self))
+
+    def _future_done(self, future: asyncio.Future[T]) -> None:
+        if future.cancelled() and self.state is not JobState.DONE:
+            previous = self.state
+            self.state = JobState.CANCELLED
+            if previous is not JobState.CANCELLED:
+                self._owner.cancel_job(self)

@@ -1,0 +1,206 @@
+"""``Pool``: a ``TaskQueue`` whose worker processes it starts, watches and replaces.
+
+How a call travels, and where each step happens::
+
+    pool.submit(fn, x)                         the caller's task
+      | pickle (fn, x) once -> Job               SerializationError raised right here
+      v
+    Dispatcher (priority heap)                 pure decision: which worker, and when
+      | fair: idle worker / prefetch: < n in flight
+      v
+    ProcessWorker.send -> LoopWriter           frames queued, one writev per loop pass
+      |   pipe (1 MiB)                         resumes on add_writer when full
+      v
+    child: unpickle -> ACK -> fn(x) -> RESULT  blocking reads and writes, one call at a time
+      |   pipe
+      v
+    LoopReader (add_reader) -> FrameDecoder    big bodies read in place, no copy
+      v
+    TaskQueue.job_done -> next job to worker   the slot is refilled before the caller wakes
+      -> job.future.set_result                 the awaiting task resumes
+
+A death fd per worker (a pidfd, or the forkserver's status pipe) on the same loop reports a
+crash the moment it happens; the queue requeues or fails what the worker held and the pool
+starts a replacement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import TYPE_CHECKING, Any, Self
+
+from ._errors import CorralError, WorkerStartupError
+from ._taskqueue import Strategy, TaskQueue
+from ._wire import dumps_call
+from .workers._process import STARTUP_TIMEOUT, ProcessWorker
+
+if TYPE_CHECKING:
+    from ._job import Job
+    from .workers._base import Worker
+
+# Consecutive failed start-ups after which the pool stops trying and fails calls with
+# WorkerStartupError: a raising initializer fails every time, and retrying forever would
+# spin; a passing fault (a slow machine, a full process table) rarely fails this often.
+MAX_STARTUP_FAILURES = 3
+
+# Wait before the n-th consecutive retry: BACKOFF * 2**(n-1) seconds.
+BACKOFF = 0.1
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity), not merely those in the machine."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+class Pool(TaskQueue):
+    """Worker processes kept alive behind a priority queue, driven by the event loop.
+
+    Args:
+        workers: how many processes; None means one per CPU this process may use.
+        start_method: ``"forkserver"`` (the default where it exists), ``"spawn"`` or
+            ``"fork"``. fork is fastest to start but unsafe with threads in the parent.
+        strategy, prefetch: see ``TaskQueue``.
+        initializer, initargs: run ``initializer(*initargs)`` in each worker before it takes
+            jobs. If it raises, the pool gives up after a few tries and calls fail with
+            ``WorkerStartupError``.
+        startup_timeout: seconds a worker has to start before it is killed and retried.
+
+    Use it as ``async with Pool() as pool:``, or call ``await pool.start()`` and later
+    ``await pool.close()``.
+    """
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        *,
+        start_method: str | None = None,
+        strategy: Strategy = "fair",
+        prefetch: int = 4,
+        initializer: Any = None,
+        initargs: tuple[Any, ...] = (),
+        startup_timeout: float = STARTUP_TIMEOUT,
+    ) -> None:
+        if workers is None:
+            workers = cpu_count()
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+            raise ValueError(f"workers must be a positive int or None, not {workers!r}")
+        super().__init__(strategy=strategy, prefetch=prefetch)
+        self.size = workers
+        self._worker_options: dict[str, Any] = {
+            "start_method": start_method,
+            "initializer": initializer,
+            "initargs": tuple(initargs),
+            "startup_timeout": startup_timeout,
+        }
+        ProcessWorker(**self._worker_options)  # validates the options here, at the call
+        self._started = False
+        self._startup_failures = 0
+        self._starting: set[Worker] = set()
+        self._ready: asyncio.Event | None = None
+
+    def __repr__(self) -> str:
+        return f"<corral.Pool {len(self._workers)}/{self.size} workers {self._state.value}>"
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def start(self) -> None:
+        """Start the workers and wait until all are ready.
+
+        Raises ``WorkerStartupError`` when workers keep failing to start.
+        """
+        self._bind_loop()
+        self._check_open("start")
+        if not self._started:
+            self._started = True
+            self._ready = asyncio.Event()
+            for _ in range(self.size):
+                self._add_process()
+        assert self._ready is not None
+        while len(self._workers) < self.size and self._broken is None:
+            self._ready.clear()
+            await self._ready.wait()
+        if self._broken is not None:
+            await self.terminate()
+            raise self._broken
+
+    def submit(self, fn: Any, /, *args: Any, **options: Any) -> Job[Any]:  # type: ignore[override]
+        if not self._started and self._state.value == "open":
+            # A pool used without `async with` starts on its first call.
+            self._bind_loop()
+            self._started = True
+            self._ready = asyncio.Event()
+            for _ in range(self.size):
+                self._add_process()
+        return super().submit(fn, *args, **options)
+
+    submit.__doc__ = TaskQueue.submit.__doc__
+
+    def _expected_workers(self) -> int:
+        return self.size
+
+    def _prepare(self, job: Job[Any]) -> None:
+        job.payload = dumps_call(job.fn, job.args)
+
+    # -- keeping workers alive ------------------------------------------------------------
+
+    def _add_process(self) -> None:
+        worker = ProcessWorker(**self._worker_options)
+        self._starting.add(worker)
+        self._spawn_task(self._start_worker(worker))
+
+    async def _start_worker(self, worker: Worker) -> None:
+        try:
+            await worker.start(self)
+        except WorkerStartupError as exc:
+            self._starting.discard(worker)
+            self._startup_failed(exc)
+            return
+        self._starting.discard(worker)
+        self._startup_failures = 0
+        if self.closed and not (self._dispatcher or self._in_flight):
+            await worker.stop()
+            return
+        self._workers[worker] = None
+        self._dispatch(self._dispatcher.add_worker(worker, self._capacity, worker.series))
+        if self._ready is not None:
+            self._ready.set()
+
+    def _startup_failed(self, exc: WorkerStartupError) -> None:
+        self._startup_failures += 1
+        n = self._startup_failures
+        if n >= MAX_STARTUP_FAILURES:
+            broken = WorkerStartupError(n, exc.reason)
+            broken.__cause__ = exc.__cause__ or exc
+            self._broken = broken
+            self._fail_pending(broken)
+            if self._ready is not None:
+                self._ready.set()
+            self._check_drained()
+            return
+        if self._state.value != "closed":
+            self._spawn_task(self._retry_after(BACKOFF * 2 ** (n - 1)))
+
+    async def _retry_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if self._state.value != "closed" and self._broken is None:
+            self._add_process()
+
+    def _worker_gone(self, worker: Worker, error: CorralError) -> None:
+        if self._state.value == "closed" or self._broken is not None:
+            return
+        if self.closed and not (self._dispatcher or self._in_flight):
+            self._check_drained()
+            return
+        self._add_process()
+
+    async def _stop_workers(self, *, kill: bool) -> None:
+        starting = list(self._starting)
+        self._starting.clear()
+        await asyncio.gather(*(w.kill() for w in starting))
+        await super()._stop_workers(kill=kill)

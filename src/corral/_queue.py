@@ -1,0 +1,189 @@
+"""Which job goes to which worker, and when. Pure decisions: no I/O, no event loop.
+
+The rules (DESIGN.md):
+
+- priority: a lower number runs sooner; equal priorities run first in, first out;
+- series: a job of series ``s`` goes only to a worker serving ``s`` (or every series); a job
+  of no series goes to any worker;
+- strategy: a worker holds at most ``capacity`` jobs in flight: 1 is "fair" (a job goes only
+  to an idle worker), more is "prefetch" (jobs wait in the worker's pipe, saving a round
+  trip each);
+- a job handed back by a dead worker before it started goes to the front of its priority.
+
+Every call that may free a slot or add a job returns the assignments it made, as
+``(worker, job)`` pairs, for the caller to carry out.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Hashable
+from typing import Any, Generic, Protocol, TypeVar
+
+
+class Queueable(Protocol):
+    """What the dispatcher reads of a job."""
+
+    priority: float
+    series: str | None
+
+
+W = TypeVar("W", bound=Hashable)
+J = TypeVar("J", bound=Queueable)
+
+# A heap entry: [priority, sequence, job or None once withdrawn]. Entries are lists so a
+# withdrawn job can be blanked in place (heapq has no delete).
+_Entry = list[Any]
+
+
+class Dispatcher(Generic[W, J]):
+    """Holds pending jobs and the load of each worker; decides assignments."""
+
+    def __init__(self) -> None:
+        self._heaps: dict[str | None, list[_Entry]] = {}
+        self._entries: dict[J, _Entry] = {}
+        self._order = itertools.count()
+        self._front = itertools.count(-1, -1)
+        self._load: dict[W, int] = {}
+        self._capacity: dict[W, int] = {}
+        self._serves: dict[W, frozenset[str] | None] = {}
+        self._free: dict[W, None] = {}  # workers below capacity, oldest first
+
+    def __len__(self) -> int:
+        """Jobs waiting for a worker."""
+        return len(self._entries)
+
+    def __contains__(self, job: J) -> bool:
+        return job in self._entries
+
+    @property
+    def workers(self) -> list[W]:
+        """Every worker known, in the order added."""
+        return list(self._load)
+
+    def load(self, worker: W) -> int:
+        """Jobs in flight on worker."""
+        return self._load[worker]
+
+    @property
+    def in_flight(self) -> int:
+        """Jobs in flight on all workers."""
+        return sum(self._load.values())
+
+    def serves(self, series: str | None) -> bool:
+        """Whether some worker may take jobs of series."""
+        return any(_qualified(s, series) for s in self._serves.values())
+
+    def pending(self) -> list[J]:
+        """The waiting jobs, in the order they would run."""
+        entries = sorted(e for heap in self._heaps.values() for e in heap if e[2] is not None)
+        return [e[2] for e in entries]
+
+    def add_worker(self, worker: W, capacity: int, series: frozenset[str] | None) -> list[tuple[W, J]]:
+        """A worker is ready; returns the jobs it should take at once."""
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1, not {capacity}")
+        self._load[worker] = 0
+        self._capacity[worker] = capacity
+        self._serves[worker] = series
+        self._free[worker] = None
+        return self._fill(worker)
+
+    def remove_worker(self, worker: W) -> None:
+        """Forget worker; whatever it held is the caller's to requeue or fail."""
+        self._load.pop(worker, None)
+        self._capacity.pop(worker, None)
+        self._serves.pop(worker, None)
+        self._free.pop(worker, None)
+
+    def push(self, job: J) -> list[tuple[W, J]]:
+        """Queue a new job behind others of its priority."""
+        if not self._entries:  # fast path: nothing waits, so a free worker takes it now
+            for worker in self._free:
+                if _qualified(self._serves[worker], job.series):
+                    self._took(worker)
+                    return [(worker, job)]
+        self._insert(job, next(self._order))
+        return self._place(job.series)
+
+    def requeue(self, job: J) -> list[tuple[W, J]]:
+        """Queue a job again, ahead of the others of its priority."""
+        self._insert(job, next(self._front))
+        return self._place(job.series)
+
+    def finished(self, worker: W) -> list[tuple[W, J]]:
+        """One job in flight on worker ended; returns what it should take next."""
+        if worker not in self._load:
+            return []
+        self._load[worker] -= 1
+        self._free[worker] = None
+        return self._fill(worker)
+
+    def discard(self, job: J) -> bool:
+        """Withdraw a pending job; False when it was not pending."""
+        entry = self._entries.pop(job, None)
+        if entry is None:
+            return False
+        entry[2] = None
+        return True
+
+    def drain(self) -> list[J]:
+        """Withdraw and return every pending job, in order."""
+        jobs = self.pending()
+        self._heaps.clear()
+        self._entries.clear()
+        return jobs
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _insert(self, job: J, order: int) -> None:
+        entry: _Entry = [job.priority, order, job]
+        self._entries[job] = entry
+        heapq.heappush(self._heaps.setdefault(job.series, []), entry)
+
+    def _place(self, series: str | None) -> list[tuple[W, J]]:
+        assignments: list[tuple[W, J]] = []
+        for worker in list(self._free):
+            if _qualified(self._serves[worker], series):
+                assignments.extend(self._fill(worker))
+                if not self._entries:
+                    break
+        return assignments
+
+    def _took(self, worker: W) -> None:
+        load = self._load[worker] = self._load[worker] + 1
+        if load >= self._capacity[worker]:
+            del self._free[worker]
+
+    def _fill(self, worker: W) -> list[tuple[W, J]]:
+        assignments: list[tuple[W, J]] = []
+        while worker in self._free and self._entries:
+            job = self._pop_for(self._serves[worker])
+            if job is None:
+                break
+            self._took(worker)
+            assignments.append((worker, job))
+        return assignments
+
+    def _pop_for(self, serves: frozenset[str] | None) -> J | None:
+        best: list[_Entry] | None = None
+        names = self._heaps.keys() if serves is None else [None, *serves]
+        for name in names:
+            heap = self._heaps.get(name)
+            if not heap:
+                continue
+            while heap and heap[0][2] is None:
+                heapq.heappop(heap)  # withdrawn
+            if heap and (best is None or heap[0] < best[0]):
+                best = heap
+        if best is None:
+            return None
+        entry = heapq.heappop(best)
+        job: J = entry[2]
+        del self._entries[job]
+        return job
+
+
+def _qualified(serves: frozenset[str] | None, series: str | None) -> bool:
+    return series is None or serves is None or series in serves

@@ -1,0 +1,396 @@
+"""``TaskQueue``: calls in, workers of any kind out.
+
+The queue takes calls (``submit``, ``run``, ``map``), keeps them in the ``Dispatcher``'s order,
+hands them to attached workers and settles each job from the workers' callbacks. What to do
+when a worker dies (requeue what it had not started, fail or retry what it had) is decided
+here, once, for every kind of worker. ``Pool`` adds keeping process workers alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import math
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, TypeVarTuple, Unpack
+
+from ._child import call_each
+from ._errors import CorralError, PoolClosedError, WorkerLostError
+from ._job import Job, JobState
+from ._queue import Dispatcher
+
+if TYPE_CHECKING:
+    from .workers._base import Worker
+
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
+
+# A job whose delivery killed this many workers before any acknowledged it is failed: the
+# culprit is the job itself (an argument whose unpickling kills the process), and retrying
+# it forever would kill workers forever.
+MAX_DELIVERIES = 3
+
+# map() cuts its input into about this many chunks per worker: enough for the workers to
+# balance uneven chunks, few enough that per-job overhead vanishes for tiny calls.
+CHUNKS_PER_WORKER = 4
+
+Strategy = Literal["fair", "prefetch"]
+
+
+class QueueState(enum.Enum):
+    """Life of a queue."""
+
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class TaskQueue:
+    """A priority queue of calls served by the workers attached to it.
+
+    Args:
+        strategy: ``"fair"`` hands a job only to an idle worker; ``"prefetch"`` keeps up to
+            ``prefetch`` jobs in flight per worker, which saves a round trip per job when
+            jobs are short and similar.
+        prefetch: jobs in flight per worker under ``"prefetch"``.
+    """
+
+    def __init__(self, *, strategy: Strategy = "fair", prefetch: int = 4) -> None:
+        if strategy not in ("fair", "prefetch"):
+            raise ValueError(f"strategy must be 'fair' or 'prefetch', not {strategy!r}")
+        if not isinstance(prefetch, int) or prefetch < 1:
+            raise ValueError(f"prefetch must be a positive int, not {prefetch!r}")
+        self.strategy = strategy
+        self.prefetch = prefetch
+        self._capacity = 1 if strategy == "fair" else prefetch
+        self._dispatcher: Dispatcher[Worker, Job[Any]] = Dispatcher()
+        self._in_flight: dict[Job[Any], Worker] = {}
+        self._workers: dict[Worker, None] = {}  # attached and started
+        self._ids = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._state = QueueState.OPEN
+        self._drained: asyncio.Event | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._broken: BaseException | None = None  # set when no worker can ever serve
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    async def __aenter__(self) -> TaskQueue:
+        self._bind_loop()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether the queue refuses new calls."""
+        return self._state is not QueueState.OPEN
+
+    @property
+    def workers(self) -> list[Worker]:
+        """The workers serving now."""
+        return list(self._workers)
+
+    def attach(self, worker: Worker) -> asyncio.Task[None]:
+        """Start worker and let it serve this queue; returns the task that starts it."""
+        self._check_open("attach a worker")
+        return self._spawn_task(self._start_worker(worker))
+
+    async def detach(self, worker: Worker) -> None:
+        """Stop giving jobs to worker, let it finish what it holds, then stop it."""
+        if worker not in self._workers:
+            raise ValueError(f"{worker!r} is not attached to this queue")
+        self._dispatcher.remove_worker(worker)
+        del self._workers[worker]
+        await worker.stop()
+
+    async def close(self) -> None:
+        """Run every queued and running job to its end, then stop the workers. Idempotent."""
+        if self._state is QueueState.CLOSED:
+            return
+        self._state = QueueState.CLOSING
+        await self._wait_drained()
+        self._state = QueueState.CLOSED
+        await self._stop_workers(kill=False)
+
+    async def terminate(self) -> None:
+        """Kill the workers now; unfinished jobs fail with ``PoolClosedError``."""
+        self._state = QueueState.CLOSED
+        error = PoolClosedError("finish the job", "terminated")
+        for job in [*self._dispatcher.drain(), *self._in_flight]:
+            self._settle(job, None, error)
+        self._in_flight.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        await self._stop_workers(kill=True)
+
+    async def _stop_workers(self, *, kill: bool) -> None:
+        workers = list(self._workers)
+        self._workers.clear()
+        for worker in workers:
+            self._dispatcher.remove_worker(worker)
+        await asyncio.gather(*(w.kill() if kill else w.stop() for w in workers))
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _wait_drained(self) -> None:
+        while self._dispatcher or self._in_flight:
+            if self._broken is not None:
+                self._fail_pending(self._broken)
+                continue
+            self._drained = asyncio.Event()
+            await self._drained.wait()
+
+    def _check_drained(self) -> None:
+        if self._drained is not None and not (self._dispatcher or self._in_flight):
+            self._drained.set()
+
+    # -- calls ----------------------------------------------------------------------------
+
+    def submit(
+        self,
+        fn: Callable[[Unpack[Ts]], T],
+        /,
+        *args: Unpack[Ts],
+        priority: float = 0,
+        series: str | None = None,
+        retries: int = 0,
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
+    ) -> Job[T]:
+        """Queue fn(*args) and return its ``Job`` at once (awaitable, cancellable).
+
+        Keyword arguments of fn go through ``functools.partial``. Lower ``priority`` runs
+        sooner; ``series`` restricts the job to workers serving it; ``retries`` reruns a job
+        whose worker died while running it.
+        """
+        if self._state is not QueueState.OPEN:
+            raise PoolClosedError("submit", self._state.value)
+        if self._broken is not None:
+            raise self._broken
+        if not callable(fn):
+            raise TypeError(f"the function to run must be callable, not {fn!r}")
+        if series is not None and self._workers and not self._dispatcher.serves(series):
+            raise ValueError(
+                f"no worker serves series={series!r}; attach one with series=[{series!r}]"
+            )
+        if retries < 0:
+            raise ValueError(f"retries must be 0 or more, not {retries!r}")
+        loop = self._loop or self._bind_loop()
+        job: Job[T] = Job(
+            self,
+            next(self._ids),
+            fn,
+            args,
+            loop.create_future(),
+            priority=priority,
+            series=series,
+            retries=retries,
+            time_limit=time_limit,
+            soft_time_limit=soft_time_limit,
+        )
+        self._prepare(job)
+        self._dispatch(self._dispatcher.push(job))
+        return job
+
+    async def run(
+        self,
+        fn: Callable[[Unpack[Ts]], T],
+        /,
+        *args: Unpack[Ts],
+        priority: float = 0,
+        series: str | None = None,
+        retries: int = 0,
+        time_limit: float | None = None,
+        soft_time_limit: float | None = None,
+    ) -> T:
+        """Run fn(*args) in a worker and return its value (or raise its exception)."""
+        job = self.submit(
+            fn,
+            *args,
+            priority=priority,
+            series=series,
+            retries=retries,
+            time_limit=time_limit,
+            soft_time_limit=soft_time_limit,
+        )
+        return await job
+
+    async def map(
+        self,
+        fn: Callable[[Any], T],
+        iterable: Iterable[Any],
+        /,
+        *,
+        chunksize: int | None = None,
+        priority: float = 0,
+        series: str | None = None,
+        retries: int = 0,
+    ) -> list[T]:
+        """Return ``[fn(x) for x in iterable]`` computed by the workers, in input order.
+
+        Small calls are grouped into chunks (one job each) so their overhead is shared;
+        ``chunksize`` overrides the automatic size. The first exception raised by a call is
+        raised here and the rest of the map is cancelled.
+        """
+        if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
+            raise ValueError(f"chunksize must be a positive int, not {chunksize!r}")
+        items = list(iterable)
+        if not items:
+            return []
+        size = chunksize or self._auto_chunksize(len(items))
+        options: dict[str, Any] = {"priority": priority, "series": series, "retries": retries}
+        jobs: list[Job[Any]]
+        if size == 1:
+            jobs = [self.submit(fn, x, **options) for x in items]
+        else:
+            jobs = [
+                self.submit(call_each, fn, items[i : i + size], **options)
+                for i in range(0, len(items), size)
+            ]
+        try:
+            parts = await asyncio.gather(*(job.future for job in jobs))
+        except BaseException:
+            for job in jobs:
+                job.cancel()
+            raise
+        if size == 1:
+            return parts
+        return [value for part in parts for value in part]
+
+    def _auto_chunksize(self, n: int) -> int:
+        workers = max(1, len(self._workers) or self._expected_workers())
+        return max(1, math.ceil(n / (workers * CHUNKS_PER_WORKER)))
+
+    def _expected_workers(self) -> int:
+        """How many workers the queue will have; a pool knows before they are up."""
+        return len(self._workers)
+
+    def _prepare(self, job: Job[Any]) -> None:
+        """Hook: a pool of processes pickles the call here, so errors surface at submit."""
+
+    # -- dispatch and worker callbacks ----------------------------------------------------
+
+    def _dispatch(self, assignments: list[tuple[Worker, Job[Any]]]) -> None:
+        for worker, job in assignments:
+            self._in_flight[job] = worker
+            try:
+                worker.send(job)
+            except Exception as exc:
+                del self._in_flight[job]
+                self._settle(job, None, exc)
+                self._dispatch(self._dispatcher.finished(worker))
+
+    def _settle(self, job: Job[Any], value: Any, error: BaseException | None) -> None:
+        if job.state is JobState.CANCELLED:
+            return
+        job.state = JobState.DONE
+        future = job.future
+        if future.done():
+            return
+        if error is None:
+            future.set_result(value)
+        else:
+            future.set_exception(error)
+
+    def job_started(self, worker: Worker, job: Job[Any]) -> None:
+        """Worker callback: job was acknowledged."""
+        job.started_at = asyncio.get_running_loop().time() if self._loop is None else self._loop.time()
+
+    def job_done(self, worker: Worker, job: Job[Any], value: Any, error: BaseException | None) -> None:
+        """Worker callback: job finished; the worker's slot goes to the next job first."""
+        if self._in_flight.pop(job, None) is not None:
+            self._dispatch(self._dispatcher.finished(worker))
+        self._settle(job, value, error)
+        if self._drained is not None:
+            self._check_drained()
+
+    def worker_lost(
+        self,
+        worker: Worker,
+        error: CorralError,
+        unstarted: list[Job[Any]],
+        started: list[Job[Any]],
+    ) -> None:
+        """Worker callback: it died. Unstarted jobs go back to the front, in their order;
+        started ones fail with error, or run again while they have retries left."""
+        self._dispatcher.remove_worker(worker)
+        self._workers.pop(worker, None)
+        assignments: list[tuple[Worker, Job[Any]]] = []
+        for job in started:
+            self._in_flight.pop(job, None)
+            if job.state is JobState.CANCELLED or job.done():
+                continue
+            if job.retries > 0:
+                job.retries -= 1
+                job.state = JobState.PENDING
+                assignments.extend(self._dispatcher.requeue(job))
+            else:
+                self._settle(job, None, error)
+        for job in reversed(unstarted):
+            self._in_flight.pop(job, None)
+            if job.state is JobState.CANCELLED or job.done():
+                continue
+            if job.deliveries >= MAX_DELIVERIES:
+                lost = WorkerLostError(
+                    worker.name,
+                    getattr(error, "exitcode", None),
+                    getattr(error, "signal", None),
+                    f"the job killed {job.deliveries} workers before it could start; "
+                    "unpickling its arguments may kill the process",
+                )
+                self._settle(job, None, lost)
+                continue
+            job.state = JobState.PENDING
+            assignments.extend(self._dispatcher.requeue(job))
+        self._dispatch(assignments)
+        self._worker_gone(worker, error)
+        if self._drained is not None:
+            self._check_drained()
+
+    def _worker_gone(self, worker: Worker, error: CorralError) -> None:
+        """Hook: a pool replaces the worker here."""
+
+    def cancel_job(self, job: Job[Any]) -> None:
+        """Job callback: the job was cancelled. Pending: dropped. Sent: stopped in its worker."""
+        if self._dispatcher.discard(job):
+            self._check_drained()
+            return
+        worker = self._in_flight.get(job)
+        if worker is not None:
+            worker.cancel(job)
+
+    # -- helpers --------------------------------------------------------------------------
+
+    async def _start_worker(self, worker: Worker) -> None:
+        await worker.start(self)
+        if self._state is QueueState.CLOSED:
+            await worker.stop()
+            return
+        self._workers[worker] = None
+        self._dispatch(self._dispatcher.add_worker(worker, self._capacity, worker.series))
+
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif self._loop is not loop:
+            raise RuntimeError("this queue belongs to another event loop")
+        return loop
+
+    def _spawn_task(self, coro: Any) -> asyncio.Task[Any]:
+        loop = self._loop or self._bind_loop()
+        task = loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _fail_pending(self, error: BaseException) -> None:
+        for job in self._dispatcher.drain():
+            self._settle(job, None, error)
+
+    def _check_open(self, action: str) -> None:
+        if self._state is not QueueState.OPEN:
+            raise PoolClosedError(action, self._state.value)

@@ -1,0 +1,295 @@
+"""The wire between parent and worker: frames and what travels in them. No I/O here.
+
+A frame is a fixed header followed by a body::
+
+    +----------------+----------------+------+------------------------------------+
+    | body length u64| job id u64     | kind | body                               |
+    +----------------+----------------+------+------------------------------------+
+
+The body is a pickle (protocol 5). When the pickle has out-of-band buffers (a bytearray, a
+NumPy array, a large ``bytes`` argument or result) the kind carries the ``OUT_OF_BAND`` flag
+and the body is: buffer count u32, each buffer's length u64, the pickle, then the buffers
+themselves. The sender writes those buffers straight from their memory with ``writev`` and
+the receiver reads a large body straight into one allocation, so a 64 MiB argument is never
+copied on its way into or out of the pipe.
+
+``FrameDecoder`` follows the buffered-protocol shape: ``get_buffer()`` says where the next
+read should land and ``buffer_updated(n)`` returns the frames completed. ``feed`` wraps both
+for callers (and tests) that hold bytes already.
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, TypeAlias
+
+import cloudpickle
+
+from ._errors import SerializationError
+
+# Message kinds. Parent to worker:
+CALL = 1  # body: pickle of (function, args); the worker acknowledges, runs, answers
+# Worker to parent:
+UP = 10  # the worker is ready (its initializer ran); body: pickle of its pid
+ACK = 11  # the worker took the job and is about to run it; empty body
+RESULT = 12  # body: pickle of the return value
+ERROR = 13  # body: pickle of (exception, traceback text)
+INIT_FAILED = 14  # the initializer raised; body as ERROR; the worker then exits
+
+OUT_OF_BAND = 0x80  # flag on kind: the body starts with a table of out-of-band buffers
+KIND_MASK = 0x7F
+
+HEADER = struct.Struct("<QQB")
+_COUNT = struct.Struct("<I")
+
+# Buffers smaller than this travel inside the pickle: a separate iovec and table entry cost
+# more than copying a few KiB, while above it skipping the copy wins.
+OUT_OF_BAND_MIN = 64 * 1024
+
+Buffer: TypeAlias = bytes | bytearray | memoryview
+
+
+class Frame(NamedTuple):
+    """One decoded frame; ``body`` still holds the encoded payload."""
+
+    kind: int
+    job: int
+    body: bytes | bytearray
+
+
+class Encoded(NamedTuple):
+    """A pickled payload: the pickle and its out-of-band buffers, not yet framed."""
+
+    data: bytes
+    buffers: list[memoryview]
+
+
+class _OutOfBandBytes:
+    """Carries a large ``bytes`` object out of band.
+
+    Pickle writes exact ``bytes`` inline (it copies them into the pickle) and offers no hook
+    for them, so top-level arguments and results above the threshold are wrapped in this
+    before pickling; they unpickle as plain ``bytes``.
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        return (bytes, (pickle.PickleBuffer(self.data),))
+
+
+def out_of_band(obj: Any) -> Any:
+    """Return obj wrapped for out-of-band transfer when it is a large ``bytes``."""
+    if type(obj) is bytes and len(obj) >= OUT_OF_BAND_MIN:
+        return _OutOfBandBytes(obj)
+    return obj
+
+
+def _by_value(fn: object) -> bool:
+    """Whether plain pickle cannot carry fn by reference (lambda, closure, ``__main__``)."""
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", "")
+    return module == "__main__" or module is None or "<" in qualname
+
+
+def dumps(obj: Any, *, by_value: bool = False) -> Encoded:
+    """Pickle obj with protocol 5, falling back to cloudpickle for what pickle refuses.
+
+    Raises whatever the pickler raised when neither can do it; callers turn that into a
+    ``SerializationError`` that names the thing.
+    """
+    buffers: list[memoryview] = []
+
+    def keep(buffer: pickle.PickleBuffer) -> bool:
+        raw = buffer.raw()  # contiguous by construction for the types that offer buffers
+        if raw.nbytes < OUT_OF_BAND_MIN:
+            return True  # in band
+        buffers.append(raw)
+        return False
+
+    if not by_value:
+        try:
+            return Encoded(pickle.dumps(obj, 5, buffer_callback=keep), buffers)
+        except (pickle.PicklingError, AttributeError, TypeError):
+            buffers.clear()
+    return Encoded(cloudpickle.dumps(obj, 5, buffer_callback=keep), buffers)
+
+
+def loads(kind: int, body: bytes | bytearray | memoryview) -> Any:
+    """Unpickle a frame's body; out-of-band buffers become views of the body (no copy)."""
+    if not kind & OUT_OF_BAND:
+        return pickle.loads(body)
+    view = memoryview(body)
+    (count,) = _COUNT.unpack_from(view, 0)
+    lengths = struct.unpack_from(f"<{count}Q", view, _COUNT.size)
+    start = _COUNT.size + 8 * count
+    end = len(view) - sum(lengths)
+    buffers = []
+    offset = end
+    for length in lengths:
+        buffers.append(view[offset : offset + length])
+        offset += length
+    return pickle.loads(view[start:end], buffers=buffers)
+
+
+def frame(kind: int, job: int, payload: Encoded | None = None) -> list[Buffer]:
+    """Return the buffers of one frame, ready for ``writev``; nothing is copied."""
+    if payload is None:
+        return [HEADER.pack(0, job, kind)]
+    data, buffers = payload
+    if not buffers:
+        return [HEADER.pack(len(data), job, kind), data]
+    lengths = [b.nbytes for b in buffers]
+    table = struct.pack(f"<I{len(lengths)}Q", len(lengths), *lengths)
+    size = len(table) + len(data) + sum(lengths)
+    return [HEADER.pack(size, job, kind | OUT_OF_BAND), table, data, *buffers]
+
+
+def describe(obj: object) -> str:
+    """A short name for obj in error messages: ``f``, ``a _thread.lock``, ..."""
+    name = getattr(obj, "__qualname__", None)
+    if callable(obj) and isinstance(name, str):
+        return name
+    cls = type(obj)
+    return f"a {cls.__module__}.{cls.__qualname__}" if cls.__module__ != "builtins" else (
+        f"a {cls.__qualname__}"
+    )
+
+
+def dumps_call(fn: Callable[..., Any], args: Sequence[Any]) -> Encoded:
+    """Pickle a call, raising ``SerializationError`` that names the part that failed."""
+    call = (fn, tuple(out_of_band(a) for a in args))
+    try:
+        return dumps(call, by_value=_by_value(fn))
+    except Exception as exc:
+        raise _call_error(fn, args, exc) from exc
+
+
+def _call_error(fn: Callable[..., Any], args: Sequence[Any], exc: Exception) -> SerializationError:
+    """Find which part of a call would not pickle, to name it in the error."""
+    for what, obj in [("the function " + describe(fn), fn)] + [
+        (f"argument {i} of {describe(fn)} ({describe(a)})", a) for i, a in enumerate(args)
+    ]:
+        try:
+            dumps(obj, by_value=_by_value(obj))
+        except Exception as part_exc:
+            return SerializationError(what, "in the parent", f"{type(part_exc).__name__}: {part_exc}")
+    return SerializationError(
+        f"the call of {describe(fn)}", "in the parent", f"{type(exc).__name__}: {exc}"
+    )
+
+
+def dumps_error(exc: BaseException) -> Encoded:
+    """Pickle an exception with its formatted traceback; substitute one when it won't pickle.
+
+    The substitute is a ``SerializationError`` that still carries the original's type,
+    message and traceback text, so the caller learns what happened in the worker.
+    """
+    tb = "".join(traceback.format_exception(exc))
+    try:
+        encoded = dumps((exc, tb))
+        pickle.loads(encoded.data, buffers=encoded.buffers)  # it must also come back whole
+    except Exception as pickle_exc:
+        stand_in = SerializationError(
+            f"the exception {type(exc).__qualname__}({exc})",
+            "in the worker",
+            f"{type(pickle_exc).__name__}: {pickle_exc}",
+        )
+        return dumps((stand_in, tb))
+    return encoded
+
+
+class FrameDecoder:
+    """Cuts a byte stream into frames. Sans-I/O: the caller reads, the decoder parses.
+
+    Small frames are parsed out of one reusable chunk; a body larger than half the chunk gets
+    its own allocation, and reads go straight into it until it is whole.
+    """
+
+    # 256 KiB holds hundreds of small frames, so one read drains a busy pipe; larger chunks
+    # only cost memory per worker.
+    CHUNK = 256 * 1024
+
+    def __init__(self, chunk: int = CHUNK) -> None:
+        self._buf = bytearray(chunk)
+        self._view = memoryview(self._buf)
+        self._start = 0  # first byte not yet parsed
+        self._end = 0  # one past the last byte read
+        self._big: bytearray | None = None  # the body being filled in place
+        self._big_view = memoryview(b"")
+        self._big_filled = 0
+        self._big_head = (0, 0)  # kind, job of the big frame
+
+    def get_buffer(self) -> memoryview:
+        """Where the next read should go (never empty)."""
+        if self._big is not None:
+            return self._big_view[self._big_filled :]
+        free = len(self._buf) - self._end
+        if free < len(self._buf) // 4 and self._start:
+            pending = self._end - self._start
+            self._buf[:pending] = self._view[self._start : self._end]
+            self._start, self._end = 0, pending
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> list[Frame]:
+        """Account for nbytes just read into ``get_buffer()``; return the frames completed."""
+        if self._big is not None:
+            self._big_filled += nbytes
+            if self._big_filled < len(self._big):
+                return []
+            kind, job = self._big_head
+            body = self._big
+            self._big, self._big_view = None, memoryview(b"")
+            return [Frame(kind, job, body), *self._parse()]
+        self._end += nbytes
+        return self._parse()
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        """Decode bytes the caller already holds."""
+        frames: list[Frame] = []
+        view = memoryview(data)
+        while view:
+            target = self.get_buffer()
+            n = min(len(target), len(view))
+            target[:n] = view[:n]
+            view = view[n:]
+            frames.extend(self.buffer_updated(n))
+        return frames
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that belong to a frame not yet complete."""
+        if self._big is not None:
+            return HEADER.size + self._big_filled
+        return self._end - self._start
+
+    def _parse(self) -> list[Frame]:
+        frames: list[Frame] = []
+        buf, view = self._buf, self._view
+        start, end = self._start, self._end
+        while end - start >= HEADER.size:
+            length, job, kind = HEADER.unpack_from(buf, start)
+            body = start + HEADER.size
+            if end - body >= length:
+                frames.append(Frame(kind, job, bytes(view[body : body + length])))
+                start = body + length
+            elif length > len(buf) // 2:
+                have = end - body
+                big = bytearray(length)
+                big[:have] = view[body:end]
+                self._big, self._big_view = big, memoryview(big)
+                self._big_filled, self._big_head = have, (kind, job)
+                start = end
+                break
+            else:
+                break
+        if start == end:
+            start = end = 0
+        self._start, self._end = start, end
+        return frames

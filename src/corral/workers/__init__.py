@@ -1,0 +1,13 @@
+"""Worker kinds behind one small contract (see ``corral.workers._base``)."""
+
+from __future__ import annotations
+
+from ._base import Worker as Worker
+from ._base import WorkerHost as WorkerHost
+from ._process import ProcessWorker as ProcessWorker
+
+__all__ = ["ProcessWorker", "Worker", "WorkerHost"]
+
+for _name in __all__:
+    globals()[_name].__module__ = "corral.workers"
+del _name

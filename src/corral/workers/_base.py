@@ -1,0 +1,116 @@
+"""The contract between a queue and a worker of any kind.
+
+A worker runs jobs that its host (a ``TaskQueue`` or a ``Pool``) hands it, and tells the host
+what became of each through three callbacks. The host decides *which* job goes *where*; the
+worker only runs what it is given, in the order given::
+
+    host                                 worker
+      start(host) ---------------------->  ready to take jobs when it returns
+      send(job)   ---------------------->  job_started(worker, job)     it began running
+                                           job_done(worker, job, ...)   value or exception
+                                           worker_lost(worker, ...)     it died; what it held
+      stop() / kill() ------------------>  gone when they return
+
+A new kind (threads, processes, a cluster) implements these few methods; everything else
+(priorities, series, retries, replacement) is the host's.
+"""
+
+from __future__ import annotations
+
+import abc
+import itertools
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .._errors import CorralError
+    from .._job import Job
+
+_numbers = itertools.count(1)
+
+
+class WorkerHost(Protocol):
+    """The callbacks a worker makes. All are called in the event loop's thread."""
+
+    def job_started(self, worker: Worker, job: Job[Any]) -> None:
+        """The worker acknowledged job and is running it (a crash now loses it)."""
+
+    def job_done(
+        self, worker: Worker, job: Job[Any], value: Any, error: BaseException | None
+    ) -> None:
+        """Job finished: with value when error is None, else with error."""
+
+    def worker_lost(
+        self,
+        worker: Worker,
+        error: CorralError,
+        unstarted: list[Job[Any]],
+        started: list[Job[Any]],
+    ) -> None:
+        """The worker died. ``unstarted`` jobs never began (they may run elsewhere, in this
+        order); ``started`` ones were running and are lost, ``error`` says how."""
+
+
+class Worker(abc.ABC):
+    """One worker: a process, a thread, the event loop itself or a remote machine.
+
+    ``series`` names the series of jobs it serves; None serves every series. ``name`` is
+    what errors and stats call it.
+    """
+
+    kind = "worker"
+
+    def __init__(self, *, series: Iterable[str] | None = None, name: str | None = None) -> None:
+        if isinstance(series, str):
+            raise TypeError(
+                f"series must be a list of names, not the string {series!r}: "
+                f"write series=[{series!r}]"
+            )
+        self.series: frozenset[str] | None = None if series is None else frozenset(series)
+        self.name = name or f"{self.kind}-{next(_numbers)}"
+        self.tasks_done = 0
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
+    def serves(self, series: str | None) -> bool:
+        """Whether jobs of series may go to this worker (jobs of no series go anywhere)."""
+        return series is None or self.series is None or series in self.series
+
+    @abc.abstractmethod
+    async def start(self, host: WorkerHost) -> None:
+        """Start serving host. When it returns the worker is ready for ``send``.
+
+        Raises ``WorkerStartupError`` when the worker could not start; it then holds no
+        resources.
+        """
+
+    @abc.abstractmethod
+    def send(self, job: Job[Any]) -> None:
+        """Hand job over; never blocks. The outcome comes back through the host's callbacks."""
+
+    @abc.abstractmethod
+    def cancel(self, job: Job[Any]) -> None:
+        """Stop job, which was sent to this worker; its outcome no longer matters.
+
+        The worker may have to be replaced to stop it; it then reports ``worker_lost``.
+        """
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Finish the jobs already sent, then stop. When it returns, nothing of it is left."""
+
+    @abc.abstractmethod
+    async def kill(self) -> None:
+        """Stop now, abandoning what it holds. When it returns, nothing of it is left
+        (a process is reaped, its fds closed); jobs it held are reported as lost."""
+
+    @property
+    @abc.abstractmethod
+    def alive(self) -> bool:
+        """Whether the worker has started and not yet stopped or died."""
+
+    @property
+    def pid(self) -> int | None:
+        """The worker's process id, where it has its own process."""
+        return None

@@ -1,0 +1,404 @@
+"""``ProcessWorker``: the parent's side of one worker process.
+
+It owns the process, the parent's ends of its two pipes and one fd that becomes readable
+when the process dies (a pidfd, or the forkserver's status pipe). All three sit on the event
+loop, so a result, a crash or an exit is noticed the moment it happens, with no thread and
+no timer. Which jobs the process held when it died decides their fate::
+
+    sent, never acknowledged  ->  unstarted: back to the queue, run elsewhere exactly once
+    acknowledged, running     ->  started: lost, WorkerLostError (or a retry)
+
+Unpickling happens before the acknowledgement, so a call whose unpickling kills the process
+counts as undelivered; ``deliveries`` on the job bounds how often that may happen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import enum
+import multiprocessing
+import os
+import signal
+import sys
+import weakref
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any
+
+from .. import _child
+from .._errors import RemoteTraceback, SerializationError, WorkerLostError, WorkerStartupError
+from .._job import JobState
+from .._wire import (
+    ACK,
+    ERROR,
+    INIT_FAILED,
+    KIND_MASK,
+    RESULT,
+    UP,
+    CALL,
+    FrameDecoder,
+    dumps,
+    dumps_call,
+    frame,
+    loads,
+)
+from ._base import Worker, WorkerHost
+from ._pipes import LoopReader, LoopWriter, enlarge, open_fds
+
+if TYPE_CHECKING:
+    from multiprocessing.context import BaseContext
+    from multiprocessing.process import BaseProcess
+
+    from .._job import Job
+    from .._wire import Frame
+
+# A worker that has not said UP by then is killed: generous, since a spawned interpreter
+# importing a large application on a loaded machine can take seconds.
+STARTUP_TIMEOUT = 60.0
+
+# After the child closes its end of the pipe it should be gone at once; one that lingers
+# this long is killed.
+LINGER = 1.0
+
+
+def default_start_method() -> str:
+    """forkserver where it exists (the safe default Python 3.14 chose), else spawn.
+
+    fork copies the parent's threads' locks in whatever state they are and is unsafe under a
+    running event loop; forkserver forks from a clean single-threaded server instead.
+    """
+    methods = multiprocessing.get_all_start_methods()
+    return "forkserver" if "forkserver" in methods else "spawn"
+
+
+class ProcessState(enum.Enum):
+    """Life of a worker process, as its parent sees it."""
+
+    NEW = "new"
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    DEAD = "dead"
+
+
+_live: weakref.WeakSet[ProcessWorker] = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    """A pool left open at exit must not leave its processes behind (runs before
+    multiprocessing's own exit hook, which would otherwise wait for them forever)."""
+    for worker in list(_live):
+        worker.kill_now()
+
+
+class ProcessWorker(Worker):
+    """A worker process whose pipes the event loop drives."""
+
+    kind = "process"
+
+    def __init__(
+        self,
+        *,
+        series: list[str] | None = None,
+        name: str | None = None,
+        start_method: str | None = None,
+        initializer: Any = None,
+        initargs: tuple[Any, ...] = (),
+        startup_timeout: float = STARTUP_TIMEOUT,
+    ) -> None:
+        super().__init__(series=series, name=name)
+        methods = multiprocessing.get_all_start_methods()
+        method = start_method or default_start_method()
+        if method not in methods:
+            raise ValueError(
+                f"start_method={start_method!r} is not available here; choose one of {methods}"
+            )
+        if initializer is not None and not callable(initializer):
+            raise TypeError(f"initializer must be callable, not {initializer!r}")
+        if startup_timeout <= 0:
+            raise ValueError(f"startup_timeout must be positive, not {startup_timeout!r}")
+        self.start_method = method
+        self.startup_timeout = startup_timeout
+        try:
+            setup = dumps((initializer, tuple(initargs)))
+        except Exception as exc:
+            raise SerializationError(
+                "the initializer or its arguments", "in the parent", f"{type(exc).__name__}: {exc}"
+            ) from exc
+        self._setup = b"".join(frame(CALL, 0, setup))  # one frame; the child decodes it
+        self.state = ProcessState.NEW
+        self._host: WorkerHost | None = None
+        self._process: BaseProcess | None = None
+        self._reader: LoopReader | None = None
+        self._writer: LoopWriter | None = None
+        self._death_fd = -1
+        self._owns_death_fd = False
+        self._sent: dict[int, tuple[Job[Any], int]] = {}  # job id -> (job, frame end offset)
+        self._up: asyncio.Future[int] | None = None
+        self._gone: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._linger: asyncio.TimerHandle | None = None
+        self._expected_exit = False
+
+    @property
+    def alive(self) -> bool:
+        return self.state in (ProcessState.STARTING, ProcessState.READY, ProcessState.STOPPING)
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def in_flight(self) -> int:
+        """Jobs sent and not yet finished."""
+        return len(self._sent)
+
+    async def start(self, host: WorkerHost) -> None:
+        if self.state is not ProcessState.NEW:
+            raise RuntimeError(f"cannot start {self.name}: it is {self.state.value}")
+        self._host = host
+        loop = self._loop = asyncio.get_running_loop()
+        self._up = loop.create_future()
+        self._gone = loop.create_future()
+        self.state = ProcessState.STARTING
+        try:
+            self._launch(loop)
+        except Exception as exc:  # OSError, or multiprocessing refusing (no __main__ guard)
+            self._finish(None)
+            raise WorkerStartupError(
+                1, f"could not start a process: {type(exc).__name__}: {exc}"
+            ) from exc
+        try:
+            await asyncio.wait_for(asyncio.shield(self._up), self.startup_timeout)
+        except TimeoutError:
+            await self.kill()
+            raise WorkerStartupError(
+                1, f"{self.name} did not announce itself within {self.startup_timeout:g} s"
+            ) from None
+        except asyncio.CancelledError:
+            await self.kill()
+            raise
+        self.state = ProcessState.READY
+
+    def _launch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Create the pipes and the process; only the parent's ends stay open here."""
+        ctx: BaseContext = multiprocessing.get_context(self.start_method)
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        enlarge(in_w)
+        enlarge(out_w)
+        inherited = [*open_fds(), in_w, out_r] if self.start_method == "fork" else []
+        child_in = Connection(in_r, writable=False)
+        child_out = Connection(out_w, readable=False)
+        process = ctx.Process(  # type: ignore[attr-defined]
+            target=_child.main,
+            args=(child_in, child_out, self._setup, inherited),
+            name=f"corral-{self.name}",
+        )
+        try:
+            process.start()
+        except BaseException:
+            os.close(in_w)
+            os.close(out_r)
+            raise
+        finally:
+            child_in.close()
+            child_out.close()
+        self._process = process
+        _live.add(self)
+        self._reader = LoopReader(loop, out_r, FrameDecoder(), self._on_frames, self._on_eof)
+        self._writer = LoopWriter(loop, in_w, self._on_write_error)
+        if self.start_method != "forkserver" and hasattr(os, "pidfd_open"):
+            # Readable once the process is a zombie, so its exit status is ready to reap.
+            self._death_fd = os.pidfd_open(process.pid)
+            self._owns_death_fd = True
+        else:
+            # The forkserver reaps its children and writes the status to this pipe.
+            self._death_fd = process.sentinel
+        loop.add_reader(self._death_fd, self._on_death)
+
+    def send(self, job: Job[Any]) -> None:
+        writer = self._writer
+        if writer is None or self.state is not ProcessState.READY:
+            raise RuntimeError(f"cannot send to {self.name}: it is {self.state.value}")
+        payload = job.payload
+        if payload is None:
+            payload = job.payload = dumps_call(job.fn, job.args)
+        writer.write(frame(CALL, job.id, payload))
+        self._sent[job.id] = (job, writer.queued)
+        job.state = JobState.SENT
+
+    def cancel(self, job: Job[Any]) -> None:
+        # Stopping a call inside the process needs a signal it may ignore; the sure way is
+        # to end the process. Jobs it held but had not started go back to the queue.
+        if job.id in self._sent:
+            self.kill_now()
+
+    async def stop(self) -> None:
+        if self.state in (ProcessState.NEW, ProcessState.DEAD):
+            return
+        assert self._gone is not None
+        if self.state is not ProcessState.STOPPING:
+            self.state = ProcessState.STOPPING
+            self._expected_exit = True
+            if self._writer is not None:
+                self._writer.close_when_flushed()  # EOF tells the child to exit
+        await asyncio.shield(self._gone)
+
+    async def kill(self) -> None:
+        if self.state is ProcessState.NEW:
+            return
+        assert self._gone is not None
+        self.kill_now()
+        await asyncio.shield(self._gone)
+
+    def kill_now(self) -> None:
+        """Send SIGKILL without waiting; the death fd reports the end."""
+        process = self._process
+        if self.state is ProcessState.DEAD or process is None or process.pid is None:
+            return
+        self._expected_exit = True
+        try:
+            os.kill(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def rss(self) -> int | None:
+        """Resident memory of the process in bytes, or None when it is gone."""
+        import psutil
+
+        pid = self.pid
+        if pid is None or not self.alive:
+            return None
+        try:
+            return int(psutil.Process(pid).memory_info().rss)
+        except psutil.Error:
+            return None
+
+    # -- events from the loop -------------------------------------------------------------
+
+    def _on_frames(self, frames: list[Frame]) -> None:
+        host = self._host
+        assert host is not None
+        sent = self._sent
+        for kind, job_id, body in frames:
+            k = kind & KIND_MASK
+            if k == ACK:
+                entry = sent.get(job_id)
+                if entry is not None:
+                    job = entry[0]
+                    if job.state is JobState.SENT:
+                        job.state = JobState.RUNNING
+                    host.job_started(self, job)
+            elif k == RESULT or k == ERROR:
+                entry = sent.pop(job_id, None)
+                if entry is None:
+                    continue
+                job = entry[0]
+                self.tasks_done += 1
+                value, error = self._decode_outcome(k, kind, body)
+                host.job_done(self, job, value, error)
+            elif k == UP:
+                if self._up is not None and not self._up.done():
+                    self._up.set_result(loads(kind, body))
+            elif k == INIT_FAILED:
+                exc, tb = loads(kind, body)
+                exc.__cause__ = RemoteTraceback(tb)
+                if self._up is not None and not self._up.done():
+                    error = WorkerStartupError(
+                        1, f"the initializer raised {type(exc).__name__}: {exc}"
+                    )
+                    error.__cause__ = exc
+                    self._up.set_exception(error)
+
+    @staticmethod
+    def _decode_outcome(k: int, kind: int, body: bytes | bytearray) -> tuple[Any, BaseException | None]:
+        try:
+            if k == RESULT:
+                return loads(kind, body), None
+            exc, tb = loads(kind, body)
+        except Exception as decode_exc:
+            what = "the result" if k == RESULT else "the exception"
+            error = SerializationError(
+                what, "in the parent", f"unpickling failed: {type(decode_exc).__name__}: {decode_exc}"
+            )
+            return None, error
+        exc.__cause__ = RemoteTraceback(tb)
+        return None, exc
+
+    def _on_eof(self) -> None:
+        # The child closed its out-pipe: it is exiting, and the death fd will say so. One
+        # that closed it and lives on is useless, so it gets a moment, then SIGKILL.
+        if self._loop is not None and self.state is not ProcessState.DEAD:
+            self._linger = self._loop.call_later(LINGER, self.kill_now)
+
+    def _on_write_error(self, exc: OSError) -> None:
+        # EPIPE: the child is gone or going; the death fd brings the verdict.
+        pass
+
+    def _on_death(self) -> None:
+        process = self._process
+        assert process is not None
+        if self._reader is not None:
+            self._reader.drain()  # results written before the exit still count
+        process.join(0 if self._owns_death_fd else None)
+        self._finish(process.exitcode)
+
+    def _finish(self, exitcode: int | None) -> None:
+        """The process is gone: release everything, then tell whoever waits."""
+        was = self.state
+        self.state = ProcessState.DEAD
+        self._release()
+        _live.discard(self)
+        if exitcode is None:
+            error = WorkerLostError(self.name)
+        elif exitcode < 0:
+            error = WorkerLostError(self.name, signal=-exitcode)
+        else:
+            error = WorkerLostError(self.name, exitcode=exitcode)
+        if self._up is not None and not self._up.done():
+            reason = f"{self.name} died before announcing itself ({error})"
+            self._up.set_exception(WorkerStartupError(1, reason))
+            self._up.exception()  # retrieved: start() may already have given up on it
+        unstarted: list[Job[Any]] = []
+        started: list[Job[Any]] = []
+        written = self._writer.written if self._writer is not None else 0
+        for job, end in self._sent.values():
+            if job.state is JobState.RUNNING:
+                started.append(job)
+            elif job.state is JobState.SENT:
+                if not unstarted and end <= written:
+                    job.deliveries += 1  # it reached the child, which died unpickling it
+                unstarted.append(job)
+        self._sent.clear()
+        if self._gone is not None and not self._gone.done():
+            self._gone.set_result(None)
+        if self._host is not None and was is not ProcessState.STARTING and (
+            unstarted or started or not self._expected_exit
+        ):
+            self._host.worker_lost(self, error, unstarted, started)
+
+    def _release(self) -> None:
+        """Take every fd off the loop, then close it; reap the process. Idempotent."""
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        if self._reader is not None:
+            self._reader.close()
+        if self._writer is not None:
+            self._writer.close()
+        fd, self._death_fd = self._death_fd, -1
+        if fd >= 0 and self._loop is not None:
+            self._loop.remove_reader(fd)
+            if self._owns_death_fd:
+                os.close(fd)
+        process = self._process
+        if process is not None and process.exitcode is not None:
+            process.close()  # closes multiprocessing's sentinel fd
+
+    # -- at interpreter exit --------------------------------------------------------------
+
+    def __del__(self) -> None:
+        if self.state not in (ProcessState.NEW, ProcessState.DEAD) and not sys.is_finalizing():
+            self.kill_now()
