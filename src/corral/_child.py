@@ -4,10 +4,12 @@ The child blocks on its in-pipe (no polling, no sleeps) and answers on its out-p
 
     parent                               child
       |  CALL(job, fn, args)  ------------>  unpickle the call
-      |  <------------  ACK(job)             about to run: from here the job is "started"
+      |                     shared page <--  job id stored: from here the job is "started"
       |                                      fn(*args)
       |  <------------  RESULT | ERROR(job)  the value, or the exception and its traceback
 
+The acknowledgement is a store into a page of shared memory (see ``_shared``), not a
+message: the parent reads it only if the worker dies, so a call costs one frame each way.
 Unpickling comes before the acknowledgement on purpose: a call whose arguments kill the
 process while they are unpickled was never started, so the parent may deliver it again
 (a bounded number of times) without running anything twice.
@@ -21,8 +23,8 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from ._errors import SerializationError
+from ._shared import SharedPage
 from ._wire import (
-    ACK,
     CALL,
     ERROR,
     INIT_FAILED,
@@ -49,8 +51,17 @@ def call_each(fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
     return [fn(item) for item in items]
 
 
-def main(inbound: Connection, outbound: Connection, setup: bytes, inherited: list[int]) -> None:
+def main(
+    inbound: Connection,
+    outbound: Connection,
+    shared: Connection,
+    setup: bytes,
+    inherited: list[int],
+) -> None:
     """Entry point of a worker process (the target of its ``multiprocessing.Process``).
+
+    The three connections only carry fds across the start method: the pipes in and out and
+    the memfd of the shared page.
 
     ``inherited`` lists the parent's pipe ends that a forked child got by accident; closing
     them lets siblings see EOF when the parent closes their pipes.
@@ -66,7 +77,9 @@ def main(inbound: Connection, outbound: Connection, setup: bytes, inherited: lis
         signal.set_wakeup_fd(-1)  # a forked child must not poke the parent's event loop
     except ValueError:
         pass
-    worker = _Worker(inbound.fileno(), outbound.fileno())
+    page = SharedPage(shared.fileno())
+    shared.close()
+    worker = _Worker(inbound.fileno(), outbound.fileno(), page)
     try:
         worker.serve(setup)
     except BrokenPipeError:
@@ -79,9 +92,10 @@ def main(inbound: Connection, outbound: Connection, setup: bytes, inherited: lis
 class _Worker:
     """The child's side of the pipes: blocking reads in, blocking writes out."""
 
-    def __init__(self, in_fd: int, out_fd: int) -> None:
+    def __init__(self, in_fd: int, out_fd: int, page: SharedPage) -> None:
         self._in = in_fd
         self._out = out_fd
+        self._started = page.words
         self._decoder = FrameDecoder()
 
     def serve(self, setup: bytes) -> None:
@@ -114,7 +128,7 @@ class _Worker:
             self._send(frame(ERROR, job, dumps_error(error)))
             return
         del f
-        self._send(frame(ACK, job))
+        self._started[0] = job  # the acknowledgement
         try:
             value = fn(*args)
         except BaseException as exc:

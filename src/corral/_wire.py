@@ -32,9 +32,8 @@ from ._errors import SerializationError
 
 # Message kinds. Parent to worker:
 CALL = 1  # body: pickle of (function, args); the worker acknowledges, runs, answers
-# Worker to parent:
+# Worker to parent (acknowledgements go through shared memory, see _shared.py):
 UP = 10  # the worker is ready (its initializer ran); body: pickle of its pid
-ACK = 11  # the worker took the job and is about to run it; empty body
 RESULT = 12  # body: pickle of the return value
 ERROR = 13  # body: pickle of (exception, traceback text)
 INIT_FAILED = 14  # the initializer raised; body as ERROR; the worker then exits

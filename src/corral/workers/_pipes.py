@@ -115,9 +115,10 @@ class LoopReader:
 class LoopWriter:
     """Writes buffers to a non-blocking fd, resuming when the pipe has room again.
 
-    Buffers written in one loop iteration go out together in one ``writev``. A write that
-    does not fit leaves the rest queued (frame boundaries are the reader's business, and
-    bytes go out in order), and the loop calls back when the pipe drains. ``written`` counts
+    A write to an idle pipe goes out at once (the lowest latency); while the writer is
+    corked, or waiting for room, writes queue up and leave together in one ``writev``. A
+    write that does not fit leaves the rest queued (bytes go out in order, so frame
+    boundaries survive), and the loop calls back when the pipe drains. ``written`` counts
     the bytes that have left, so the owner can tell which frames went out whole.
     """
 
@@ -133,23 +134,32 @@ class LoopWriter:
         self._loop = loop
         self._on_error = on_error
         self._buffers: deque[memoryview] = deque()
-        self._scheduled = False
+        self._corked = False
         self._waiting = False  # registered with add_writer
         self._close_when_flushed = False
         os.set_blocking(fd, False)
         _open_ends.add(self)
 
     def write(self, buffers: list[Buffer]) -> None:
-        """Queue buffers; they are written at the end of this loop iteration, in order."""
+        """Write buffers in order: now if the pipe is idle, else with what is queued."""
         if self.fd < 0:
             return
         for buffer in buffers:
             view = memoryview(buffer)
             self._buffers.append(view)
             self.queued += view.nbytes
-        if not (self._scheduled or self._waiting):
-            self._scheduled = True
-            self._loop.call_soon(self._flush)
+        if not (self._corked or self._waiting):
+            self._flush()
+
+    def cork(self) -> None:
+        """Hold writes back until ``uncork``, to send a burst in one ``writev``."""
+        self._corked = True
+
+    def uncork(self) -> None:
+        """Write what was held back."""
+        self._corked = False
+        if self._buffers and not self._waiting:
+            self._flush()
 
     @property
     def unwritten(self) -> int:
@@ -163,7 +173,6 @@ class LoopWriter:
             self.close()
 
     def _flush(self) -> None:
-        self._scheduled = False
         buffers = self._buffers
         while buffers and self.fd >= 0:
             batch = [buffers[i] for i in range(min(len(buffers), _IOV_MAX))]

@@ -8,8 +8,10 @@ no timer. Which jobs the process held when it died decides their fate::
     sent, never acknowledged  ->  unstarted: back to the queue, run elsewhere exactly once
     acknowledged, running     ->  started: lost, WorkerLostError (or a retry)
 
-Unpickling happens before the acknowledgement, so a call whose unpickling kills the process
-counts as undelivered; ``deliveries`` on the job bounds how often that may happen.
+The acknowledgement is the job id the child stores in a shared page before running a call
+(see ``_shared``); the parent reads it when the child dies. Unpickling happens before it,
+so a call whose unpickling kills the process counts as undelivered; ``deliveries`` on the
+job bounds how often that may happen.
 """
 
 from __future__ import annotations
@@ -28,14 +30,14 @@ from typing import TYPE_CHECKING, Any
 from .. import _child
 from .._errors import RemoteTraceback, SerializationError, WorkerLostError, WorkerStartupError
 from .._job import JobState
+from .._shared import SharedPage
 from .._wire import (
-    ACK,
+    CALL,
     ERROR,
     INIT_FAILED,
     KIND_MASK,
     RESULT,
     UP,
-    CALL,
     FrameDecoder,
     dumps,
     dumps_call,
@@ -134,6 +136,7 @@ class ProcessWorker(Worker):
         self._writer: LoopWriter | None = None
         self._death_fd = -1
         self._owns_death_fd = False
+        self._page: SharedPage | None = None
         self._sent: dict[int, tuple[Job[Any], int]] = {}  # job id -> (job, frame end offset)
         self._up: asyncio.Future[int] | None = None
         self._gone: asyncio.Future[None] | None = None
@@ -191,9 +194,17 @@ class ProcessWorker(Worker):
         inherited = [*open_fds(), in_w, out_r] if self.start_method == "fork" else []
         child_in = Connection(in_r, writable=False)
         child_out = Connection(out_w, readable=False)
+        try:
+            page, page_fd = SharedPage.create()
+        except BaseException:
+            for fd in (in_r, in_w, out_r, out_w):
+                os.close(fd)
+            raise
+        child_page = Connection(page_fd)
+        # Connections carry fds through every start method (pass_fds, SCM_RIGHTS or fork).
         process = ctx.Process(  # type: ignore[attr-defined]
             target=_child.main,
-            args=(child_in, child_out, self._setup, inherited),
+            args=(child_in, child_out, child_page, self._setup, inherited),
             name=f"corral-{self.name}",
         )
         try:
@@ -201,11 +212,14 @@ class ProcessWorker(Worker):
         except BaseException:
             os.close(in_w)
             os.close(out_r)
+            page.close()
             raise
         finally:
             child_in.close()
             child_out.close()
+            child_page.close()
         self._process = process
+        self._page = page
         _live.add(self)
         self._reader = LoopReader(loop, out_r, FrameDecoder(), self._on_frames, self._on_eof)
         self._writer = LoopWriter(loop, in_w, self._on_write_error)
@@ -282,16 +296,12 @@ class ProcessWorker(Worker):
         host = self._host
         assert host is not None
         sent = self._sent
+        writer = self._writer
+        assert writer is not None
+        writer.cork()  # jobs sent while these frames are handled go out in one writev
         for kind, job_id, body in frames:
             k = kind & KIND_MASK
-            if k == ACK:
-                entry = sent.get(job_id)
-                if entry is not None:
-                    job = entry[0]
-                    if job.state is JobState.SENT:
-                        job.state = JobState.RUNNING
-                    host.job_started(self, job)
-            elif k == RESULT or k == ERROR:
+            if k == RESULT or k == ERROR:
                 entry = sent.pop(job_id, None)
                 if entry is None:
                     continue
@@ -311,6 +321,7 @@ class ProcessWorker(Worker):
                     )
                     error.__cause__ = exc
                     self._up.set_exception(error)
+        writer.uncork()
 
     @staticmethod
     def _decode_outcome(k: int, kind: int, body: bytes | bytearray) -> tuple[Any, BaseException | None]:
@@ -349,7 +360,6 @@ class ProcessWorker(Worker):
         """The process is gone: release everything, then tell whoever waits."""
         was = self.state
         self.state = ProcessState.DEAD
-        self._release()
         _live.discard(self)
         if exitcode is None:
             error = WorkerLostError(self.name)
@@ -364,8 +374,11 @@ class ProcessWorker(Worker):
         unstarted: list[Job[Any]] = []
         started: list[Job[Any]] = []
         written = self._writer.written if self._writer is not None else 0
+        started_id = self._page.started if self._page is not None else 0
+        self._release()
         for job, end in self._sent.values():
-            if job.state is JobState.RUNNING:
+            if job.id == started_id:
+                job.state = JobState.RUNNING
                 started.append(job)
             elif job.state is JobState.SENT:
                 if not unstarted and end <= written:
@@ -393,6 +406,8 @@ class ProcessWorker(Worker):
             self._loop.remove_reader(fd)
             if self._owns_death_fd:
                 os.close(fd)
+        if self._page is not None:
+            self._page.close()
         process = self._process
         if process is not None and process.exitcode is not None:
             process.close()  # closes multiprocessing's sentinel fd
