@@ -40,3 +40,89 @@ def exit_now(code: int) -> None:
 
 def kill_self(sig: int = signal.SIGKILL) -> None:
     os.kill(os.getpid(), sig)
+
+
+# -- added for tests/test_pool.py and tests/test_process_worker.py ---------------------------
+
+
+class TaskError(Exception):
+    """An exception type of the tests' own, to prove a task's error keeps its type."""
+
+
+def raise_task_error(message: str) -> None:
+    raise TaskError(message)
+
+
+def append_line(path: str, text: str) -> str:
+    """Append one line to path with a single O_APPEND write (atomic for short lines), so
+    a test can count how many times each call ran, whichever process ran it."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{text} {os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
+    return text
+
+
+def segfault() -> None:
+    import ctypes
+
+    ctypes.string_at(0)
+
+
+def beacon_then_sleep(port: int, seconds: float) -> float:
+    """Tell the test on 127.0.0.1:port that this call is running (and in which process),
+    then sleep: the test can act on a job known to be running, without guessing."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(f"{os.getpid()}\n".encode())
+    time.sleep(seconds)
+    return seconds
+
+
+def make_lock() -> Any:
+    import threading
+
+    return threading.Lock()
+
+
+def make_generator() -> Any:
+    return (i for i in range(3))
+
+
+_initialized: list[Any] = []
+
+
+def remember(value: Any) -> None:
+    """An initializer: keeps value in the worker for ``remembered`` to return."""
+    _initialized.append(value)
+
+
+def remembered() -> list[Any]:
+    return list(_initialized)
+
+
+def raise_in_initializer(message: str) -> None:
+    raise RuntimeError(message)
+
+
+def raise_leaving_a_thread(message: str, seconds: float) -> None:
+    """An initializer that starts a non-daemon thread and raises: the process then takes
+    about ``seconds`` to exit after reporting the failure (as with a library that left a
+    thread running)."""
+    import threading
+
+    threading.Thread(target=time.sleep, args=(seconds,)).start()
+    raise RuntimeError(message)
+
+
+class RaisesWhenUnpickled:
+    """Pickles fine; unpickling it raises ValueError (on whichever side loads it)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (fail, ("cannot be unpickled",))
+
+
+def make_unloadable() -> RaisesWhenUnpickled:
+    return RaisesWhenUnpickled()

@@ -17,6 +17,7 @@ process while they are unpickled was never started, so the parent may deliver it
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import Callable, Iterable
@@ -67,16 +68,12 @@ def main(
     them lets siblings see EOF when the parent closes their pipes.
     """
     for fd in inherited:
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
     # Ctrl-C in a terminal reaches the whole process group; the parent decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        signal.set_wakeup_fd(-1)  # a forked child must not poke the parent's event loop
-    except ValueError:
-        pass
+    with contextlib.suppress(ValueError):  # a forked child must not poke the parent's loop
+        signal.set_wakeup_fd(-1)
     page = SharedPage(shared.fileno())
     shared.close()
     worker = _Worker(inbound.fileno(), outbound.fileno(), page)

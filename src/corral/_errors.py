@@ -143,4 +143,4 @@ class RemoteTraceback(Exception):
         super().__init__(tb)
 
     def __str__(self) -> str:
-        return f"\n\nTraceback in the worker:\n\"\"\"\n{self.tb}\"\"\""
+        return f'\n\nTraceback in the worker:\n"""\n{self.tb}"""'

@@ -80,7 +80,9 @@ class Dispatcher(Generic[W, J]):
         entries = sorted(e for heap in self._heaps.values() for e in heap if e[2] is not None)
         return [e[2] for e in entries]
 
-    def add_worker(self, worker: W, capacity: int, series: frozenset[str] | None) -> list[tuple[W, J]]:
+    def add_worker(
+        self, worker: W, capacity: int, series: frozenset[str] | None
+    ) -> list[tuple[W, J]]:
         """A worker is ready; returns the jobs it should take at once."""
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1, not {capacity}")

@@ -153,7 +153,7 @@ class TaskQueue:
         self,
         fn: Callable[[Unpack[Ts]], T],
         /,
-        *args: Unpack[Ts],
+        *args: *Ts,
         priority: float = 0,
         series: str | None = None,
         retries: int = 0,
@@ -199,7 +199,7 @@ class TaskQueue:
         self,
         fn: Callable[[Unpack[Ts]], T],
         /,
-        *args: Unpack[Ts],
+        *args: *Ts,
         priority: float = 0,
         series: str | None = None,
         retries: int = 0,
@@ -297,9 +297,13 @@ class TaskQueue:
 
     def job_started(self, worker: Worker, job: Job[Any]) -> None:
         """Worker callback: job was acknowledged."""
-        job.started_at = asyncio.get_running_loop().time() if self._loop is None else self._loop.time()
+        job.started_at = (
+            asyncio.get_running_loop().time() if self._loop is None else self._loop.time()
+        )
 
-    def job_done(self, worker: Worker, job: Job[Any], value: Any, error: BaseException | None) -> None:
+    def job_done(
+        self, worker: Worker, job: Job[Any], value: Any, error: BaseException | None
+    ) -> None:
         """Worker callback: job finished; the worker's slot goes to the next job first."""
         if self._in_flight.pop(job, None) is not None:
             self._dispatch(self._dispatcher.finished(worker))

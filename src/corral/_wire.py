@@ -156,8 +156,10 @@ def describe(obj: object) -> str:
     if callable(obj) and isinstance(name, str):
         return name
     cls = type(obj)
-    return f"a {cls.__module__}.{cls.__qualname__}" if cls.__module__ != "builtins" else (
-        f"a {cls.__qualname__}"
+    return (
+        f"a {cls.__module__}.{cls.__qualname__}"
+        if cls.__module__ != "builtins"
+        else (f"a {cls.__qualname__}")
     )
 
 
@@ -178,7 +180,9 @@ def _call_error(fn: Callable[..., Any], args: Sequence[Any], exc: Exception) -> 
         try:
             dumps(obj, by_value=_by_value(obj))
         except Exception as part_exc:
-            return SerializationError(what, "in the parent", f"{type(part_exc).__name__}: {part_exc}")
+            return SerializationError(
+                what, "in the parent", f"{type(part_exc).__name__}: {part_exc}"
+            )
     return SerializationError(
         f"the call of {describe(fn)}", "in the parent", f"{type(exc).__name__}: {exc}"
     )

@@ -9,6 +9,7 @@ remembers a pipe holds the object, never the number.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -43,10 +44,8 @@ def open_fds() -> list[int]:
 
 def enlarge(fd: int) -> None:
     """Grow a pipe's buffer where the OS allows; a smaller pipe still works."""
-    try:
+    with contextlib.suppress(OSError):
         fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
-    except OSError:
-        pass
 
 
 class LoopReader:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import enum
 import multiprocessing
 import os
@@ -26,6 +27,8 @@ import sys
 import weakref
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
+
+import psutil
 
 from .. import _child
 from .._errors import RemoteTraceback, SerializationError, WorkerLostError, WorkerStartupError
@@ -273,15 +276,11 @@ class ProcessWorker(Worker):
         if self.state is ProcessState.DEAD or process is None or process.pid is None:
             return
         self._expected_exit = True
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
     def rss(self) -> int | None:
         """Resident memory of the process in bytes, or None when it is gone."""
-        import psutil
-
         pid = self.pid
         if pid is None or not self.alive:
             return None
@@ -301,7 +300,7 @@ class ProcessWorker(Worker):
         writer.cork()  # jobs sent while these frames are handled go out in one writev
         for kind, job_id, body in frames:
             k = kind & KIND_MASK
-            if k == RESULT or k == ERROR:
+            if k in (RESULT, ERROR):
                 entry = sent.pop(job_id, None)
                 if entry is None:
                     continue
@@ -324,7 +323,9 @@ class ProcessWorker(Worker):
         writer.uncork()
 
     @staticmethod
-    def _decode_outcome(k: int, kind: int, body: bytes | bytearray) -> tuple[Any, BaseException | None]:
+    def _decode_outcome(
+        k: int, kind: int, body: bytes | bytearray
+    ) -> tuple[Any, BaseException | None]:
         try:
             if k == RESULT:
                 return loads(kind, body), None
@@ -332,7 +333,9 @@ class ProcessWorker(Worker):
         except Exception as decode_exc:
             what = "the result" if k == RESULT else "the exception"
             error = SerializationError(
-                what, "in the parent", f"unpickling failed: {type(decode_exc).__name__}: {decode_exc}"
+                what,
+                "in the parent",
+                f"unpickling failed: {type(decode_exc).__name__}: {decode_exc}",
             )
             return None, error
         exc.__cause__ = RemoteTraceback(tb)
@@ -387,8 +390,10 @@ class ProcessWorker(Worker):
         self._sent.clear()
         if self._gone is not None and not self._gone.done():
             self._gone.set_result(None)
-        if self._host is not None and was is not ProcessState.STARTING and (
-            unstarted or started or not self._expected_exit
+        if (
+            self._host is not None
+            and was is not ProcessState.STARTING
+            and (unstarted or started or not self._expected_exit)
         ):
             self._host.worker_lost(self, error, unstarted, started)
 
