@@ -11,8 +11,6 @@ run twice.
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
 from ._errors import CorralError as CorralError
 from ._errors import PoolClosedError as PoolClosedError
 from ._errors import RemoteTraceback as RemoteTraceback
@@ -26,10 +24,7 @@ from ._job import JobState as JobState
 from ._pool import Pool as Pool
 from ._taskqueue import TaskQueue as TaskQueue
 
-try:
-    __version__ = version("corral")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0.0.0"
+__version__ = "0.1.0"  # the one place it is written; pyproject.toml reads it from here
 
 __all__ = [
     "CorralError",

@@ -117,10 +117,7 @@ class Pool(TaskQueue):
         self._bind_loop()
         self._check_open("start")
         if not self._started:
-            self._started = True
-            self._ready = asyncio.Event()
-            for _ in range(self.size):
-                self._add_process()
+            self._launch()
         assert self._ready is not None
         while len(self._workers) < self.size and self._broken is None:
             self._ready.clear()
@@ -129,23 +126,21 @@ class Pool(TaskQueue):
             await self.terminate()
             raise self._broken
 
-    def submit(self, fn: Any, /, *args: Any, **options: Any) -> Job[Any]:  # type: ignore[override]
-        if not self._started and self._state.value == "open":
-            # A pool used without `async with` starts on its first call.
-            self._bind_loop()
-            self._started = True
-            self._ready = asyncio.Event()
-            for _ in range(self.size):
-                self._add_process()
-        return super().submit(fn, *args, **options)
-
-    submit.__doc__ = TaskQueue.submit.__doc__
-
     def _expected_workers(self) -> int:
         return self.size
 
-    def _prepare(self, job: Job[Any]) -> None:
+    def _admit(self, job: Job[Any]) -> None:
+        # Pickled once, here, so a function or argument that will not pickle fails the
+        # call that submitted it, and a requeued job is not pickled again.
         job.payload = dumps_call(job.fn, job.args)
+        if not self._started:
+            self._launch()  # a pool used without `async with` starts on its first call
+
+    def _launch(self) -> None:
+        self._started = True
+        self._ready = asyncio.Event()
+        for _ in range(self.size):
+            self._add_process()
 
     # -- keeping workers alive ------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import asyncio
 import enum
 import itertools
 import math
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, TypeVarTuple, Unpack
 
@@ -191,7 +192,7 @@ class TaskQueue:
             time_limit=time_limit,
             soft_time_limit=soft_time_limit,
         )
-        self._prepare(job)
+        self._admit(job)
         self._dispatch(self._dispatcher.push(job))
         return job
 
@@ -268,8 +269,8 @@ class TaskQueue:
         """How many workers the queue will have; a pool knows before they are up."""
         return len(self._workers)
 
-    def _prepare(self, job: Job[Any]) -> None:
-        """Hook: a pool of processes pickles the call here, so errors surface at submit."""
+    def _admit(self, job: Job[Any]) -> None:
+        """Hook called for each new job before it is queued; it may raise to refuse it."""
 
     # -- dispatch and worker callbacks ----------------------------------------------------
 
@@ -297,9 +298,8 @@ class TaskQueue:
 
     def job_started(self, worker: Worker, job: Job[Any]) -> None:
         """Worker callback: job was acknowledged."""
-        job.started_at = (
-            asyncio.get_running_loop().time() if self._loop is None else self._loop.time()
-        )
+        job.state = JobState.RUNNING
+        job.started_at = time.monotonic()
 
     def job_done(
         self, worker: Worker, job: Job[Any], value: Any, error: BaseException | None

@@ -93,8 +93,7 @@ def out_of_band(obj: Any) -> Any:
 def _by_value(fn: object) -> bool:
     """Whether plain pickle cannot carry fn by reference (lambda, closure, ``__main__``)."""
     module = getattr(fn, "__module__", None)
-    qualname = getattr(fn, "__qualname__", "")
-    return module == "__main__" or module is None or "<" in qualname
+    return module == "__main__" or module is None or "<" in getattr(fn, "__qualname__", "")
 
 
 def dumps(obj: Any, *, by_value: bool = False) -> Encoded:
@@ -163,11 +162,22 @@ def describe(obj: object) -> str:
     )
 
 
-def dumps_call(fn: Callable[..., Any], args: Sequence[Any]) -> Encoded:
-    """Pickle a call, raising ``SerializationError`` that names the part that failed."""
-    call = (fn, tuple(out_of_band(a) for a in args))
+def dumps_call(fn: Callable[..., Any], args: tuple[Any, ...]) -> Encoded:
+    """Pickle a call, raising ``SerializationError`` that names the part that failed.
+
+    A function passed as an argument (``map`` passes the user's function to the chunk
+    runner) decides by-value pickling as much as the called function does.
+    """
+    by_value = _by_value(fn)
+    sent = args
+    for arg in args:  # one cheap pass; most calls have no large bytes and no function
+        if type(arg) is bytes:
+            if len(arg) >= OUT_OF_BAND_MIN:
+                sent = tuple(map(out_of_band, args))
+        elif callable(arg) and _by_value(arg):
+            by_value = True
     try:
-        return dumps(call, by_value=_by_value(fn))
+        return dumps((fn, sent), by_value=by_value)
     except Exception as exc:
         raise _call_error(fn, args, exc) from exc
 
