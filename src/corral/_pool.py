@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import warnings
 from typing import TYPE_CHECKING, Any, Self
 
 from ._errors import CorralError, WorkerStartupError
@@ -101,6 +102,16 @@ class Pool(TaskQueue):
         self._startup_failures = 0
         self._starting: set[Worker] = set()
         self._ready: asyncio.Event | None = None
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        if self._started and self._state.value != "closed":
+            _warn(
+                f"{self!r} was never closed: use `async with Pool()` or `await pool.close()`",
+                ResourceWarning,
+                source=self,
+                stacklevel=2,
+            )
+            # Its ProcessWorkers kill their processes when they are collected.
 
     def __repr__(self) -> str:
         return f"<corral.Pool {len(self._workers)}/{self.size} workers {self._state.value}>"

@@ -6,7 +6,7 @@ worker only runs what it is given, in the order given::
 
     host                                 worker
       start(host) ---------------------->  ready to take jobs when it returns
-      send(job)   ---------------------->  job_started(worker, job)     it began running
+      send(job)   ---------------------->  job_started(worker, job)     it began (optional)
                                            job_done(worker, job, ...)   value or exception
                                            worker_lost(worker, ...)     it died; what it held
       stop() / kill() ------------------>  gone when they return
@@ -33,7 +33,8 @@ class WorkerHost(Protocol):
     """The callbacks a worker makes. All are called in the event loop's thread."""
 
     def job_started(self, worker: Worker, job: Job[Any]) -> None:
-        """The worker acknowledged job and is running it (a crash now loses it)."""
+        """Job began running. Optional: a process worker records the start in memory it
+        shares with its child instead, and reports it only in ``worker_lost``."""
 
     def job_done(
         self, worker: Worker, job: Job[Any], value: Any, error: BaseException | None

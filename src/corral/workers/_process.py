@@ -266,7 +266,7 @@ class ProcessWorker(Worker):
         # Stopping a call inside the process needs a signal it may ignore; the sure way is
         # to end the process. Jobs it held but had not started go back to the queue.
         if job.id in self._sent:
-            self.kill_now()
+            self._sigkill()
 
     async def stop(self) -> None:
         if self.state in (ProcessState.NEW, ProcessState.DEAD):
@@ -287,11 +287,16 @@ class ProcessWorker(Worker):
         await asyncio.shield(self._gone)
 
     def kill_now(self) -> None:
-        """Send SIGKILL without waiting; the death fd reports the end."""
+        """Send SIGKILL without waiting, as the owner's decision; the death fd reports
+        the end."""
+        if self.state is not ProcessState.DEAD:
+            self._expected_exit = True
+            self._sigkill()
+
+    def _sigkill(self) -> None:
         process = self._process
         if self.state is ProcessState.DEAD or process is None or process.pid is None:
             return
-        self._expected_exit = True
         with contextlib.suppress(ProcessLookupError):
             os.kill(process.pid, signal.SIGKILL)
 
@@ -314,6 +319,14 @@ class ProcessWorker(Worker):
         writer = self._writer
         assert writer is not None
         writer.cork()  # jobs sent while these frames are handled go out in one writev
+        try:
+            self._handle(frames, host, sent)
+        finally:
+            writer.uncork()
+
+    def _handle(
+        self, frames: list[Frame], host: WorkerHost, sent: dict[int, tuple[Job[Any], int]]
+    ) -> None:
         for kind, job_id, body in frames:
             k = kind & KIND_MASK
             if k in (RESULT, ERROR):
@@ -336,7 +349,6 @@ class ProcessWorker(Worker):
                     )
                     error.__cause__ = exc
                     self._up.set_exception(error)
-        writer.uncork()
 
     @staticmethod
     def _decode_outcome(
@@ -361,7 +373,7 @@ class ProcessWorker(Worker):
         # The child closed its out-pipe: it is exiting, and the death fd will say so. One
         # that closed it and lives on is useless, so it gets a moment, then SIGKILL.
         if self._loop is not None and self.state is not ProcessState.DEAD:
-            self._linger = self._loop.call_later(LINGER, self.kill_now)
+            self._linger = self._loop.call_later(LINGER, self._sigkill)
 
     def _on_write_error(self, exc: OSError) -> None:
         # EPIPE: the child is gone or going; the death fd brings the verdict.
@@ -373,10 +385,14 @@ class ProcessWorker(Worker):
         if self._reader is not None:
             self._reader.drain()  # results written before the exit still count
         process.join(0 if self._owns_death_fd else None)
+        if process.exitcode is None:
+            process.join(0.1)  # not reaped yet: a moment, at most, after the pidfd fired
         self._finish(process.exitcode)
 
     def _finish(self, exitcode: int | None) -> None:
         """The process is gone: release everything, then tell whoever waits."""
+        if self.state is ProcessState.DEAD:
+            return
         was = self.state
         self.state = ProcessState.DEAD
         _live.discard(self)
@@ -395,14 +411,19 @@ class ProcessWorker(Worker):
         written = self._writer.written if self._writer is not None else 0
         started_id = self._page.started if self._page is not None else 0
         self._release()
-        for job, end in self._sent.values():
+        for job, _ in self._sent.values():
             if job.id == started_id:
-                job.state = JobState.RUNNING
+                if job.state is JobState.SENT:
+                    job.state = JobState.RUNNING
                 started.append(job)
-            elif job.state is JobState.SENT:
-                if not unstarted and end <= written:
-                    job.deliveries += 1  # it reached the child, which died unpickling it
+            else:
                 unstarted.append(job)
+        if not started and unstarted and unstarted[0].state is JobState.SENT:
+            # The child ran nothing it held, so it died idle or unpickling the first job;
+            # if that job had arrived whole, it is the likely culprit.
+            job, end = next(iter(self._sent.values()))
+            if end <= written:
+                job.deliveries += 1
         self._sent.clear()
         if self._gone is not None and not self._gone.done():
             self._gone.set_result(None)
