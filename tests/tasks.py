@@ -126,3 +126,19 @@ class RaisesWhenUnpickled:
 
 def make_unloadable() -> RaisesWhenUnpickled:
     return RaisesWhenUnpickled()
+
+
+def length(data: bytes | bytearray) -> int:
+    return len(data)
+
+
+def make_bytes(n: int) -> bytes:
+    return b"\x5a" * n
+
+
+def make_bytearray(n: int) -> bytearray:
+    return bytearray(b"\xa5" * n)
+
+
+def checksum(data: bytes | bytearray) -> int:
+    return sum(data[:: 1 << 16]) + len(data)
