@@ -63,8 +63,8 @@ class WorkerLostError(CorralError):
         text = f"worker {self.worker} {how}"
         return f"{text} ({self.detail})" if self.detail else text
 
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.worker, self.exitcode, self.signal, self.detail))
+    def __reduce__(self) -> tuple[object, ...]:  # keeps attributes and notes
+        return (type(self), (self.worker, self.exitcode, self.signal, self.detail), self.__dict__)
 
 
 class TimeLimitExceeded(CorralError):
@@ -76,8 +76,8 @@ class TimeLimitExceeded(CorralError):
             f"the job ran past its hard time limit of {limit:g} s; its worker was killed"
         )
 
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.limit,))
+    def __reduce__(self) -> tuple[object, ...]:  # keeps attributes and notes
+        return (type(self), (self.limit,), self.__dict__)
 
 
 class SoftTimeLimitExceeded(CorralError):
@@ -87,8 +87,8 @@ class SoftTimeLimitExceeded(CorralError):
         self.limit = limit
         super().__init__(f"the task ran past its soft time limit of {limit:g} s")
 
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.limit,))
+    def __reduce__(self) -> tuple[object, ...]:  # keeps attributes and notes
+        return (type(self), (self.limit,), self.__dict__)
 
 
 class SerializationError(CorralError):
@@ -104,8 +104,8 @@ class SerializationError(CorralError):
         self.reason = reason
         super().__init__(f"{what} could not be serialized {where}: {reason}")
 
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.what, self.where, self.reason))
+    def __reduce__(self) -> tuple[object, ...]:  # keeps attributes and notes
+        return (type(self), (self.what, self.where, self.reason), self.__dict__)
 
 
 class WorkerStartupError(CorralError):
@@ -117,10 +117,13 @@ class WorkerStartupError(CorralError):
     def __init__(self, attempts: int, reason: str) -> None:
         self.attempts = attempts
         self.reason = reason
-        super().__init__(f"workers failed to start {attempts} times in a row: {reason}")
+        if attempts == 1:
+            super().__init__(f"a worker failed to start: {reason}")
+        else:
+            super().__init__(f"workers failed to start {attempts} times in a row: {reason}")
 
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.attempts, self.reason))
+    def __reduce__(self) -> tuple[object, ...]:  # keeps attributes and notes
+        return (type(self), (self.attempts, self.reason), self.__dict__)
 
 
 class PoolClosedError(CorralError):
@@ -131,8 +134,8 @@ class PoolClosedError(CorralError):
         self.state = state
         super().__init__(f"cannot {action}: the pool is {state}")
 
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.action, self.state))
+    def __reduce__(self) -> tuple[object, ...]:  # keeps attributes and notes
+        return (type(self), (self.action, self.state), self.__dict__)
 
 
 class RemoteTraceback(Exception):

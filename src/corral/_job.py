@@ -111,7 +111,8 @@ class Job(Generic[T]):
         """
         if self.future.done():
             return False
-        self.future.cancel()  # _future_done withdraws it from the queue
+        self._withdraw()  # now, so no worker is handed it in the meantime
+        self.future.cancel()
         return True
 
     def result(self) -> T:
@@ -126,9 +127,12 @@ class Job(Generic[T]):
         """Call fn(job) once the job is done (in the event loop)."""
         self.future.add_done_callback(lambda _: fn(self))
 
-    def _future_done(self, future: asyncio.Future[T]) -> None:
-        if future.cancelled() and self.state is not JobState.DONE:
-            previous = self.state
+    def _withdraw(self) -> None:
+        if self.state is not JobState.DONE and self.state is not JobState.CANCELLED:
             self.state = JobState.CANCELLED
-            if previous is not JobState.CANCELLED:
-                self._owner.cancel_job(self)
+            self._owner.cancel_job(self)
+
+    def _future_done(self, future: asyncio.Future[T]) -> None:
+        # Also reached when the task awaiting the job is cancelled (it cancels the future).
+        if future.cancelled():
+            self._withdraw()

@@ -116,8 +116,8 @@ class Dispatcher(Generic[W, J]):
 
     def finished(self, worker: W) -> list[tuple[W, J]]:
         """One job in flight on worker ended; returns what it should take next."""
-        if worker not in self._load:
-            return []
+        if not self._load.get(worker):
+            return []  # unknown, or nothing in flight: nothing was freed
         self._load[worker] -= 1
         self._free[worker] = None
         return self._fill(worker)
@@ -170,14 +170,16 @@ class Dispatcher(Generic[W, J]):
 
     def _pop_for(self, serves: frozenset[str] | None) -> J | None:
         best: list[_Entry] | None = None
-        names = self._heaps.keys() if serves is None else [None, *serves]
+        names = list(self._heaps) if serves is None else [None, *serves]
         for name in names:
             heap = self._heaps.get(name)
-            if not heap:
+            if heap is None:
                 continue
             while heap and heap[0][2] is None:
                 heapq.heappop(heap)  # withdrawn
-            if heap and (best is None or heap[0] < best[0]):
+            if not heap:
+                del self._heaps[name]  # series come and go; keep the scan short
+            elif best is None or heap[0] < best[0]:
                 best = heap
         if best is None:
             return None

@@ -276,6 +276,11 @@ class TaskQueue:
 
     def _dispatch(self, assignments: list[tuple[Worker, Job[Any]]]) -> None:
         for worker, job in assignments:
+            if job.future.done():
+                # Its future was cancelled from outside (the awaiting task was cancelled)
+                # and the news has not reached the queue yet: give the slot to another.
+                self._dispatch(self._dispatcher.finished(worker))
+                continue
             self._in_flight[job] = worker
             try:
                 worker.send(job)

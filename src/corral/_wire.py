@@ -66,28 +66,31 @@ class Encoded(NamedTuple):
     buffers: list[memoryview]
 
 
-class _OutOfBandBytes:
-    """Carries a large ``bytes`` object out of band.
+class _OutOfBand:
+    """Carries a large ``bytes`` or ``bytearray`` out of band.
 
-    Pickle writes exact ``bytes`` inline (it copies them into the pickle) and offers no hook
-    for them, so top-level arguments and results above the threshold are wrapped in this
-    before pickling; they unpickle as plain ``bytes``.
+    Pickle copies exact ``bytes`` and ``bytearray`` objects into the pickle and offers no
+    hook for them, so top-level arguments and results above the threshold are wrapped in
+    this before pickling; they unpickle as their own type.
     """
 
     __slots__ = ("data",)
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes | bytearray) -> None:
         self.data = data
 
     def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
-        return (bytes, (pickle.PickleBuffer(self.data),))
+        return (type(self.data), (pickle.PickleBuffer(self.data),))
 
 
 def out_of_band(obj: Any) -> Any:
-    """Return obj wrapped for out-of-band transfer when it is a large ``bytes``."""
-    if type(obj) is bytes and len(obj) >= OUT_OF_BAND_MIN:
-        return _OutOfBandBytes(obj)
+    """Return obj wrapped for out-of-band transfer when it is a large bytes or bytearray."""
+    if type(obj) in _BYTES_TYPES and len(obj) >= OUT_OF_BAND_MIN:
+        return _OutOfBand(obj)
     return obj
+
+
+_BYTES_TYPES = (bytes, bytearray)
 
 
 def _by_value(fn: object) -> bool:
@@ -171,7 +174,7 @@ def dumps_call(fn: Callable[..., Any], args: tuple[Any, ...]) -> Encoded:
     by_value = _by_value(fn)
     sent = args
     for arg in args:  # one cheap pass; most calls have no large bytes and no function
-        if type(arg) is bytes:
+        if type(arg) in _BYTES_TYPES:
             if len(arg) >= OUT_OF_BAND_MIN:
                 sent = tuple(map(out_of_band, args))
         elif callable(arg) and _by_value(arg):
@@ -210,12 +213,20 @@ def dumps_error(exc: BaseException) -> Encoded:
         pickle.loads(encoded.data, buffers=encoded.buffers)  # it must also come back whole
     except Exception as pickle_exc:
         stand_in = SerializationError(
-            f"the exception {type(exc).__qualname__}({exc})",
+            f"the exception {type(exc).__qualname__}({_safe_str(exc)})",
             "in the worker",
-            f"{type(pickle_exc).__name__}: {pickle_exc}",
+            f"{type(pickle_exc).__name__}: {_safe_str(pickle_exc)}",
         )
         return dumps((stand_in, tb))
     return encoded
+
+
+def _safe_str(obj: object) -> str:
+    """str(obj), or a placeholder when its __str__ raises (an error path must not fail)."""
+    try:
+        return str(obj)
+    except Exception:
+        return f"<{type(obj).__qualname__}: str() failed>"
 
 
 class FrameDecoder:

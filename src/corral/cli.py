@@ -44,12 +44,16 @@ TILE = 80
 
 EPILOG = """\
 examples:
-  corral mandelbrot                      all cores, timed against one worker first
-  corral mandelbrot --workers 4 -o m.png four worker processes, written to m.png
+  corral mandelbrot
+      render on every core, after timing one worker on the same image
+  corral mandelbrot --workers 4 --width 800 --height 600 -o small.png
+      four worker processes, a smaller image, written to small.png
   corral mandelbrot --no-baseline --max-iter 2000
-                                         skip the one-worker run; sharper edges
-  corral mandelbrot | tee timings.txt    no progress bar when stdout is not a terminal
-  python -m corral mandelbrot --help     the same command, without the script
+      skip the one-worker render; more iterations for sharper edges
+  corral mandelbrot | tee timings.txt
+      no progress bar when stdout is not a terminal: a clean summary
+  python -m corral mandelbrot
+      the same command, where the corral script is not on PATH
 """
 
 
@@ -61,10 +65,6 @@ class _Parser(argparse.ArgumentParser):
             EXIT_USAGE,
             f"{self.prog}: error: {message}\nTry '{self.prog} --help' for more information.\n",
         )
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows each option's default and keeps the epilog's examples as written."""
 
 
 def _positive_int(text: str) -> int:
@@ -82,31 +82,51 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of ``corral`` and of each of its subcommands."""
     parser = _Parser(
         prog="corral",
-        description="corral: an asyncio-native process pool. Commands to see it work.",
+        usage="%(prog)s [-h] [--version] COMMAND [OPTIONS]",
         epilog=EPILOG,
-        formatter_class=_HelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"corral {corral.__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    # The command list is written into the description rather than left to argparse,
+    # whose layout of subcommands wraps each summary onto a line of its own.
+    commands = parser.add_subparsers(dest="command", help=argparse.SUPPRESS)
+    summaries: dict[str, str] = {}
 
-    mandel = commands.add_parser(
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        summaries[name] = summary
+        return commands.add_parser(
+            name,
+            prog=f"corral {name}",
+            description=description,
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    mandel = command(
         "mandelbrot",
-        help="render the Mandelbrot set on every core, timed against one worker",
-        description=(
-            "Render the Mandelbrot set to a PNG, one job per tile, on a pool of worker "
-            "processes; then print the wall time, the speed-up over a one-worker render of "
-            "the same image, and how many tiles each worker computed."
-        ),
-        epilog=EPILOG,
-        formatter_class=_HelpFormatter,
+        "render the Mandelbrot set on every core, timed against one worker",
+        "Render the Mandelbrot set to a PNG, one job per tile, on a pool of worker\n"
+        "processes. Then print the wall time, the speed-up over a one-worker render of\n"
+        "the same image, and how many tiles each worker computed.",
     )
-    mandel.add_argument("--width", type=_positive_int, default=WIDTH, help="image width, px")
-    mandel.add_argument("--height", type=_positive_int, default=HEIGHT, help="image height, px")
+    mandel.add_argument(
+        "--width",
+        type=_positive_int,
+        default=WIDTH,
+        help="image width in px (default: %(default)s)",
+    )
+    mandel.add_argument(
+        "--height",
+        type=_positive_int,
+        default=HEIGHT,
+        help="image height in px (default: %(default)s)",
+    )
     mandel.add_argument(
         "--max-iter",
         type=_positive_int,
         default=MAX_ITER,
-        help="iterations before a point counts as inside the set (detail and cost)",
+        help="iterations before a point counts as inside the set: more gives finer edges "
+        "and costs more time (default: %(default)s)",
     )
     mandel.add_argument(
         "--workers",
@@ -114,9 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="worker processes (default: one per CPU this process may use)",
     )
-    mandel.add_argument("--tile", type=_positive_int, default=TILE, help="tile size, px")
     mandel.add_argument(
-        "-o", "--output", type=Path, default=Path("mandelbrot.png"), help="the PNG to write"
+        "--tile", type=_positive_int, default=TILE, help="tile size in px (default: %(default)s)"
+    )
+    mandel.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=Path("mandelbrot.png"),
+        help="the PNG to write (default: %(default)s)",
     )
     mandel.add_argument(
         "--no-baseline",
@@ -131,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="show a progress bar (default: only when stdout is a terminal)",
     )
     mandel.set_defaults(run=_mandelbrot)
+
+    width = max(map(len, summaries))
+    parser.description = "corral: an asyncio-native process pool, and commands to see it work.\n"
+    parser.description += "\ncommands:\n" + "".join(
+        f"  {name:<{width}}  {summary}\n" for name, summary in summaries.items()
+    )
     return parser
 
 
@@ -174,7 +206,7 @@ class _Render:
 
 def _check_writable(path: Path) -> None:
     """Fail before rendering, not after, if the PNG could not be written."""
-    folder = path.parent if str(path.parent) else Path()
+    folder = path.parent
     if path.is_dir():
         raise IsADirectoryError(f"cannot write {path}: it is a directory")
     if not folder.is_dir():
@@ -184,7 +216,7 @@ def _check_writable(path: Path) -> None:
 
 
 def _mandelbrot(args: argparse.Namespace) -> int:
-    """``corral mandelbrot``: render, time, compare with one worker, write the PNG."""
+    """``corral mandelbrot``: time a one-worker render, render on all, write the PNG."""
     _check_writable(args.output)
     workers = args.workers or len(os.sched_getaffinity(0))
     view = mb.View.full_set(args.width, args.height, args.max_iter)
@@ -192,67 +224,74 @@ def _mandelbrot(args: argparse.Namespace) -> int:
     console = Console()
     show = console.is_terminal if args.progress is None else args.progress
     columns = (
-        TextColumn("{task.description:<22}"),
+        TextColumn("{task.description:<20}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("tiles"),
         TimeElapsedColumn(),
     )
-    # auto_refresh=False: the bar is redrawn as each tile lands, by the loop itself, so
-    # rich starts no refresh thread to compete with the workers for the CPUs.
+    baseline = reference = None
+    canvas = mb.Canvas(args.width, args.height)
+    # auto_refresh=False: the loop redraws the bar as each tile lands, so rich starts no
+    # refresh thread to compete with the workers for the CPUs.
     with Progress(*columns, console=console, disable=not show, auto_refresh=False) as progress:
-        baseline = None
         if args.baseline and workers > 1:
             reference = mb.Canvas(args.width, args.height)
-            baseline = asyncio.run(_render(view, tiles, 1, reference, progress))
-        canvas = mb.Canvas(args.width, args.height)
-        render = asyncio.run(_render(view, tiles, workers, canvas, progress))
-    if baseline is not None and reference.rgb != canvas.rgb:
-        # Both renders compute the same pixels; a difference means a tile went astray.
+            one = _render(view, tiles, 1, reference, progress=progress, label="1 worker (baseline)")
+            baseline = asyncio.run(one)
+        label = f"{workers} worker{_s(workers)}"
+        render = asyncio.run(_render(view, tiles, workers, canvas, progress=progress, label=label))
+    if reference is not None and reference.rgb != canvas.rgb:
+        # Every pixel is computed the same way on any worker; a difference means a tile
+        # was lost or pasted in the wrong place.
         print("corral: warning: the image differs from the one-worker render", file=sys.stderr)
-    if baseline is None and args.baseline:
-        baseline = render  # one worker: the render is its own baseline
     png = mb.encode_png(args.width, args.height, canvas.rgb)
     args.output.write_bytes(png)
-    _summary(args, len(tiles), render, baseline, len(png))
+    _summary(args, len(tiles), render, baseline)
+    print(f"wrote {args.output} ({_size(len(png))})")
     return 0
 
 
 async def _render(
-    view: mb.View, tiles: list[mb.Tile], workers: int, canvas: mb.Canvas, progress: Progress
+    view: mb.View,
+    tiles: list[mb.Tile],
+    workers: int,
+    canvas: mb.Canvas,
+    *,
+    progress: Progress,
+    label: str,
 ) -> _Render:
     """Render every tile on a new pool of workers, pasting each as soon as it is done.
 
     The clock runs from the first submit to the last tile, after the workers have started,
     so the one-worker and the n-worker renders are timed alike.
     """
-    plural = "worker" if workers == 1 else "workers"
-    label = f"{workers} {plural}" + (" (baseline)" if workers == 1 else "")
     task = progress.add_task(label, total=len(tiles))
     progress.refresh()
     result = _Render(workers)
-    async with corral.Pool(workers) as pool:
-        names = {w.pid: f"{w.name} (pid {w.pid})" for w in pool.workers}
+    pool = corral.Pool(workers)
+    jobs: list[corral.Job[mb.RenderedTile]] = []
+    try:
+        await pool.start()
         started = time.perf_counter()
         jobs = [pool.submit(mb.render_tile, view, tile) for tile in tiles]
-        try:
-            for next_done in asyncio.as_completed([job.future for job in jobs]):
-                rendered: mb.RenderedTile = await next_done
-                canvas.paste(rendered)
-                name = names.get(rendered.pid) or _name_of(pool, rendered.pid)
-                result.tiles_by_worker[name] += 1
-                progress.advance(task)
-                progress.refresh()
-        except BaseException:
-            # Leaving `async with` drains the queue; on Ctrl-C or an error nobody wants
-            # the remaining tiles. Cancel them first (terminate() would fail each one with
-            # an error that nobody retrieves, and asyncio would log every one), then kill
-            # the workers instead of waiting for the tiles they hold.
-            for job in jobs:
-                job.cancel()
-            await pool.terminate()
-            raise
+        for next_done in asyncio.as_completed([job.future for job in jobs]):
+            rendered: mb.RenderedTile = await next_done
+            canvas.paste(rendered)
+            result.tiles_by_worker[_name_of(pool, rendered.pid)] += 1
+            progress.advance(task)
+            progress.refresh()
         result.seconds = time.perf_counter() - started
+    except BaseException:
+        # On Ctrl-C or an error nobody wants the remaining tiles: cancel them (else
+        # terminate() fails each with an error nobody retrieves, and asyncio logs every
+        # one), then kill the workers rather than wait for the tiles they hold. Not
+        # `async with`: its exit drains the queue, and a start() cut short never reaches it.
+        for job in jobs:
+            job.cancel()
+        await pool.terminate()
+        raise
+    await pool.close()
     return result
 
 
@@ -265,23 +304,34 @@ def _name_of(pool: corral.Pool, pid: int) -> str:
 
 
 def _summary(
-    args: argparse.Namespace, n_tiles: int, render: _Render, baseline: _Render | None, size: int
+    args: argparse.Namespace, n_tiles: int, render: _Render, baseline: _Render | None
 ) -> None:
-    """Print what was rendered, how fast, and how the tiles were shared."""
-    plural = "worker" if render.workers == 1 else "workers"
+    """Print what was rendered, how fast, against what, and how the tiles were shared."""
+    tile_w, tile_h = min(args.tile, args.width), min(args.tile, args.height)
     print(
         f"mandelbrot {args.width}x{args.height}, max-iter {args.max_iter}, "
-        f"{n_tiles} tiles of up to {args.tile}x{args.tile} px"
+        f"{n_tiles} tile{_s(n_tiles)} of at most {tile_w}x{tile_h} px"
     )
-    print(f"  wall time   {render.seconds:7.2f} s on {render.workers} {plural}")
-    if baseline is None:
+    print(f"  wall time   {render.seconds:7.2f} s on {render.workers} worker{_s(render.workers)}")
+    if render.workers == 1:
+        print("  speed-up       1.00x (one worker is its own baseline)")
+    elif baseline is None:
         print("  speed-up    not measured (--no-baseline)")
     else:
-        speedup = baseline.seconds / render.seconds if render.seconds > 0 else float("nan")
+        speedup = baseline.seconds / render.seconds if render.seconds > 0 else float("inf")
         print(f"  baseline    {baseline.seconds:7.2f} s on 1 worker")
         print(f"  speed-up    {speedup:7.2f}x over one worker (ideal {render.workers}x)")
     print("  tiles per worker:")
     width = max(len(name) for name in render.tiles_by_worker)
     for name, count in sorted(render.tiles_by_worker.items()):
         print(f"    {name:<{width}}  {count:5d}  ({100 * count / n_tiles:.0f}%)")
-    print(f"wrote {args.output} ({size / 1e6:.1f} MB)")
+
+
+def _s(n: int) -> str:
+    """The plural ending for a count of n."""
+    return "" if n == 1 else "s"
+
+
+def _size(n_bytes: int) -> str:
+    """A file size for people: kB below a megabyte, MB above."""
+    return f"{n_bytes / 1e6:.1f} MB" if n_bytes >= 1e6 else f"{n_bytes / 1e3:.0f} kB"

@@ -64,6 +64,7 @@ class LoopReader:
         on_eof: Callable[[], None],
     ) -> None:
         self.fd = fd
+        self.at_eof = False
         self._loop = loop
         self._decoder = decoder
         self._on_frames = on_frames
@@ -74,7 +75,7 @@ class LoopReader:
 
     def _readable(self) -> None:
         decoder = self._decoder
-        while self.fd >= 0:
+        while self.fd >= 0 and not self.at_eof:
             target = decoder.get_buffer()
             try:
                 n = os.readv(self.fd, [target])
@@ -83,6 +84,7 @@ class LoopReader:
             except OSError:
                 n = 0
             if n == 0:
+                self.at_eof = True
                 self.pause()
                 self._on_eof()
                 return

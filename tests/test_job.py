@@ -1,0 +1,188 @@
+"""``Job``: its states, its awaitable outcome, and cancellation reaching the queue that owns
+it. No worker is involved: a fake owner records what the job tells it."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+from typing import Any
+
+import pytest
+
+from corral import Job, JobState
+from corral._queue import Dispatcher
+from tests import tasks
+
+
+class Owner:
+    """A ``JobOwner`` that records the jobs it is asked to cancel."""
+
+    def __init__(self) -> None:
+        self.cancelled: list[Job[Any]] = []
+
+    def cancel_job(self, job: Job[Any]) -> None:
+        self.cancelled.append(job)
+
+
+class QueueOwner:
+    """A ``JobOwner`` backed by a real dispatcher, as the task queue is: cancelling a
+    pending job withdraws it."""
+
+    def __init__(self) -> None:
+        self.dispatcher: Dispatcher[str, Job[Any]] = Dispatcher()
+
+    def cancel_job(self, job: Job[Any]) -> None:
+        self.dispatcher.discard(job)
+
+
+def new_job(owner: Any, job_id: int = 1, **options: Any) -> Job[Any]:
+    return Job(
+        owner, job_id, tasks.add, (1, 2), asyncio.get_running_loop().create_future(), **options
+    )
+
+
+async def test_new_job_is_pending_and_has_no_outcome() -> None:
+    """A new job is PENDING, not done, and asking for its outcome is an error."""
+    job = new_job(Owner(), priority=-2, series="gpu", retries=3, time_limit=5.0)
+    assert job.state is JobState.PENDING
+    assert not job.done() and not job.cancelled()
+    with pytest.raises(asyncio.InvalidStateError):
+        job.result()
+    with pytest.raises(asyncio.InvalidStateError):
+        job.exception()
+    assert (job.priority, job.series, job.retries, job.time_limit) == (-2, "gpu", 3, 5.0)
+    assert job.soft_time_limit is None
+    assert job.deliveries == 0
+    assert repr(job) == "<Job 1 add pending>"
+
+
+async def test_job_with_a_value() -> None:
+    """When its future gets a value, the job is done: awaiting it, ``result()`` and
+    ``exception()`` agree, and done callbacks receive the job itself."""
+    job = new_job(Owner())
+    seen: list[Job[Any]] = []
+    job.add_done_callback(seen.append)
+    job.future.set_result(3)
+    assert await job == 3
+    await asyncio.sleep(0)  # done callbacks run on the next loop pass
+    assert job.done() and not job.cancelled()
+    assert job.result() == 3
+    assert job.exception() is None
+    assert seen == [job]
+
+
+async def test_job_with_an_exception() -> None:
+    """When its future gets an exception, awaiting the job raises that very exception."""
+    job = new_job(Owner())
+    error = ValueError("boom")
+    job.future.set_exception(error)
+    with pytest.raises(ValueError, match="boom") as info:
+        await job
+    assert info.value is error
+    assert job.exception() is error
+    with pytest.raises(ValueError):
+        job.result()
+
+
+async def test_cancel_of_a_pending_job_tells_the_owner_once() -> None:
+    """``cancel()`` of a pending job returns True, marks it CANCELLED, and calls the owner's
+    ``cancel_job`` exactly once, even when cancelled again; awaiting it raises
+    ``CancelledError``."""
+    owner = Owner()
+    job = new_job(owner)
+    assert job.cancel() is True
+    await asyncio.sleep(0)
+    assert job.state is JobState.CANCELLED
+    assert owner.cancelled == [job]
+    assert job.cancel() is False
+    job.future.cancel()
+    await asyncio.sleep(0)
+    assert owner.cancelled == [job]
+    assert job.done() and job.cancelled()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+    with pytest.raises(asyncio.CancelledError):
+        job.result()
+
+
+async def test_cancel_withdraws_a_pending_job_before_returning() -> None:
+    """Once ``cancel()`` returns, the job is CANCELLED and no longer pending in its queue,
+    so a worker freed in the same loop iteration cannot be handed it ("a pending job never
+    runs")."""
+    owner = QueueOwner()
+    job = new_job(owner)
+    assert owner.dispatcher.push(job) == []
+    job.cancel()
+    assert owner.dispatcher.add_worker("w", 1, None) == [], "a cancelled job was dispatched"
+    assert job.state is JobState.CANCELLED
+
+
+async def test_cancel_of_a_running_job_tells_the_owner() -> None:
+    """Cancelling a job already handed to a worker also reaches the owner (which stops it
+    in its worker)."""
+    owner = Owner()
+    job = new_job(owner)
+    job.state = JobState.RUNNING
+    assert job.cancel() is True
+    await asyncio.sleep(0)
+    assert job.state is JobState.CANCELLED
+    assert owner.cancelled == [job]
+
+
+async def test_cancel_of_a_finished_job_is_refused() -> None:
+    """A finished job cannot be cancelled: ``cancel()`` says False, the owner hears
+    nothing, and the value stays."""
+    owner = Owner()
+    job = new_job(owner)
+    job.state = JobState.DONE
+    job.future.set_result(5)
+    assert job.cancel() is False
+    await asyncio.sleep(0)
+    assert owner.cancelled == []
+    assert job.state is JobState.DONE
+    assert job.result() == 5
+
+
+async def test_job_settled_before_the_cancel_callback_is_not_withdrawn() -> None:
+    """A job whose queue marked it DONE before the cancellation callback ran is not
+    reported to the owner as cancelled (it is no longer anyone's to stop)."""
+    owner = Owner()
+    job = new_job(owner)
+    job.future.cancel()
+    job.state = JobState.DONE
+    await asyncio.sleep(0)
+    assert owner.cancelled == []
+
+
+async def test_cancelling_the_awaiting_task_cancels_the_job() -> None:
+    """Cancelling the task that awaits a job cancels the job and reaches its owner, as
+    cancelling a task cancels the future it awaits."""
+    owner = Owner()
+    job = new_job(owner)
+    waiter = asyncio.ensure_future(_await(job))
+    await asyncio.sleep(0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    await asyncio.sleep(0)
+    assert job.cancelled()
+    assert job.state is JobState.CANCELLED
+    assert owner.cancelled == [job]
+
+
+async def _await(job: Job[Any]) -> Any:
+    return await job
+
+
+def test_job_states() -> None:
+    """The states a job goes through, with stable values (they appear in reprs and stats),
+    pickling by their public name."""
+    assert [state.value for state in JobState] == [
+        "pending",
+        "sent",
+        "running",
+        "done",
+        "cancelled",
+    ]
+    for state in JobState:
+        assert pickle.loads(pickle.dumps(state)) is state

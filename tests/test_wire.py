@@ -1,0 +1,544 @@
+"""The wire, without I/O: frames, the decoder's buffered protocol, pickling of calls,
+results and errors, and the out-of-band path that keeps large buffers from being copied."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import pickle
+import random
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from corral import SerializationError
+from corral._wire import (
+    CALL,
+    ERROR,
+    HEADER,
+    KIND_MASK,
+    OUT_OF_BAND,
+    OUT_OF_BAND_MIN,
+    RESULT,
+    Encoded,
+    Frame,
+    FrameDecoder,
+    dumps,
+    dumps_call,
+    dumps_error,
+    frame,
+    loads,
+    out_of_band,
+)
+from tests import tasks
+
+# The decoder does not interpret kinds: any value below the flag will do for an empty frame.
+EMPTY = 0x2A
+
+# Bounded so the whole file runs in seconds; no example database in the work tree.
+BOUNDED = settings(max_examples=150, deadline=None, database=None)
+
+
+def wire(*frames: list[Any]) -> bytes:
+    """The bytes a writer would put on the pipe for these frames."""
+    return b"".join(bytes(buffer) for buffers in frames for buffer in buffers)
+
+
+def decode_one(kind: int, job: int, payload: Encoded | None = None) -> Frame:
+    """Frame a payload, decode it, and return the one frame that came out."""
+    (decoded,) = FrameDecoder().feed(wire(frame(kind, job, payload)))
+    return decoded
+
+
+def round_trip(obj: Any) -> Any:
+    """Pickle obj, frame it, decode the frame, and unpickle its body."""
+    decoded = decode_one(RESULT, 1, dumps(obj))
+    return loads(decoded.kind, decoded.body)
+
+
+class _Holder:
+    """An object that will not pickle: it holds a lock."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+    def method(self) -> None:
+        """A bound method whose instance will not pickle."""
+
+
+class _NeedsTwo(Exception):
+    """Pickles but will not unpickle: ``args`` holds one value, ``__init__`` needs two."""
+
+    def __init__(self, a: str, b: str) -> None:
+        super().__init__(f"{a}{b}")
+
+
+class _BadStr(Exception):
+    """An exception whose ``str()`` raises."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("str() of this exception fails")
+
+
+# -- frames ---------------------------------------------------------------------------------
+
+
+def test_header_layout() -> None:
+    """A header is 17 bytes, little-endian: body length u64, job id u64, kind u8."""
+    assert HEADER.size == 17
+    (header,) = frame(EMPTY, 0x0102, None)
+    assert bytes(header) == (0).to_bytes(8, "little") + (0x0102).to_bytes(8, "little") + bytes(
+        [EMPTY]
+    )
+
+
+def test_frame_without_payload_is_a_header_alone() -> None:
+    """A frame without a payload is one buffer and decodes to an empty body."""
+    buffers = frame(EMPTY, 7)
+    assert len(buffers) == 1
+    assert decode_one(EMPTY, 7) == Frame(EMPTY, 7, b"")
+
+
+def test_frame_with_in_band_payload_is_header_and_pickle() -> None:
+    """A payload without out-of-band buffers goes out as two buffers: header and pickle, the
+    pickle itself and not a copy."""
+    payload = dumps({"a": 1})
+    header, data = frame(RESULT, 3, payload)
+    assert data is payload.data
+    assert HEADER.unpack(header) == (len(payload.data), 3, RESULT)
+
+
+def test_out_of_band_frame_lays_out_table_pickle_buffers() -> None:
+    """With out-of-band buffers the kind carries the flag and the body is the count, each
+    length, the pickle, then the buffers, which are the caller's memory, not copies."""
+    big = b"b" * OUT_OF_BAND_MIN
+    payload = dumps_call(tasks.identity, (big,))
+    assert len(payload.buffers) == 1
+    header, table, data, buffer = frame(CALL, 9, payload)
+    length, job, kind = HEADER.unpack(header)
+    assert (job, kind) == (9, CALL | OUT_OF_BAND)
+    assert kind & KIND_MASK == CALL
+    assert length == len(table) + len(data) + len(big)
+    assert bytes(table) == (1).to_bytes(4, "little") + len(big).to_bytes(8, "little")
+    assert data is payload.data
+    assert buffer.obj is big  # a view of the argument itself: nothing copied
+
+
+def test_frame_kind_and_job_id_limits() -> None:
+    """Every kind below the flag and every u64 job id travel unchanged."""
+    for kind in (0, KIND_MASK):
+        for job in (0, 2**64 - 1):
+            assert decode_one(kind, job, dumps(None)).job == job
+            assert decode_one(kind, job, dumps(None)).kind == kind
+
+
+# -- the decoder ----------------------------------------------------------------------------
+
+
+def test_decoder_byte_at_a_time() -> None:
+    """Frames fed one byte at a time come out whole, each at the byte that completes it."""
+    decoder = FrameDecoder()
+    stream = wire(frame(EMPTY, 1), frame(RESULT, 2, dumps("two")), frame(ERROR, 3, dumps(3)))
+    out = []
+    for i in range(len(stream)):
+        got = decoder.feed(stream[i : i + 1])
+        out.extend(got)
+        if got:
+            assert decoder.pending == 0  # nothing of the next frame has arrived yet
+    assert [(f.kind, f.job) for f in out] == [(EMPTY, 1), (RESULT, 2), (ERROR, 3)]
+    assert loads(out[1].kind, out[1].body) == "two"
+    assert decoder.pending == 0
+
+
+def test_decoder_many_frames_in_one_read() -> None:
+    """One read holding hundreds of small frames yields them all, in order."""
+    stream = wire(*(frame(RESULT, i, dumps(i)) for i in range(500)))
+    frames = FrameDecoder().feed(stream)
+    assert [loads(f.kind, f.body) for f in frames] == list(range(500))
+
+
+def test_big_body_is_read_in_place() -> None:
+    """A body larger than half the chunk gets its own allocation and ``get_buffer`` points
+    into it, so the reads land in the body the frame is handed out with (no copy)."""
+    decoder = FrameDecoder(chunk=1024)
+    body = bytes(range(256)) * 8  # 2 KiB: more than half the chunk
+    header, _data = frame(RESULT, 5, Encoded(body, []))
+    assert decoder.feed(bytes(header) + body[:100]) == []
+    assert decoder.pending == HEADER.size + 100
+    target = decoder.get_buffer()
+    assert len(target) == len(body) - 100  # exactly the rest of the body
+    target[:] = body[100:]
+    (decoded,) = decoder.buffer_updated(len(target))
+    assert decoded == Frame(RESULT, 5, body)
+    assert isinstance(decoded.body, bytearray)
+    assert target.obj is decoded.body  # the read went straight into the body
+    assert decoder.pending == 0
+
+
+def test_frames_after_a_big_body_still_decode() -> None:
+    """Small frames following a big one in the same stream are not lost or merged."""
+    decoder = FrameDecoder(chunk=256)
+    big = bytes(1000)
+    stream = wire(frame(RESULT, 1, Encoded(big, [])), frame(EMPTY, 2), frame(RESULT, 3, dumps(3)))
+    frames = decoder.feed(stream)
+    assert [(f.kind, f.job) for f in frames] == [(RESULT, 1), (EMPTY, 2), (RESULT, 3)]
+    assert frames[0].body == big
+
+
+def test_out_of_band_buffers_become_views_of_the_body() -> None:
+    """Unpickling an out-of-band frame hands the object a view of the received body rather
+    than a copy."""
+    payload = dumps(pickle.PickleBuffer(bytearray(b"z" * OUT_OF_BAND_MIN)))
+    assert len(payload.buffers) == 1
+    decoded = decode_one(RESULT, 1, payload)
+    value = loads(decoded.kind, decoded.body)
+    assert isinstance(value, memoryview)
+    assert value.obj is decoded.body
+    assert bytes(value) == b"z" * OUT_OF_BAND_MIN
+
+
+def test_several_out_of_band_buffers_in_one_body() -> None:
+    """A payload with several out-of-band buffers of different sizes and contents decodes
+    each into its own place, through a small frame and through a big one."""
+    values = (
+        b"a" * OUT_OF_BAND_MIN,
+        b"tiny",
+        bytes(range(256)) * 700,
+        b"c" * (3 * OUT_OF_BAND_MIN + 1),
+    )
+    payload = dumps(tuple(out_of_band(v) for v in values))
+    assert len(payload.buffers) == 3
+    for chunk in (FrameDecoder.CHUNK, 64 * OUT_OF_BAND_MIN):  # a big body, then a small one
+        (decoded,) = FrameDecoder(chunk).feed(wire(frame(RESULT, 4, payload)))
+        assert loads(decoded.kind, decoded.body) == values
+
+
+@st.composite
+def payloads(draw: st.DrawFn) -> tuple[Encoded | None, Any]:
+    """A payload for one frame and the object it should unpickle to (or its raw body)."""
+    shape = draw(st.sampled_from(["none", "raw", "large-raw", "object", "out-of-band"]))
+    if shape == "none":
+        return None, None
+    if shape == "raw":
+        data = draw(st.binary(max_size=300))
+        return Encoded(data, []), data
+    if shape == "large-raw":
+        data = random.Random(draw(st.integers(0, 2**32))).randbytes(draw(st.integers(300, 300_000)))
+        return Encoded(data, []), data
+    if shape == "object":
+        obj = draw(
+            st.recursive(
+                st.none() | st.integers() | st.text(max_size=20) | st.binary(max_size=50),
+                lambda inner: st.lists(inner, max_size=4) | st.tuples(inner, inner),
+                max_leaves=10,
+            )
+        )
+        return dumps(obj), obj
+    seed = draw(st.integers(0, 2**32))
+    rng = random.Random(seed)
+    size = st.sampled_from([0, OUT_OF_BAND_MIN - 1, OUT_OF_BAND_MIN, OUT_OF_BAND_MIN + 7])
+    sizes = draw(st.lists(size | st.integers(0, 2 * OUT_OF_BAND_MIN), min_size=1, max_size=3))
+    obj = tuple(out_of_band(rng.randbytes(size)) for size in sizes)
+    expected = tuple(bytes(x.data) if hasattr(x, "data") else x for x in obj)
+    return dumps(obj), expected
+
+
+frames_strategy = st.lists(
+    st.tuples(st.integers(0, KIND_MASK), st.integers(0, 2**64 - 1), payloads()),
+    min_size=1,
+    max_size=8,
+)
+
+
+@BOUNDED
+@given(
+    sent=frames_strategy,
+    chunk=st.sampled_from([64, 256, 4096, FrameDecoder.CHUNK]),
+    reads=st.lists(st.integers(1, 200_000), min_size=1, max_size=30),
+)
+def test_any_frames_in_any_reads_decode_exactly(
+    sent: list[tuple[int, int, tuple[Encoded | None, Any]]], chunk: int, reads: list[int]
+) -> None:
+    """Any sequence of frames (any kind and job id; empty, small, large and out-of-band
+    bodies), read in arbitrary short reads through ``get_buffer``/``buffer_updated``,
+    decodes to exactly the frames sent, whatever the decoder's chunk size."""
+    stream = memoryview(wire(*(frame(kind, job, payload) for kind, job, (payload, _) in sent)))
+    decoder = FrameDecoder(chunk)
+    got: list[Frame] = []
+    floor = max(1, len(stream) // 500)  # short reads, but a bounded number of them
+    i = 0
+    while stream:
+        target = decoder.get_buffer()
+        assert len(target) > 0, "get_buffer() must never be empty"
+        n = min(len(target), max(floor, reads[i % len(reads)]), len(stream))
+        i += 1
+        target[:n] = stream[:n]
+        stream = stream[n:]
+        got.extend(decoder.buffer_updated(n))
+    assert decoder.pending == 0
+    assert len(got) == len(sent)
+    for (kind, job, (payload, expected)), decoded in zip(sent, got, strict=True):
+        assert decoded.job == job
+        assert decoded.kind & KIND_MASK == kind
+        assert bool(decoded.kind & OUT_OF_BAND) == bool(payload and payload.buffers)
+        if payload is None:
+            assert decoded.body == b""
+        elif isinstance(expected, bytes) and payload.data is expected:
+            assert decoded.body == expected
+        else:
+            assert loads(decoded.kind, decoded.body) == expected
+
+
+@BOUNDED
+@given(sent=frames_strategy, cuts=st.lists(st.integers(0, 1_000_000), max_size=10))
+def test_feed_splits_anywhere(
+    sent: list[tuple[int, int, tuple[Encoded | None, Any]]], cuts: list[int]
+) -> None:
+    """``feed`` with the stream cut at arbitrary points yields the same frames as one
+    ``feed`` of the whole stream."""
+    stream = wire(*(frame(kind, job, payload) for kind, job, (payload, _) in sent))
+    whole = FrameDecoder().feed(stream)
+    points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
+    decoder = FrameDecoder()
+    pieces: list[Frame] = []
+    for a, b in itertools.pairwise(points):
+        pieces.extend(decoder.feed(stream[a:b]))
+    assert [(f.kind, f.job, bytes(f.body)) for f in pieces] == [
+        (f.kind, f.job, bytes(f.body)) for f in whole
+    ]
+    assert len(whole) == len(sent)
+
+
+# -- dumps and loads ------------------------------------------------------------------------
+
+
+def test_plain_objects_round_trip() -> None:
+    """Ordinary values come back equal through pickle protocol 5 and a frame."""
+    value = {"n": 1, "s": "x", "t": (1.5, None), "b": b"\x00" * 10, "l": [1, [2]]}
+    assert round_trip(value) == value
+
+
+def test_lambda_and_closure_fall_back_to_cloudpickle() -> None:
+    """Objects plain pickle refuses (a lambda, a closure) travel by value and still work."""
+    offset = 10
+
+    def closure(x: int) -> int:
+        return x + offset
+
+    assert round_trip(lambda x: x * 2)(4) == 8
+    assert round_trip(closure)(1) == 11
+
+
+def main_function(monkeypatch: pytest.MonkeyPatch, name: str) -> Callable[[int], int]:
+    """A function that plain pickle would send by reference to ``__main__.<name>``: it
+    claims ``__main__`` as its module and ``__main__`` has it, as a script's function
+    does. A worker's ``__main__`` is not the script, so only a copy by value can work."""
+
+    def fn(x: int) -> int:
+        return x * 3
+
+    fn.__module__ = "__main__"
+    fn.__qualname__ = fn.__name__ = name
+    monkeypatch.setattr(sys.modules["__main__"], name, fn, raising=False)
+    return fn
+
+
+def unpickled_elsewhere(payload: Encoded, monkeypatch: pytest.MonkeyPatch, name: str) -> Any:
+    """Unpickle a call where ``__main__`` lacks the function, as in a worker."""
+    monkeypatch.delattr(sys.modules["__main__"], name)
+    decoded = decode_one(CALL, 1, payload)
+    return loads(decoded.kind, decoded.body)
+
+
+def test_main_module_function_goes_by_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A function from ``__main__`` travels by value, so a worker can run it although its
+    own ``__main__`` has no such function."""
+    fn = main_function(monkeypatch, "corral_test_main_fn")
+    payload = dumps_call(fn, (2,))
+    called, args = unpickled_elsewhere(payload, monkeypatch, "corral_test_main_fn")
+    assert called(*args) == 6
+
+
+def test_main_module_function_as_an_argument_goes_by_value(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A ``__main__`` function passed as an argument (``map`` passes the user's function to
+    its chunk runner) also travels by value."""
+    fn = main_function(monkeypatch, "corral_test_main_arg")
+    payload = dumps_call(tasks.identity, (fn,))
+    called, (arg,) = unpickled_elsewhere(payload, monkeypatch, "corral_test_main_arg")
+    assert called is tasks.identity
+    assert arg(5) == 15
+
+
+def test_dumps_call_of_an_importable_function_goes_by_reference() -> None:
+    """A module-level function travels as its name, so the pickle stays small."""
+    payload = dumps_call(tasks.add, (1, 2))
+    assert b"tests.tasks" in payload.data
+    fn, args = loads(0, payload.data)
+    assert fn is tasks.add
+    assert args == (1, 2)
+
+
+def test_large_bytes_go_out_of_band_at_the_threshold() -> None:
+    """A ``bytes`` argument of ``OUT_OF_BAND_MIN`` bytes travels out of band and comes back
+    as plain ``bytes``; one byte less travels inside the pickle."""
+    big = b"q" * OUT_OF_BAND_MIN
+    payload = dumps_call(tasks.identity, (big, b"small"))
+    assert len(payload.buffers) == 1
+    assert len(payload.data) < 1000
+    decoded = decode_one(CALL, 1, payload)
+    _fn, args = loads(decoded.kind, decoded.body)
+    assert type(args[0]) is bytes
+    assert args == (big, b"small")
+    just_below = big[:-1]
+    assert dumps_call(tasks.identity, (just_below,)).buffers == []
+    assert out_of_band(just_below) is just_below
+
+
+def test_large_result_goes_out_of_band() -> None:
+    """A large ``bytes`` result wrapped with ``out_of_band`` comes back as plain bytes."""
+    value = bytes(range(256)) * 1000
+    payload = dumps(out_of_band(value))
+    assert len(payload.buffers) == 1
+    decoded = decode_one(RESULT, 1, payload)
+    assert loads(decoded.kind, decoded.body) == value
+
+
+def test_large_bytearray_argument_goes_out_of_band() -> None:
+    """A large ``bytearray`` argument travels out of band, as the module docstring promises
+    ("a bytearray, a NumPy array, a large bytes argument"), instead of being copied into the
+    pickle."""
+    big = bytearray(b"a" * (4 * OUT_OF_BAND_MIN))
+    payload = dumps_call(tasks.identity, (big,))
+    assert len(payload.data) < OUT_OF_BAND_MIN, "the bytearray was copied into the pickle"
+    assert len(payload.buffers) == 1
+
+
+# -- SerializationError from dumps_call -----------------------------------------------------
+
+
+def test_unpicklable_argument_is_named() -> None:
+    """A call whose argument will not pickle raises ``SerializationError`` naming the
+    argument's position, the function and the argument's type, with the pickler's error as
+    the cause."""
+    with pytest.raises(SerializationError) as info:
+        dumps_call(tasks.add, (1, threading.Lock()))
+    error = info.value
+    assert error.what == "argument 1 of add (a _thread.lock)"
+    assert error.where == "in the parent"
+    assert error.reason.startswith("TypeError: ")
+    assert str(error).startswith("argument 1 of add (a _thread.lock) could not be serialized")
+    assert isinstance(error.__cause__, TypeError)
+
+
+def test_unpicklable_function_is_named() -> None:
+    """A function that will not pickle (a method of an object holding a lock) is named."""
+    with pytest.raises(SerializationError) as info:
+        dumps_call(_Holder().method, ())
+    assert info.value.what == "the function _Holder.method"
+    assert info.value.where == "in the parent"
+
+
+def test_unpicklable_partial_is_described_by_its_type() -> None:
+    """A callable without a name (a ``functools.partial``) is described by its type."""
+    with pytest.raises(SerializationError, match=r"the function a functools\.partial"):
+        dumps_call(functools.partial(tasks.add, threading.Lock()), (1,))
+
+
+def test_argument_defined_locally_is_not_an_error() -> None:
+    """A lambda as an argument is not an error: the call falls back to cloudpickle."""
+    payload = dumps_call(tasks.identity, (lambda: 42,))
+    _fn, (arg,) = loads(0, payload.data)
+    assert arg() == 42
+
+
+# -- dumps_error ----------------------------------------------------------------------------
+
+
+def raised(exc: BaseException) -> BaseException:
+    """exc after being raised, so that it carries a traceback."""
+    try:
+        raise exc
+    except BaseException as caught:
+        return caught
+
+
+def unpickle_error(payload: Encoded) -> tuple[BaseException, str]:
+    """Decode an ERROR frame as the parent does."""
+    decoded = decode_one(ERROR, 1, payload)
+    exc, tb = loads(decoded.kind, decoded.body)
+    return exc, tb
+
+
+def test_error_carries_exception_and_traceback() -> None:
+    """An exception travels with its type and args, and with its traceback as text."""
+    exc, tb = unpickle_error(dumps_error(raised(ValueError("bad value", 7))))
+    assert type(exc) is ValueError
+    assert exc.args == ("bad value", 7)
+    assert "Traceback (most recent call last)" in tb
+    assert "raise exc" in tb
+    assert tb.rstrip().endswith("ValueError: ('bad value', 7)")
+
+
+def test_error_class_defined_locally_travels_by_value() -> None:
+    """An exception class pickle cannot find by name (defined in a function) still arrives,
+    by value, with its name and message."""
+
+    class LocalError(Exception):
+        pass
+
+    exc, _tb = unpickle_error(dumps_error(raised(LocalError("local"))))
+    assert type(exc).__name__ == "LocalError"
+    assert exc.args == ("local",)
+
+
+def test_unpicklable_exception_gets_a_stand_in() -> None:
+    """An exception holding an unpicklable attribute is replaced by a
+    ``SerializationError`` that names its type and message and keeps the original
+    traceback text."""
+    original = ValueError("with a lock")
+    original.lock = threading.Lock()  # type: ignore[attr-defined]
+    original = raised(original)
+    expected_tb = "".join(traceback.format_exception(original))
+    exc, tb = unpickle_error(dumps_error(original))
+    assert isinstance(exc, SerializationError)
+    assert exc.what == "the exception ValueError(with a lock)"
+    assert exc.where == "in the worker"
+    assert "TypeError" in exc.reason
+    assert tb == expected_tb
+
+
+def test_exception_that_will_not_unpickle_gets_a_stand_in() -> None:
+    """An exception that pickles but fails to unpickle (its ``__init__`` needs arguments
+    that ``args`` does not hold) is caught on the sending side and replaced."""
+    exc, tb = unpickle_error(dumps_error(raised(_NeedsTwo("a", "b"))))
+    assert isinstance(exc, SerializationError)
+    assert exc.what == "the exception _NeedsTwo(ab)"
+    assert "_NeedsTwo" in tb
+
+
+def test_unprintable_unpicklable_exception_still_gets_a_stand_in() -> None:
+    """``dumps_error`` never raises: an exception whose ``str()`` raises and which will not
+    pickle still becomes a stand-in (otherwise the worker dies reporting it and the caller
+    sees ``WorkerLostError`` instead of the task's failure)."""
+    original = _BadStr()
+    original.lock = threading.Lock()  # type: ignore[attr-defined]
+    exc, tb = unpickle_error(dumps_error(raised(original)))
+    assert isinstance(exc, SerializationError)
+    assert "_BadStr" in exc.what
+    assert "_BadStr" in tb
+
+
+def test_corral_errors_cross_the_wire_as_themselves() -> None:
+    """corral's own errors pickle and unpickle whole, so no stand-in replaces them."""
+    original = SerializationError("the result of f (a socket)", "in the worker", "TypeError: x")
+    exc, _tb = unpickle_error(dumps_error(raised(original)))
+    assert type(exc) is SerializationError
+    assert (exc.what, exc.where, exc.reason) == (original.what, original.where, original.reason)
