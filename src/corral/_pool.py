@@ -130,9 +130,13 @@ class Pool(TaskQueue):
         if not self._started:
             self._launch()
         assert self._ready is not None
-        while len(self._workers) < self.size and self._broken is None:
-            self._ready.clear()
-            await self._ready.wait()
+        try:
+            while len(self._workers) < self.size and self._broken is None:
+                self._ready.clear()
+                await self._ready.wait()
+        except BaseException:  # cancelled while starting: leave nothing running
+            await asyncio.shield(self.terminate())
+            raise
         if self._broken is not None:
             await self.terminate()
             raise self._broken

@@ -81,8 +81,20 @@ class TaskQueue:
         self._bind_loop()
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        """Close on a normal exit. Leaving on an error cancels the jobs not yet started and
+        waits for the running ones; leaving because the task was cancelled (or Ctrl-C)
+        terminates, cancelling every unfinished job."""
+        if exc_type is None:
+            await self.close()
+        elif issubclass(exc_type, asyncio.CancelledError | KeyboardInterrupt):
+            await self.terminate()
+        else:
+            for job in self._dispatcher.drain():
+                job.cancel()
+            await self.close()
 
     @property
     def closed(self) -> bool:
@@ -117,11 +129,11 @@ class TaskQueue:
         await self._stop_workers(kill=False)
 
     async def terminate(self) -> None:
-        """Kill the workers now; unfinished jobs fail with ``PoolClosedError``."""
+        """Kill the workers now; every unfinished job is cancelled. Idempotent."""
         self._state = QueueState.CLOSED
-        error = PoolClosedError("finish the job", "terminated")
         for job in [*self._dispatcher.drain(), *self._in_flight]:
-            self._settle(job, None, error)
+            job.state = JobState.CANCELLED  # the workers die anyway: no need to stop it
+            job.future.cancel()
         self._in_flight.clear()
         for task in list(self._tasks):
             task.cancel()

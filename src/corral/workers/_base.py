@@ -68,8 +68,15 @@ class Worker(abc.ABC):
                 f"write series=[{series!r}]"
             )
         self.series: frozenset[str] | None = None if series is None else frozenset(series)
-        self.name = name or f"{self.kind}-{next(_numbers)}"
+        self._name = name
         self.tasks_done = 0
+
+    @property
+    def name(self) -> str:
+        """What errors and stats call this worker (numbered when first asked for)."""
+        if self._name is None:
+            self._name = f"{self.kind}-{next(_numbers)}"
+        return self._name
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}>"
