@@ -142,3 +142,22 @@ def make_bytearray(n: int) -> bytearray:
 
 def checksum(data: bytes | bytearray) -> int:
     return sum(data[:: 1 << 16]) + len(data)
+
+
+def beacon_then(port: int, action: str, arg: int = 0) -> None:
+    """Tell the test on 127.0.0.1:port that this call is running (and in which process),
+    wait for its go-ahead, then end the process: ``"exit"`` calls os._exit(arg),
+    ``"segfault"`` crashes in native code. The test can fill the worker's pipe first."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(f"{os.getpid()}\n".encode())
+        sock.recv(16)
+        if action == "exit":
+            os._exit(arg)
+        if action == "segfault":
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file in the tree
+            segfault()
+    raise ValueError(f"unknown action {action!r}")

@@ -135,6 +135,8 @@ class TaskQueue:
             job.state = JobState.CANCELLED  # the workers die anyway: no need to stop it
             job.future.cancel()
         self._in_flight.clear()
+        if self._drained is not None:
+            self._drained.set()  # a close() waiting for these jobs returns
         for task in list(self._tasks):
             task.cancel()
         await self._stop_workers(kill=True)
@@ -149,12 +151,16 @@ class TaskQueue:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _wait_drained(self) -> None:
-        while self._dispatcher or self._in_flight:
+        # One event for every caller of close(), never replaced; each waiter re-checks the
+        # queue after a wake (a dead worker's jobs are requeued before the event is set).
+        if self._drained is None:
+            self._drained = asyncio.Event()
+        while (self._dispatcher or self._in_flight) and self._state is not QueueState.CLOSED:
             if self._broken is not None:
                 self._fail_pending(self._broken)
                 continue
-            self._drained = asyncio.Event()
             await self._drained.wait()
+            self._drained.clear()
 
     def _check_drained(self) -> None:
         if self._drained is not None and not (self._dispatcher or self._in_flight):

@@ -154,6 +154,7 @@ class ProcessWorker(Worker):
         self._death_fd = -1
         self._owns_death_fd = False
         self._page: SharedPage | None = None
+        self._pid: int | None = None
         self._sent: dict[int, tuple[Job[Any], int]] = {}  # job id -> (job, frame end offset)
         self._up: asyncio.Future[int] | None = None
         self._gone: asyncio.Future[None] | None = None
@@ -167,7 +168,7 @@ class ProcessWorker(Worker):
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
+        return self._pid
 
     @property
     def in_flight(self) -> int:
@@ -196,8 +197,8 @@ class ProcessWorker(Worker):
             raise WorkerStartupError(
                 1, f"{self.name} did not announce itself within {self.startup_timeout:g} s"
             ) from None
-        except asyncio.CancelledError:
-            await self.kill()
+        except BaseException:  # the initializer raised, the process died, or cancelled
+            await self.kill()  # when start() raises, nothing of the worker is left
             raise
         self.state = ProcessState.READY
 
@@ -238,6 +239,7 @@ class ProcessWorker(Worker):
             child_out.close()
             child_page.close()
         self._process = process
+        self._pid = process.pid
         self._page = page
         _live.add(self)
         self._reader = LoopReader(loop, out_r, FrameDecoder(), self._on_frames, self._on_eof)
@@ -403,7 +405,13 @@ class ProcessWorker(Worker):
         else:
             error = WorkerLostError(self.name, exitcode=exitcode)
         if self._up is not None and not self._up.done():
-            reason = f"{self.name} died before announcing itself ({error})"
+            if exitcode is None:
+                how = "died"
+            elif exitcode < 0:
+                how = f"was killed by signal {-exitcode}"
+            else:
+                how = f"exited with code {exitcode}"
+            reason = f"{self.name} {how} before announcing itself"
             self._up.set_exception(WorkerStartupError(1, reason))
             self._up.exception()  # retrieved: start() may already have given up on it
         unstarted: list[Job[Any]] = []
