@@ -1,0 +1,1 @@
+"""Benchmarks of corral against its peers: run ``python -m benchmarks.peers``."""

@@ -1,0 +1,495 @@
+"""One adapter per pool library, so that every measurement is written once.
+
+Each adapter drives its library the way that library is meant to be used: corral,
+aiomultiprocess and ProcessPoolExecutor (through ``loop.run_in_executor``) are awaited in
+an asyncio loop; the others block. All methods are ``async`` so one measurement function
+serves both; a blocking library's method simply never yields, which costs well under a
+microsecond per call. Every pool gets 2 workers and keeps its library's default start
+method and chunking.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import importlib.util
+import multiprocessing
+import platform
+import select
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, ClassVar, Literal
+
+from . import _tasks
+
+WORKERS = 2
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of a submitted call, and when (``time.monotonic_ns``) it was seen."""
+
+    kind: Literal["value", "error", "lost"]
+    detail: str
+    at_ns: int
+
+
+def _error(exc: BaseException) -> Outcome:
+    return Outcome("error", type(exc).__name__, time.monotonic_ns())
+
+
+def _lost(timeout: float) -> Outcome:
+    return Outcome("lost", f"no answer within {timeout:g} s", time.monotonic_ns())
+
+
+class Adapter(abc.ABC):
+    """The few operations the measurements need, on top of one library's pool."""
+
+    key: ClassVar[str]  # the name on the command line
+    title: ClassVar[str]  # the name in the table
+    module: ClassVar[str]  # the import that must succeed
+    dist: ClassVar[str | None]  # the distribution whose version to report; None: Python's
+    # A dying worker breaks the whole pool: the user must see the error and recreate it.
+    breaks_on_death: ClassVar[bool] = False
+    recovery: ClassVar[str] = ""  # what recover() does, in words, for the notes
+
+    @classmethod
+    def available(cls) -> bool:
+        return importlib.util.find_spec(cls.module) is not None
+
+    @classmethod
+    def version(cls) -> str:
+        if cls.dist is None:
+            return f"Python {platform.python_version()}"
+        try:
+            return version(cls.dist)
+        except PackageNotFoundError:
+            return "?"
+
+    @property
+    @abc.abstractmethod
+    def start_method(self) -> str:
+        """The start method the pool actually uses."""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Construct the pool (and start it, where the library has such a step)."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Shut the pool down without waiting on work that may never finish."""
+
+    @abc.abstractmethod
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """One call, waited for."""
+
+    @abc.abstractmethod
+    async def call_many(
+        self, fn: Callable[..., Any], arglists: Sequence[tuple[Any, ...]]
+    ) -> list[Any]:
+        """Submit every call individually, then wait for all of them."""
+
+    @abc.abstractmethod
+    async def map(self, fn: Callable[..., Any], items: Sequence[Any]) -> list[Any]:
+        """The library's own map, with its default chunking."""
+
+    @abc.abstractmethod
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Start one call without waiting; returns the library's handle."""
+
+    @abc.abstractmethod
+    async def outcome(self, handle: Any, timeout: float) -> Outcome:
+        """Wait at most ``timeout`` seconds for a handle from ``submit``."""
+
+    async def recover(self) -> None:
+        """Make the pool serve again after a worker died (only where it breaks)."""
+        raise NotImplementedError
+
+    async def wait_readable(self, fd: int, timeout: float) -> bool:
+        """Block until ``fd`` is readable: a blocking library has nothing else to run."""
+        return bool(select.select([fd], [], [], timeout)[0])
+
+
+class AsyncAdapter(Adapter):
+    """A library driven by awaiting in the event loop; waiting must not block the loop."""
+
+    async def wait_readable(self, fd: int, timeout: float) -> bool:
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_reader(fd, readable)
+        try:
+            await asyncio.wait_for(ready, timeout)
+        except TimeoutError:
+            return False
+        finally:
+            loop.remove_reader(fd)
+        return True
+
+    async def outcome(self, handle: Any, timeout: float) -> Outcome:
+        try:
+            value = await asyncio.wait_for(handle, timeout)
+        except TimeoutError:
+            return _lost(timeout)
+        except Exception as exc:
+            return _error(exc)
+        return Outcome("value", repr(value), time.monotonic_ns())
+
+
+class FutureAdapter(Adapter):
+    """A blocking library whose handles are ``concurrent.futures.Future``-like."""
+
+    async def outcome(self, handle: Any, timeout: float) -> Outcome:
+        try:
+            value = handle.result(timeout)
+        except TimeoutError:
+            return _lost(timeout)
+        except Exception as exc:
+            return _error(exc)
+        return Outcome("value", repr(value), time.monotonic_ns())
+
+
+class AsyncResultAdapter(Adapter):
+    """A blocking library whose handles have ``get(timeout)`` (multiprocessing, mpire)."""
+
+    async def outcome(self, handle: Any, timeout: float) -> Outcome:
+        try:
+            value = handle.get(timeout)
+        except (TimeoutError, multiprocessing.TimeoutError):
+            return _lost(timeout)
+        except Exception as exc:
+            return _error(exc)
+        return Outcome("value", repr(value), time.monotonic_ns())
+
+
+# -- the libraries ----------------------------------------------------------------------
+
+
+class Corral(AsyncAdapter):
+    """corral with its defaults: forkserver, fair dispatch."""
+
+    key = "corral"
+    title = "corral"
+    module = "corral"
+    dist = "corral"
+    options: ClassVar[dict[str, Any]] = {}
+
+    async def start(self) -> None:
+        import corral
+
+        self.pool = corral.Pool(WORKERS, **self.options)
+        await self.pool.start()
+
+    async def stop(self) -> None:
+        await self.pool.terminate()
+
+    @property
+    def start_method(self) -> str:
+        workers = self.pool.workers
+        return str(getattr(workers[0], "start_method", "?")) if workers else "?"
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await self.pool.run(fn, *args)
+
+    async def call_many(
+        self, fn: Callable[..., Any], arglists: Sequence[tuple[Any, ...]]
+    ) -> list[Any]:
+        jobs = [self.pool.submit(fn, *args) for args in arglists]
+        return [await job for job in jobs]
+
+    async def map(self, fn: Callable[..., Any], items: Sequence[Any]) -> list[Any]:
+        return await self.pool.map(fn, items)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.pool.submit(fn, *args).future
+
+
+class CorralPrefetch(Corral):
+    """corral with ``strategy="prefetch"`` (4 jobs in flight per worker): not run by default."""
+
+    key = "corral-prefetch"
+    title = "corral prefetch"
+    options: ClassVar[dict[str, Any]] = {"strategy": "prefetch", "prefetch": 4}
+
+
+class ProcessPoolExecutor(AsyncAdapter):
+    """The standard library's executor, awaited through ``loop.run_in_executor``.
+
+    It has no asynchronous map, so ``map`` is the executor's blocking ``map`` (chunksize 1).
+    """
+
+    key = "ppe"
+    title = "ProcessPoolExecutor"
+    module = "concurrent.futures"
+    dist = None
+    breaks_on_death = True
+    recovery = "created a new ProcessPoolExecutor"
+
+    async def start(self) -> None:
+        from concurrent.futures import ProcessPoolExecutor as Executor
+
+        self.executor = Executor(WORKERS)
+        self.broken: list[Any] = []
+
+    async def stop(self) -> None:
+        for executor in [*self.broken, self.executor]:
+            executor.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def start_method(self) -> str:
+        context = self.executor._mp_context or multiprocessing.get_context()
+        return str(context.get_start_method())
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def call_many(
+        self, fn: Callable[..., Any], arglists: Sequence[tuple[Any, ...]]
+    ) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        futures = [loop.run_in_executor(self.executor, fn, *args) for args in arglists]
+        return list(await asyncio.gather(*futures))
+
+    async def map(self, fn: Callable[..., Any], items: Sequence[Any]) -> list[Any]:
+        return list(self.executor.map(fn, items))
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def recover(self) -> None:
+        from concurrent.futures import ProcessPoolExecutor as Executor
+
+        self.broken.append(self.executor)
+        self.executor = Executor(WORKERS)
+
+
+class MultiprocessingPool(AsyncResultAdapter):
+    """``multiprocessing.Pool``: it replaces a dead worker but never answers for its task."""
+
+    key = "mp"
+    title = "multiprocessing.Pool"
+    module = "multiprocessing"
+    dist = None
+
+    async def start(self) -> None:
+        self.pool = multiprocessing.Pool(WORKERS)
+
+    async def stop(self) -> None:
+        self.pool.terminate()
+        self.pool.join()
+
+    @property
+    def start_method(self) -> str:
+        context = getattr(self.pool, "_ctx", multiprocessing.get_context())
+        return str(context.get_start_method())
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.pool.apply(fn, args)
+
+    async def call_many(
+        self, fn: Callable[..., Any], arglists: Sequence[tuple[Any, ...]]
+    ) -> list[Any]:
+        results = [self.pool.apply_async(fn, args) for args in arglists]
+        return [result.get() for result in results]
+
+    async def map(self, fn: Callable[..., Any], items: Sequence[Any]) -> list[Any]:
+        return self.pool.map(fn, items)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.pool.apply_async(fn, args)
+
+
+class Pebble(FutureAdapter):
+    """pebble's ``ProcessPool``: a dead worker fails its task with ProcessExpired."""
+
+    key = "pebble"
+    title = "pebble"
+    module = "pebble"
+    dist = "pebble"
+
+    async def start(self) -> None:
+        from pebble import ProcessPool
+
+        self.pool: Any = ProcessPool(max_workers=WORKERS)
+
+    async def stop(self) -> None:
+        self.pool.stop()
+        self.pool.join(timeout=5)
+
+    @property
+    def start_method(self) -> str:
+        return str(self.pool._pool_manager.worker_manager.mp_context.get_start_method())
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.pool.submit(fn, None, *args).result()
+
+    async def call_many(
+        self, fn: Callable[..., Any], arglists: Sequence[tuple[Any, ...]]
+    ) -> list[Any]:
+        futures = [self.pool.submit(fn, None, *args) for args in arglists]
+        return [future.result() for future in futures]
+
+    async def map(self, fn: Callable[..., Any], items: Sequence[Any]) -> list[Any]:
+        return list(self.pool.map(fn, items).result())
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.pool.submit(fn, None, *args)
+
+
+class Loky(FutureAdapter):
+    """loky's reusable executor: a dead worker breaks it; asking again gives a new one."""
+
+    key = "loky"
+    title = "loky"
+    module = "loky"
+    dist = "loky"
+    breaks_on_death = True
+    recovery = "get_reusable_executor() made a new executor"
+
+    async def start(self) -> None:
+        from loky import get_reusable_executor
+
+        self.executor = get_reusable_executor(max_workers=WORKERS)
+
+    async def stop(self) -> None:
+        self.executor.shutdown(wait=False, kill_workers=True)
+
+    @property
+    def start_method(self) -> str:
+        return str(self.executor._context.get_start_method())
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.executor.submit(fn, *args).result()
+
+    async def call_many(
+        self, fn: Callable[..., Any], arglists: Sequence[tuple[Any, ...]]
+    ) -> list[Any]:
+        futures = [self.executor.submit(fn, *args) for args in arglists]
+        return [future.result() for future in futures]
+
+    async def map(self, fn: Callable[..., Any], items: Sequence[Any]) -> list[Any]:
+        return list(self.executor.map(fn, items))
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.executor.submit(fn, *args)
+
+    async def recover(self) -> None:
+        from loky import get_reusable_executor
+
+        self.executor = get_reusable_executor(max_workers=WORKERS)
+
+
+class Mpire(AsyncResultAdapter):
+    """mpire's ``WorkerPool``: a dead worker breaks it, and later calls hang; make a new one.
+
+    One departure from its defaults: ``keep_alive=True``. Without it every ``map`` starts
+    its workers afresh, and the measurements compare warm pools.
+    """
+
+    key = "mpire"
+    title = "mpire"
+    module = "mpire"
+    dist = "mpire"
+    breaks_on_death = True
+    recovery = "created a new WorkerPool (the broken one hangs on later calls)"
+
+    async def start(self) -> None:
+        from mpire.pool import WorkerPool
+
+        self.pool = WorkerPool(n_jobs=WORKERS, keep_alive=True)
+        self.broken: list[Any] = []
+
+    async def stop(self) -> None:
+        for pool in [*self.broken, self.pool]:
+            pool.terminate()
+
+    @property
+    def start_method(self) -> str:
+        return str(self.pool.pool_params.start_method)
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.pool.apply(fn, args)
+
+    async def call_many(
+        self, fn: Callable[..., Any], arglists: Sequence[tuple[Any, ...]]
+    ) -> list[Any]:
+        results = [self.pool.apply_async(fn, args) for args in arglists]
+        return [result.get() for result in results]
+
+    async def map(self, fn: Callable[..., Any], items: Sequence[Any]) -> list[Any]:
+        return list(self.pool.map(fn, items))
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.pool.apply_async(fn, args)
+
+    async def recover(self) -> None:
+        from mpire.pool import WorkerPool
+
+        self.broken.append(self.pool)
+        self.pool = WorkerPool(n_jobs=WORKERS, keep_alive=True)
+
+
+class AioMultiprocess(AsyncAdapter):
+    """aiomultiprocess's ``Pool``: it runs coroutine functions, so each task's async twin.
+
+    Its defaults let each child run 16 tasks at once; the tasks block, so they run one by
+    one, but a child still takes up to 16 from its queue.
+    """
+
+    key = "aiomultiprocess"
+    title = "aiomultiprocess"
+    module = "aiomultiprocess"
+    dist = "aiomultiprocess"
+
+    async def start(self) -> None:
+        import aiomultiprocess
+
+        self.pool = aiomultiprocess.Pool(processes=WORKERS)
+
+    async def stop(self) -> None:
+        self.pool.terminate()
+        await asyncio.wait_for(self.pool.join(), 5)
+
+    @property
+    def start_method(self) -> str:
+        from aiomultiprocess.core import get_context
+
+        return str(get_context().get_start_method())
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await self.pool.apply(_tasks.ASYNC_TWIN[fn], args)
+
+    async def call_many(
+        self, fn: Callable[..., Any], arglists: Sequence[tuple[Any, ...]]
+    ) -> list[Any]:
+        twin = _tasks.ASYNC_TWIN[fn]
+        return list(await asyncio.gather(*(self.pool.apply(twin, args) for args in arglists)))
+
+    async def map(self, fn: Callable[..., Any], items: Sequence[Any]) -> list[Any]:
+        return list(await self.pool.map(_tasks.ASYNC_TWIN[fn], items))
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return asyncio.ensure_future(self.pool.apply(_tasks.ASYNC_TWIN[fn], args))
+
+
+# The order of the table's columns; corral first, as everything is a ratio to it.
+ADAPTERS: dict[str, type[Adapter]] = {
+    cls.key: cls
+    for cls in (
+        Corral,
+        ProcessPoolExecutor,
+        MultiprocessingPool,
+        Pebble,
+        Loky,
+        AioMultiprocess,
+        Mpire,
+        CorralPrefetch,
+    )
+}
+DEFAULT_LIBS = [key for key in ADAPTERS if key != "corral-prefetch"]

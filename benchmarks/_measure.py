@@ -1,0 +1,277 @@
+"""One measurement of one library, run in a fresh process by ``benchmarks.peers``.
+
+``python -m benchmarks._measure LIB MEASUREMENT [--quick] [--loop uvloop]`` prints one JSON
+line: ``{"metrics": {...}, "notes": [...], "start_method": ..., "version": ...}``. A fresh
+process per measurement keeps one library's leftovers (threads, forkservers, warm caches,
+a broken pool) from touching the next measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import _tasks
+from ._libs import ADAPTERS, WORKERS, Adapter
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much work each measurement does; ``--quick`` shrinks it for a smoke run."""
+
+    latency_warmup: int = 200
+    latency_calls: int = 2000
+    latency_budget: float = 2.0
+    submit_calls: int = 20_000
+    map_items: int = 100_000
+    payload_mib: int = 64
+    payload_tries: int = 3
+    sleep_tasks: int = 200
+    death_timeout: float = 3.0
+
+
+FULL = Sizes()
+QUICK = Sizes(
+    latency_warmup=20,
+    latency_calls=200,
+    latency_budget=1.0,
+    submit_calls=2_000,
+    map_items=5_000,
+    payload_mib=16,
+    payload_tries=2,
+    sleep_tasks=20,
+    death_timeout=1.0,
+)
+
+Result = dict[str, Any]
+
+
+def _ms(ns: int) -> float:
+    return ns / 1e6
+
+
+async def latency(lib: Adapter, sizes: Sizes) -> Result:
+    """Sequential awaited (or blocking) no-op calls, each timed on its own.
+
+    Warm-up and sampling stop early after a time budget (keeping at least 100 samples) so
+    that a library that answers in milliseconds does not stretch the run.
+    """
+    clock = time.perf_counter_ns
+    await lib.start()
+    deadline = clock() + int(sizes.latency_budget * 1e9 / 4)
+    for _ in range(sizes.latency_warmup):
+        await lib.call(_tasks.noop)
+        if clock() > deadline:
+            break
+    samples: list[int] = []
+    deadline = clock() + int(sizes.latency_budget * 1e9)
+    for _ in range(sizes.latency_calls):
+        t0 = clock()
+        await lib.call(_tasks.noop)
+        t1 = clock()
+        samples.append(t1 - t0)
+        if t1 > deadline and len(samples) >= 100:
+            break
+    samples.sort()
+    p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))]
+    return {
+        "median_us": statistics.median(samples) / 1e3,
+        "p99_us": p99 / 1e3,
+        "calls": len(samples),
+    }
+
+
+async def submit(lib: Adapter, sizes: Sizes) -> Result:
+    """Submit many no-ops one by one, then wait for them all: per-call overhead in bulk."""
+    await lib.start()
+    await lib.call_many(_tasks.noop, [()] * 20)
+    n = sizes.submit_calls
+    t0 = time.perf_counter()
+    results = await lib.call_many(_tasks.noop, [(i,) for i in range(n)])
+    elapsed = time.perf_counter() - t0
+    assert results == list(range(n)), "results out of order or missing"
+    return {"calls_per_s": n / elapsed}
+
+
+async def map_(lib: Adapter, sizes: Sizes) -> Result:
+    """The library's own map over many no-ops, chunked the library's default way."""
+    await lib.start()
+    await lib.map(_tasks.noop, list(range(100)))  # not call(): mpire's map fails after apply
+    n = sizes.map_items
+    items = list(range(n))
+    t0 = time.perf_counter()
+    results = await lib.map(_tasks.noop, items)
+    elapsed = time.perf_counter() - t0
+    assert results == items, "results out of order or missing"
+    return {"calls_per_s": n / elapsed}
+
+
+async def payload(lib: Adapter, sizes: Sizes) -> Result:
+    """Move one large bytes object as the argument, then as the result; best of a few.
+
+    The result is made and cached in each worker beforehand (calls that sleep 50 ms, so
+    both workers get one), so only its transfer is timed.
+    """
+    nbytes = sizes.payload_mib * MiB
+    await lib.start()
+    await lib.call(_tasks.size_of, b"warm")
+    data = _tasks.blob(nbytes)  # made here too, outside the timed calls
+    await lib.call_many(_tasks.sleep_then_blob, [(0.05, nbytes)] * (2 * WORKERS))
+
+    best_arg = best_result = float("inf")
+    for _ in range(sizes.payload_tries):
+        t0 = time.perf_counter()
+        size = await lib.call(_tasks.size_of, data)
+        best_arg = min(best_arg, time.perf_counter() - t0)
+        assert size == nbytes
+        t0 = time.perf_counter()
+        result = await lib.call(_tasks.blob, nbytes)
+        best_result = min(best_result, time.perf_counter() - t0)
+        assert len(result) == nbytes
+        del result
+    return {
+        "arg_mib_s": sizes.payload_mib / best_arg,
+        "result_mib_s": sizes.payload_mib / best_result,
+    }
+
+
+def ideal_efficiency(durations: list[float], workers: int = WORKERS) -> float:
+    """Efficiency of greedy list scheduling in submission order with zero overhead (%).
+
+    No pool that takes tasks in order can beat this: the last long tasks leave a worker
+    idle at the end however fast the pool is.
+    """
+    free = [0.0] * workers
+    for d in durations:
+        i = free.index(min(free))
+        free[i] += d
+    return 100 * sum(durations) / (workers * max(free))
+
+
+async def efficiency(lib: Adapter, sizes: Sizes) -> Result:
+    """Uneven sleeping tasks: the share of worker time spent in tasks, not waiting for them."""
+    durations = _tasks.durations(sizes.sleep_tasks)
+    await lib.start()
+    await lib.call_many(_tasks.noop, [()] * 20)
+    t0 = time.perf_counter()
+    spent = await lib.call_many(_tasks.sleep_for, [(d,) for d in durations])
+    wall = time.perf_counter() - t0
+    return {
+        "efficiency_pct": 100 * sum(spent) / (WORKERS * wall),
+        "ideal_pct": ideal_efficiency(durations),
+    }
+
+
+async def death(lib: Adapter, sizes: Sizes) -> Result:
+    """A task kills its worker: how soon the caller hears of it, and is served again.
+
+    The task writes CLOCK_MONOTONIC into a FIFO just before ``os._exit``, which dates the
+    death. Where a death leaves the pool working, the next call goes in at once; where it
+    breaks the pool, the caller first needs the error, then recreates the pool (the least
+    that serves again; closing the broken pool is left for later and not timed).
+    """
+    notes: list[str] = []
+    fifo = os.path.join(tempfile.mkdtemp(prefix="corral-bench-"), "death")
+    os.mkfifo(fifo)
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        await lib.start()
+        await lib.call_many(_tasks.noop, [()] * 4)
+        handle = lib.submit(_tasks.die, fifo)
+        if not await lib.wait_readable(fd, sizes.death_timeout):
+            raise RuntimeError("the task did not die")
+        died_ns = int(os.read(fd, 64))
+
+        if lib.breaks_on_death:
+            fate = await lib.outcome(handle, sizes.death_timeout)
+            await lib.recover()
+            notes.append(f"to be served again: {lib.recovery}")
+            await lib.call(_tasks.noop)
+            served_ns = time.monotonic_ns()
+        else:
+            await lib.call(_tasks.noop)
+            served_ns = time.monotonic_ns()
+            remaining = sizes.death_timeout - (time.monotonic_ns() - died_ns) / 1e9
+            fate = await lib.outcome(handle, max(0.0, remaining))
+    finally:
+        os.close(fd)
+        os.unlink(fifo)
+        os.rmdir(os.path.dirname(fifo))
+
+    metrics: Result = {"served_ms": _ms(served_ns - died_ns), "fate": fate.kind}
+    if fate.kind == "error":
+        metrics["error_ms"] = _ms(fate.at_ns - died_ns)
+        metrics["error"] = fate.detail
+    elif fate.kind == "lost":
+        notes.append(
+            f"the dying task's caller never hears of it (waited {sizes.death_timeout:g} s)"
+        )
+    return {"metrics": metrics, "notes": notes}
+
+
+async def startup(lib: Adapter, sizes: Sizes) -> Result:
+    """From constructing the pool to the first served call, in a process that never had one."""
+    t0 = time.perf_counter()
+    await lib.start()
+    await lib.call(_tasks.noop)
+    return {"startup_ms": (time.perf_counter() - t0) * 1e3}
+
+
+MEASUREMENTS: dict[str, Callable[[Adapter, Sizes], Awaitable[Result]]] = {
+    "latency": latency,
+    "submit": submit,
+    "map": map_,
+    "payload": payload,
+    "efficiency": efficiency,
+    "death": death,
+    "startup": startup,
+}
+
+
+async def _run(lib: Adapter, name: str, sizes: Sizes) -> None:
+    result = await MEASUREMENTS[name](lib, sizes)
+    if "metrics" not in result:
+        result = {"metrics": result, "notes": []}
+    result["start_method"] = lib.start_method
+    result["version"] = lib.version()
+    print(json.dumps(result), flush=True)
+    # The result is out; shutting down must not hang the run (a pool may wait for a lost
+    # task): the alarm's default action ends this process, and the runner kills the rest.
+    signal.alarm(5)
+    await lib.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("lib", choices=list(ADAPTERS))
+    parser.add_argument("measurement", choices=list(MEASUREMENTS))
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
+    args = parser.parse_args(argv)
+    lib = ADAPTERS[args.lib]()
+    sizes = QUICK if args.quick else FULL
+    if args.loop == "uvloop":
+        import uvloop
+
+        uvloop.run(_run(lib, args.measurement, sizes))
+    else:
+        asyncio.run(_run(lib, args.measurement, sizes))
+    sys.stdout.flush()
+    # Skip interpreter clean-up: some libraries join their workers at exit.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,432 @@
+"""corral against its peers, measured side by side in one run.
+
+    python -m benchmarks.peers                    # everything (a few minutes on 2 cores)
+    python -m benchmarks.peers --quick            # a smoke run (well under a minute)
+    python -m benchmarks.peers --only latency,submit --libs corral,ppe
+
+Every (library, measurement) runs in a fresh process (``benchmarks._measure``) under a
+time limit, in a process group of its own that is killed afterwards, so no library's
+leftovers or hangs reach the next one. Fast measurements run several times; the table
+shows the best run of each number, because noise on a shared machine only ever slows a
+run down. Every pool has 2 workers and its library's default start method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._libs import ADAPTERS, DEFAULT_LIBS, WORKERS
+from ._measure import FULL, MEASUREMENTS, QUICK
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Runs per (library, measurement) in full mode, and the time limit of one run (seconds).
+REPEATS = {
+    "latency": 3,
+    "submit": 3,
+    "map": 1,
+    "payload": 1,
+    "efficiency": 1,
+    "death": 1,
+    "startup": 3,
+}
+TIMEOUT = {
+    "latency": 60,
+    "submit": 120,
+    "map": 180,
+    "payload": 90,
+    "efficiency": 60,
+    "death": 60,
+    "startup": 60,
+}
+QUICK_TIMEOUT = 30
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table: a metric of a measurement and which way is better."""
+
+    measurement: str
+    metric: str
+    label: str
+    higher_is_better: bool
+    digits: int = 0
+
+
+def rows(quick: bool) -> list[Row]:
+    sizes = QUICK if quick else FULL
+    return [
+        Row("latency", "median_us", "no-op round trip, median (µs)", False),
+        Row("latency", "p99_us", "no-op round trip, p99 (µs)", False),
+        Row("submit", "calls_per_s", f"{sizes.submit_calls:,} submits (calls/s)", True),
+        Row("map", "calls_per_s", f"map of {sizes.map_items:,} (calls/s)", True),
+        Row("payload", "arg_mib_s", f"{sizes.payload_mib} MiB argument (MiB/s)", True),
+        Row("payload", "result_mib_s", f"{sizes.payload_mib} MiB result (MiB/s)", True),
+        Row("efficiency", "efficiency_pct", f"efficiency, {sizes.sleep_tasks} sleeps (%)", True, 1),
+        Row("death", "error_ms", "death → caller gets error (ms)", False, 1),
+        Row("death", "served_ms", "death → next call served (ms)", False, 1),
+        Row("startup", "startup_ms", "start-up → first call (ms)", False, 1),
+    ]
+
+
+@dataclass
+class Cell:
+    """What the runs of one (library, measurement) produced."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    problem: str | None = None  # "timeout (>60 s)", "crashed: ...": no numbers
+    start_method: str | None = None
+    version: str | None = None
+    seconds: float = 0.0
+
+
+def run_one(lib: str, measurement: str, quick: bool, loop: str, timeout: float) -> dict[str, Any]:
+    """One fresh process; returns its JSON, or {"problem": ...}.
+
+    Output goes to a file, not a pipe: a worker left behind would hold a pipe open. The
+    whole process group is killed at the end, whatever happened.
+    """
+    cmd = [sys.executable, "-m", "benchmarks._measure", lib, measurement, "--loop", loop]
+    if quick:
+        cmd.append("--quick")
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, start_new_session=True)
+        timed_out = False
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            proc.kill()
+            proc.wait()
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        out.seek(0)
+        err.seek(0)
+        lines = [line for line in out.read().splitlines() if line.startswith("{")]
+        if lines:
+            result: dict[str, Any] = json.loads(lines[-1])
+            return result
+        if timed_out:
+            return {"problem": f"timeout (>{timeout:g} s)"}
+        tail = err.read().strip().splitlines()
+        return {"problem": f"failed: {tail[-1] if tail else f'exit code {proc.returncode}'}"}
+
+
+def best(values: list[float], higher_is_better: bool) -> float:
+    return max(values) if higher_is_better else min(values)
+
+
+def measure(lib: str, measurement: str, args: argparse.Namespace) -> Cell:
+    """All runs of one (library, measurement), reduced to the best value of each number."""
+    repeats = args.repeats or (1 if args.quick else REPEATS[measurement])
+    timeout = QUICK_TIMEOUT if args.quick else TIMEOUT[measurement]
+    direction = {
+        r.metric: r.higher_is_better for r in rows(args.quick) if r.measurement == measurement
+    }
+    cell = Cell()
+    started = time.perf_counter()
+    runs: list[dict[str, Any]] = []
+    for _ in range(repeats):
+        result = run_one(lib, measurement, args.quick, args.loop, timeout)
+        if "problem" in result:
+            cell.notes.append(f"a run failed: {result['problem']}")
+            if not runs:  # the first run is already lost: do not wait for more of them
+                cell.problem = result["problem"]
+                break
+            continue
+        runs.append(result)
+    cell.seconds = time.perf_counter() - started
+    if not runs:
+        cell.notes.clear()
+        return cell
+    cell.start_method = runs[0]["start_method"]
+    cell.version = runs[0]["version"]
+    for run in runs:
+        cell.notes += [n for n in run["notes"] if n not in cell.notes]
+    for key, value in runs[0]["metrics"].items():
+        values = [run["metrics"].get(key) for run in runs]
+        numbers = [v for v in values if isinstance(v, int | float)]
+        if key in direction and len(numbers) == len(values):
+            cell.metrics[key] = best(numbers, direction[key])
+        else:
+            cell.metrics[key] = value
+    return cell
+
+
+# -- the report --------------------------------------------------------------------------
+
+
+def fmt(value: float, digits: int) -> str:
+    return f"{value:,.{digits}f}"
+
+
+def ratio(value: float, base: float) -> str:
+    if base == 0:
+        return "—"
+    r = value / base
+    if r < 0.1:
+        return f"{r:.2g}x"
+    return f"{r:.2f}x" if r < 10 else f"{r:,.0f}x"
+
+
+def render_cell(row: Row, cell: Cell | None, base: Cell | None, is_base: bool) -> str:
+    if cell is None:
+        return "—"
+    if cell.problem:
+        return cell.problem.split(":")[0].split(" (")[0]  # the whole story is in the notes
+    value = cell.metrics.get(row.metric)
+    if row.metric == "error_ms" and cell.metrics.get("fate") == "lost":
+        return "hangs (task lost)"
+    if not isinstance(value, int | float):
+        return "—"
+    text = fmt(value, row.digits)
+    base_value = base.metrics.get(row.metric) if base and not base.problem else None
+    if is_base or not isinstance(base_value, int | float):
+        return text
+    return f"{text} ({ratio(value, base_value)})"
+
+
+def table(results: dict[str, dict[str, Cell]], libs: list[str], quick: bool) -> str:
+    base_key = libs[0] if libs[0].startswith("corral") else None
+    head = ["measurement", "better"] + [ADAPTERS[k].title for k in libs]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows(quick):
+        if row.measurement not in results:
+            continue
+        cells = results[row.measurement]
+        base = cells.get(base_key) if base_key else None
+        shown = [render_cell(row, cells.get(k), base, k == base_key) for k in libs]
+        better = "higher" if row.higher_is_better else "lower"
+        lines.append("| " + " | ".join([row.label, better, *shown]) + " |")
+    return "\n".join(lines)
+
+
+def library_notes(results: dict[str, dict[str, Cell]], libs: list[str]) -> str:
+    lines = ["| library | version | start method | notes |", "|---|---|---|---|"]
+    for key in libs:
+        cells = [c for m in results.values() if (c := m.get(key))]
+        version = next((c.version for c in cells if c.version), "?")
+        method = next((c.start_method for c in cells if c.start_method), "?")
+        notes: list[str] = []
+        for measurement, by_lib in results.items():
+            cell = by_lib.get(key)
+            if cell is None:
+                continue
+            if cell.problem:
+                notes.append(f"{measurement}: {cell.problem}")
+            if measurement == "death" and cell.metrics.get("error"):
+                notes.append(f"death: the dying call raised {cell.metrics['error']}")
+            notes += [f"{measurement}: {n}" for n in cell.notes]
+        lines.append(f"| {ADAPTERS[key].title} | {version} | {method} | {'; '.join(notes)} |")
+    return "\n".join(lines)
+
+
+def _value(
+    results: dict[str, dict[str, Cell]], measurement: str, lib: str, metric: str
+) -> float | None:
+    cell = results.get(measurement, {}).get(lib)
+    value = cell.metrics.get(metric) if cell and not cell.problem else None
+    return float(value) if isinstance(value, int | float) else None
+
+
+def targets(results: dict[str, dict[str, Cell]], libs: list[str]) -> str:
+    """corral's goals, each checked against this run: met or missed, and by how much."""
+    if "corral" not in libs:
+        return ""
+    lines = []
+
+    def check(
+        goal: str, ours: float | None, theirs: float | None, factor: float, higher: bool
+    ) -> None:
+        if ours is None or theirs is None:
+            lines.append(f"- [?] {goal}: not measured")
+            return
+        need = theirs * factor if higher else theirs
+        met = ours >= need if higher else ours <= need
+        rel = ours / theirs if higher else theirs / ours
+        lines.append(
+            f"- [{'met' if met else 'MISSED'}] {goal}: corral {ours:,.1f} vs {theirs:,.1f}"
+            f" → {rel:.2f}x (needs {factor:g}x)"
+        )
+
+    peers = [k for k in libs if k != "corral" and not k.startswith("corral")]
+    medians = [
+        (v, k) for k in peers if (v := _value(results, "latency", k, "median_us")) is not None
+    ]
+    if medians:
+        v, k = min(medians)
+        check(
+            f"median latency no worse than the best peer's ({ADAPTERS[k].title}), µs",
+            _value(results, "latency", "corral", "median_us"),
+            v,
+            1,
+            False,
+        )
+    sub = _value(results, "submit", "corral", "calls_per_s")
+    check(
+        "individual submits ≥3x ProcessPoolExecutor, calls/s",
+        sub,
+        _value(results, "submit", "ppe", "calls_per_s"),
+        3,
+        True,
+    )
+    check(
+        "individual submits ≥ multiprocessing.Pool, calls/s",
+        sub,
+        _value(results, "submit", "mp", "calls_per_s"),
+        1,
+        True,
+    )
+    check(
+        "map ≥ mpire, calls/s",
+        _value(results, "map", "corral", "calls_per_s"),
+        _value(results, "map", "mpire", "calls_per_s"),
+        1,
+        True,
+    )
+    for metric, what in (("arg_mib_s", "argument"), ("result_mib_s", "result")):
+        check(
+            f"large {what} ≥2x ProcessPoolExecutor, MiB/s",
+            _value(results, "payload", "corral", metric),
+            _value(results, "payload", "ppe", metric),
+            2,
+            True,
+        )
+    eff = _value(results, "efficiency", "corral", "efficiency_pct")
+    if eff is not None:
+        ideal = _value(results, "efficiency", "corral", "ideal_pct")
+        lines.append(
+            f"- [{'met' if eff >= 99 else 'MISSED'}] efficiency ≥99%: corral {eff:.1f}%"
+            f" (greedy in-order scheduling with no overhead reaches {ideal:.1f}% on this list)"
+        )
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {cpu}; "
+        f"{platform.platform()}; Python {platform.python_version()}"
+    )
+
+
+def corral_revision() -> str:
+    """The commit measured, and whether src/ had uncommitted changes: corral moves fast."""
+
+    def git(*args: str) -> str:
+        try:
+            done = subprocess.run(
+                ["git", *args], cwd=ROOT, capture_output=True, text=True, check=False
+            )
+        except OSError:
+            return ""
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown commit"
+    dirty = " + uncommitted changes in src/" if git("status", "--porcelain", "src") else ""
+    return f"corral at {head}{dirty}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.peers",
+        description="corral against its peers: each cell is value (value ÷ corral's).",
+    )
+    parser.add_argument("--quick", action="store_true", help="small workloads, one run each")
+    parser.add_argument("--only", help=f"measurements, comma-separated: {','.join(MEASUREMENTS)}")
+    parser.add_argument("--libs", help=f"libraries, comma-separated: {','.join(ADAPTERS)}")
+    parser.add_argument(
+        "--loop",
+        choices=["asyncio", "uvloop"],
+        default="asyncio",
+        help="the event loop of the asyncio-driven libraries",
+    )
+    parser.add_argument("--repeats", type=int, help="runs per cell (default: per measurement)")
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    args = parser.parse_args(argv)
+
+    measurements = args.only.split(",") if args.only else list(MEASUREMENTS)
+    libs = args.libs.split(",") if args.libs else list(DEFAULT_LIBS)
+    for name in measurements:
+        if name not in MEASUREMENTS:
+            parser.error(f"unknown measurement {name!r}; choose from {','.join(MEASUREMENTS)}")
+    for key in libs:
+        if key not in ADAPTERS:
+            parser.error(f"unknown library {key!r}; choose from {','.join(ADAPTERS)}")
+    skipped = [k for k in libs if not ADAPTERS[k].available()]
+    libs = [k for k in libs if k not in skipped]
+    libs.sort(key=lambda k: (not k.startswith("corral"), list(ADAPTERS).index(k)))
+
+    revision = corral_revision()  # now: the tree may change while the run goes on
+    say = sys.stderr.write
+    say(
+        f"{machine()}\n{WORKERS} workers per pool, {args.loop} loop, "
+        f"{'quick' if args.quick else 'full'} run\n"
+    )
+    for key in skipped:
+        say(f"skipping {ADAPTERS[key].title}: not installed\n")
+    started = time.perf_counter()
+    results: dict[str, dict[str, Cell]] = {}
+    for measurement in measurements:
+        results[measurement] = {}
+        for key in libs:
+            cell = measure(key, measurement, args)
+            results[measurement][key] = cell
+            shown = cell.problem or ", ".join(
+                f"{k}={v:,.1f}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in cell.metrics.items()
+            )
+            say(f"  {measurement:<10} {ADAPTERS[key].title:<22} {cell.seconds:6.1f} s  {shown}\n")
+    elapsed = time.perf_counter() - started
+
+    print(f"\n{machine()}; {revision}")
+    print(
+        f"{WORKERS} workers per pool; {args.loop} loop; {'quick' if args.quick else 'full'} run"
+        f" in {elapsed:.0f} s."
+    )
+    if not args.quick:
+        runs = ", ".join(f"{m} {n}" for m, n in REPEATS.items() if m in measurements)
+        print(f"Each number is the best of its runs (fresh processes): {runs}.")
+    print("Cells: value (value ÷ corral's). 'better' says which way wins: for 'lower',")
+    print("a ratio above 1 means corral is faster; for 'higher', below 1 means it is.\n")
+    print(table(results, libs, args.quick))
+    print()
+    print(library_notes(results, libs))
+    checks = targets(results, libs)
+    if checks:
+        print("\nTargets:\n" + checks)
+    if skipped:
+        print("\nNot installed, skipped: " + ", ".join(ADAPTERS[k].title for k in skipped))
+    if args.json:
+        raw = {m: {k: vars(c) for k, c in cells.items()} for m, cells in results.items()}
+        args.json.write_text(
+            json.dumps(
+                {"machine": machine(), "quick": args.quick, "loop": args.loop, "results": raw},
+                indent=1,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
