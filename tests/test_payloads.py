@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 import corral
@@ -34,3 +36,17 @@ async def test_bytearray_round_trip_under_prefetch() -> None:
         results = [await job for job in jobs]
     assert [len(r) for r in results] == sizes
     assert all(type(r) is bytearray and r == bytearray(b"\xa5" * len(r)) for r in results)
+
+
+@pytest.mark.timeout(60)
+async def test_large_payloads_in_a_row_share_or_fall_back() -> None:
+    """Several large arguments in flight to one worker at once (prefetch) all arrive
+    intact: the first goes through the shared region, and those sent before the worker
+    took it out fall back to the pipe rather than overwrite it."""
+    payloads = [bytes([i]) * (3 * MiB + i) for i in range(5)]
+    async with corral.Pool(1, strategy="prefetch", prefetch=5) as pool:
+        jobs = [pool.submit(tasks.checksum, p) for p in payloads]
+        results = [await job for job in jobs]
+        echoed = await asyncio.gather(*(pool.run(tasks.identity, p) for p in payloads))
+    assert results == [tasks.checksum(p) for p in payloads]
+    assert echoed == payloads

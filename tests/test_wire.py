@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corral import SerializationError
+from corral import SerializationError, _wire
 from corral._wire import (
     CALL,
     ERROR,
@@ -26,6 +26,7 @@ from corral._wire import (
     OUT_OF_BAND,
     OUT_OF_BAND_MIN,
     RESULT,
+    SHARED,
     Encoded,
     Frame,
     FrameDecoder,
@@ -35,6 +36,7 @@ from corral._wire import (
     frame,
     loads,
     out_of_band,
+    shared_frame,
 )
 from tests import tasks
 
@@ -176,9 +178,36 @@ def test_big_body_is_read_in_place() -> None:
     target[:] = body[100:]
     (decoded,) = decoder.buffer_updated(len(target))
     assert decoded == Frame(RESULT, 5, body)
-    assert isinstance(decoded.body, bytearray)
-    assert target.obj is decoded.body  # the read went straight into the body
+    # The body is its buffer, or a view of a reused bigger one: the read went straight in.
+    owner = decoded.body.obj if isinstance(decoded.body, memoryview) else decoded.body
+    assert target.obj is owner
     assert decoder.pending == 0
+
+
+def test_big_buffer_is_reused_only_once_released() -> None:
+    """A big body's buffer is reused for the next big body once nothing refers to it,
+    and never while something still does (it would be overwritten under its holder)."""
+
+    def big_frame(fill: int) -> tuple[Frame, object]:
+        decoder = FrameDecoder(chunk=1024)
+        body = bytes([fill]) * 4096
+        (decoded,) = decoder.feed(wire(frame(RESULT, 1, Encoded(body, []))))
+        assert bytes(decoded.body) == body
+        owner = decoded.body.obj if isinstance(decoded.body, memoryview) else decoded.body
+        return decoded, owner
+
+    _wire._spare.clear()  # start from no spare, whatever earlier tests left
+    first, first_owner = big_frame(1)
+    held = first  # still in use
+    second, second_owner = big_frame(2)
+    assert second_owner is not first_owner
+    assert bytes(held.body) == bytes([1]) * 4096  # untouched
+    # The spare list keeps the second buffer alive, so its id stays its own.
+    second_id = id(second_owner)
+    del held, first, first_owner, second, second_owner
+    third, third_owner = big_frame(3)
+    assert id(third_owner) == second_id  # released, so reused
+    assert bytes(third.body) == bytes([3]) * 4096
 
 
 def test_frames_after_a_big_body_still_decode() -> None:
@@ -542,3 +571,28 @@ def test_corral_errors_cross_the_wire_as_themselves() -> None:
     exc, _tb = unpickle_error(dumps_error(raised(original)))
     assert type(exc) is SerializationError
     assert (exc.what, exc.where, exc.reason) == (original.what, original.where, original.reason)
+
+
+def test_shared_frame_reads_its_buffers_from_the_region() -> None:
+    """A SHARED frame carries only the table and the pickle; the buffers are read from the
+    sender's region, and the value comes back whole and of its own type."""
+    data = bytes(range(256)) * 1024 * 8  # 2 MiB
+    payload = dumps((out_of_band(data), out_of_band(bytearray(data))), wrapped=2)
+    assert payload.copied
+    region = bytearray(b"".join(payload.buffers))
+    (decoded,) = FrameDecoder().feed(wire(shared_frame(RESULT, 9, payload)))
+    assert decoded.kind & SHARED
+    assert len(decoded.body) < 1024  # the megabytes stayed out of the pipe
+    value = loads(decoded.kind, decoded.body, lambda size: memoryview(region)[:size])
+    assert value == (data, bytearray(data))
+    assert type(value[0]) is bytes
+    assert type(value[1]) is bytearray
+
+
+def test_only_wrapped_buffers_make_a_payload_copied() -> None:
+    """A payload is marked copied (safe for a reused region) only when every out-of-band
+    buffer comes from an out_of_band wrapper, whose value is copied when unpickled."""
+    big = bytearray(OUT_OF_BAND_MIN)
+    assert dumps_call(len, (bytes(big),)).copied
+    assert not dumps((out_of_band(bytes(big)), pickle.PickleBuffer(big)), wrapped=1).copied
+    assert not dumps_call(len, (1,)).copied

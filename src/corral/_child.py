@@ -21,16 +21,17 @@ import contextlib
 import os
 import signal
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._errors import SerializationError
-from ._shared import SharedPage
+from ._shared import ARGS_TAKEN, RESULTS_TAKEN, SharedPage, SharedRegion
 from ._wire import (
     CALL,
     ERROR,
     INIT_FAILED,
     KIND_MASK,
     RESULT,
+    SHARED,
     UP,
     Buffer,
     Frame,
@@ -41,6 +42,8 @@ from ._wire import (
     frame,
     loads,
     out_of_band,
+    shareable,
+    shared_frame,
 )
 
 if TYPE_CHECKING:
@@ -52,17 +55,20 @@ def call_each(fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
     return [fn(item) for item in items]
 
 
-def main(
-    inbound: Connection,
-    outbound: Connection,
-    shared: Connection,
-    setup: bytes,
-    inherited: list[int],
-) -> None:
+class Channels(NamedTuple):
+    """The fds a worker gets, wrapped in connections only so that every start method
+    carries them across (pass_fds, SCM_RIGHTS or fork)."""
+
+    inbound: Connection  # calls from the parent
+    outbound: Connection  # results to the parent
+    page: Connection  # memfd of the shared page
+    args_region: Connection  # memfd of the region for large arguments
+    results_region: Connection  # memfd of the region for large results
+
+
+def main(channels: Channels, setup: bytes, inherited: list[int]) -> None:
     """Entry point of a worker process (the target of its ``multiprocessing.Process``).
 
-    The three connections only carry fds across the start method: the pipes in and out and
-    the memfd of the shared page.
 
     ``inherited`` lists the parent's pipe ends that a forked child got by accident; closing
     them lets siblings see EOF when the parent closes their pipes.
@@ -74,9 +80,14 @@ def main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with contextlib.suppress(ValueError):  # a forked child must not poke the parent's loop
         signal.set_wakeup_fd(-1)
-    page = SharedPage(shared.fileno())
-    shared.close()
-    worker = _Worker(inbound.fileno(), outbound.fileno(), page)
+    page = SharedPage(channels.page.fileno())
+    channels.page.close()
+    args_region = SharedRegion(os.dup(channels.args_region.fileno()))
+    results_region = SharedRegion(os.dup(channels.results_region.fileno()))
+    channels.args_region.close()
+    channels.results_region.close()
+    inbound, outbound = channels.inbound, channels.outbound
+    worker = _Worker(inbound.fileno(), outbound.fileno(), page, args_region, results_region)
     try:
         worker.serve(setup)
     except BrokenPipeError:
@@ -89,10 +100,20 @@ def main(
 class _Worker:
     """The child's side of the pipes: blocking reads in, blocking writes out."""
 
-    def __init__(self, in_fd: int, out_fd: int, page: SharedPage) -> None:
+    def __init__(
+        self,
+        in_fd: int,
+        out_fd: int,
+        page: SharedPage,
+        args_region: SharedRegion,
+        results_region: SharedRegion,
+    ) -> None:
         self._in = in_fd
         self._out = out_fd
-        self._started = page.words
+        self._started = self._words = page.words
+        self._args_region = args_region
+        self._results_region = results_region
+        self._results_sent = 0  # payloads sent through the results region
         self._decoder = FrameDecoder()
 
     def serve(self, setup: bytes) -> None:
@@ -110,14 +131,18 @@ class _Worker:
             frames = self._read()
             if frames is None:
                 return
-            for f in frames:
+            while frames:
+                f = frames.pop()
                 if f.kind & KIND_MASK == CALL:
                     self._call(f)
+                del f  # drop the body, so the decoder may reuse a big buffer
 
     def _call(self, f: Frame) -> None:
         job = f.job
         try:
-            fn, args = loads(f.kind, f.body)
+            fn, args = loads(f.kind, f.body, self._args_region.view)
+            if f.kind & SHARED:
+                self._words[ARGS_TAKEN] += 1  # copied out: the parent may reuse the region
         except BaseException as exc:
             error = SerializationError(
                 "the call", "in the worker", f"unpickling failed: {type(exc).__name__}: {exc}"
@@ -133,7 +158,8 @@ class _Worker:
             return
         del args
         try:
-            payload = dumps(out_of_band(value))
+            sent = out_of_band(value)
+            payload = dumps(sent, wrapped=sent is not value)
         except BaseException as exc:
             error = SerializationError(
                 f"the result of {describe(fn)} ({describe(value)})",
@@ -142,7 +168,15 @@ class _Worker:
             )
             self._send(frame(ERROR, job, dumps_error(error)))
             return
-        self._send(frame(RESULT, job, payload))
+        if (
+            shareable(payload)
+            and self._words[RESULTS_TAKEN] == self._results_sent
+            and self._results_region.write(payload.buffers)
+        ):
+            self._results_sent += 1
+            self._send(shared_frame(RESULT, job, payload))
+        else:
+            self._send(frame(RESULT, job, payload))
 
     def _read(self) -> list[Frame] | None:
         """Block until at least one whole frame is in; None at EOF."""
@@ -156,6 +190,7 @@ class _Worker:
                 return None
             frames = decoder.buffer_updated(n)
             if frames:
+                frames.reverse()  # served with pop(), oldest first
                 return frames
 
     def _send(self, buffers: list[Buffer]) -> None:

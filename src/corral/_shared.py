@@ -1,4 +1,4 @@
-"""A page of memory shared by the parent and one worker: the worker's acknowledgement.
+"""Memory shared by the parent and one worker: the acknowledgement page, payload regions.
 
 Before a worker runs a call it stores the call's job id here. That store is the
 acknowledgement: a plain memory write, no syscall, no message, no wake-up of the parent.
@@ -12,6 +12,7 @@ nothing the worker still holds.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 
@@ -39,10 +40,76 @@ class SharedPage:
     @property
     def started(self) -> int:
         """The id of the job the worker started last (0: none yet)."""
-        return int(self.words[0])
+        return int(self.words[STARTED])
 
     def close(self) -> None:
         """Unmap the page. Idempotent."""
         if not self._map.closed:
             self.words.release()
             self._map.close()
+
+
+# Words of the page, each written by one side only.
+STARTED = 0  # the job id the worker started last (written by the worker)
+ARGS_TAKEN = 1  # large payloads the worker has copied out of the parent's region
+RESULTS_TAKEN = 2  # large payloads the parent has copied out of the worker's region
+
+
+class SharedRegion:
+    """Memory shared with one worker for large payloads going one way.
+
+    A large ``bytes`` argument or result would otherwise cross the pipe a pipe-full at a
+    time, the two processes taking turns. Through the region it is one copy in by the
+    sender and one copy out by the receiver. The region grows to the largest payload seen
+    and is reused: the sender writes only once the receiver has counted the previous
+    payload as taken (a word of the shared page), and falls back to the pipe otherwise.
+    It is an anonymous memfd, so it vanishes with the last process that maps it.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._map = mmap.mmap(fd, os.fstat(fd).st_size)
+
+    @classmethod
+    def create(cls) -> tuple[SharedRegion, int]:
+        """A new region; the returned fd is the region's own (do not close it)."""
+        fd = os.memfd_create("corral-payload", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, SIZE)
+            return cls(fd), fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def write(self, buffers: list[memoryview]) -> bool:
+        """Copy buffers in, one after another, growing the region as needed.
+
+        False when it could not (a view of it is still held somewhere): send by pipe then.
+        """
+        total = sum(b.nbytes for b in buffers)
+        try:
+            if len(self._map) < total:
+                self._map.resize(-(-total // SIZE) * SIZE)  # whole pages; grows the memfd
+            view = memoryview(self._map)
+        except (BufferError, OSError):
+            return False
+        offset = 0
+        for buffer in buffers:
+            view[offset : offset + buffer.nbytes] = buffer
+            offset += buffer.nbytes
+        view.release()
+        return True
+
+    def view(self, size: int) -> memoryview:
+        """The first size bytes, mapping the region afresh if the sender has grown it."""
+        if len(self._map) < size:
+            self._map = mmap.mmap(self._fd, os.fstat(self._fd).st_size)
+        return memoryview(self._map)[:size]
+
+    def close(self) -> None:
+        """Unmap and close. Idempotent."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            with contextlib.suppress(BufferError):  # a view is held: it goes when that does
+                self._map.close()
+            os.close(fd)

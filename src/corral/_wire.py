@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import pickle
 import struct
+import sys
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TypeAlias
@@ -39,7 +40,8 @@ ERROR = 13  # body: pickle of (exception, traceback text)
 INIT_FAILED = 14  # the initializer raised; body as ERROR; the worker then exits
 
 OUT_OF_BAND = 0x80  # flag on kind: the body starts with a table of out-of-band buffers
-KIND_MASK = 0x7F
+SHARED = 0x40  # flag on kind: those buffers lie in the sender's shared region, not the body
+KIND_MASK = 0x3F
 
 HEADER = struct.Struct("<QQB")
 _COUNT = struct.Struct("<I")
@@ -56,14 +58,20 @@ class Frame(NamedTuple):
 
     kind: int
     job: int
-    body: bytes | bytearray
+    body: bytes | bytearray | memoryview
 
 
 class Encoded(NamedTuple):
-    """A pickled payload: the pickle and its out-of-band buffers, not yet framed."""
+    """A pickled payload: the pickle and its out-of-band buffers, not yet framed.
+
+    ``copied`` says every buffer is copied when unpickled (they are all large ``bytes`` or
+    ``bytearray`` objects wrapped by ``out_of_band``), so no object will keep pointing
+    into the memory they arrive in: they may travel through a reused shared region.
+    """
 
     data: bytes
     buffers: list[memoryview]
+    copied: bool = False
 
 
 class _OutOfBand:
@@ -99,11 +107,13 @@ def _by_value(fn: object) -> bool:
     return module == "__main__" or module is None or "<" in getattr(fn, "__qualname__", "")
 
 
-def dumps(obj: Any, *, by_value: bool = False) -> Encoded:
+def dumps(obj: Any, *, by_value: bool = False, wrapped: int = 0) -> Encoded:
     """Pickle obj with protocol 5, falling back to cloudpickle for what pickle refuses.
 
-    Raises whatever the pickler raised when neither can do it; callers turn that into a
-    ``SerializationError`` that names the thing.
+    ``wrapped`` counts the ``out_of_band`` wrappers in obj; each gives exactly one buffer,
+    so when they account for every buffer, the payload is ``copied``. Raises whatever the
+    pickler raised when neither can do it; callers turn that into a ``SerializationError``
+    that names the thing.
     """
     buffers: list[memoryview] = []
 
@@ -116,25 +126,40 @@ def dumps(obj: Any, *, by_value: bool = False) -> Encoded:
 
     if not by_value:
         try:
-            return Encoded(pickle.dumps(obj, 5, buffer_callback=keep), buffers)
+            data = pickle.dumps(obj, 5, buffer_callback=keep)
+            return Encoded(data, buffers, 0 < wrapped == len(buffers))
         except (pickle.PicklingError, AttributeError, TypeError):
             buffers.clear()
-    return Encoded(cloudpickle.dumps(obj, 5, buffer_callback=keep), buffers)
+    data = cloudpickle.dumps(obj, 5, buffer_callback=keep)
+    return Encoded(data, buffers, 0 < wrapped == len(buffers))
 
 
-def loads(kind: int, body: bytes | bytearray | memoryview) -> Any:
-    """Unpickle a frame's body; out-of-band buffers become views of the body (no copy)."""
+def loads(
+    kind: int,
+    body: bytes | bytearray | memoryview,
+    region: Callable[[int], memoryview] | None = None,
+) -> Any:
+    """Unpickle a frame's body; out-of-band buffers become views of the body (no copy),
+    or of the sender's shared region, which ``region(size)`` returns, for a SHARED frame."""
     if not kind & OUT_OF_BAND:
         return pickle.loads(body)
     view = memoryview(body)
     (count,) = _COUNT.unpack_from(view, 0)
     lengths = struct.unpack_from(f"<{count}Q", view, _COUNT.size)
     start = _COUNT.size + 8 * count
-    end = len(view) - sum(lengths)
+    if kind & SHARED:
+        if region is None:
+            raise ValueError("a SHARED frame needs the sender's region")
+        end = len(view)
+        source = region(sum(lengths))
+        offset = 0
+    else:
+        end = len(view) - sum(lengths)
+        source = view
+        offset = end
     buffers = []
-    offset = end
     for length in lengths:
-        buffers.append(view[offset : offset + length])
+        buffers.append(source[offset : offset + length])
         offset += length
     return pickle.loads(view[start:end], buffers=buffers)
 
@@ -143,13 +168,32 @@ def frame(kind: int, job: int, payload: Encoded | None = None) -> list[Buffer]:
     """Return the buffers of one frame, ready for ``writev``; nothing is copied."""
     if payload is None:
         return [HEADER.pack(0, job, kind)]
-    data, buffers = payload
+    data, buffers, _ = payload
     if not buffers:
         return [HEADER.pack(len(data), job, kind), data]
     lengths = [b.nbytes for b in buffers]
     table = struct.pack(f"<I{len(lengths)}Q", len(lengths), *lengths)
     size = len(table) + len(data) + sum(lengths)
     return [HEADER.pack(size, job, kind | OUT_OF_BAND), table, data, *buffers]
+
+
+def shared_frame(kind: int, job: int, payload: Encoded) -> list[Buffer]:
+    """A frame whose buffers the sender has already copied into its shared region."""
+    data, buffers, _ = payload
+    lengths = [b.nbytes for b in buffers]
+    table = struct.pack(f"<I{len(lengths)}Q", len(lengths), *lengths)
+    size = len(table) + len(data)
+    return [HEADER.pack(size, job, kind | OUT_OF_BAND | SHARED), table, data]
+
+
+# Payloads at least this large go through a shared region when they may: below it the
+# pipe is as fast (a few pipe-fulls) and the region's bookkeeping is not worth it.
+SHARED_MIN = 1024 * 1024
+
+
+def shareable(payload: Encoded) -> bool:
+    """Whether payload may go through a shared region, and is worth it."""
+    return payload.copied and sum(b.nbytes for b in payload.buffers) >= SHARED_MIN
 
 
 def describe(obj: object) -> str:
@@ -173,14 +217,16 @@ def dumps_call(fn: Callable[..., Any], args: tuple[Any, ...]) -> Encoded:
     """
     by_value = _by_value(fn)
     sent = args
+    wrapped = 0
     for arg in args:  # one cheap pass; most calls have no large bytes and no function
         if type(arg) in _BYTES_TYPES:
             if len(arg) >= OUT_OF_BAND_MIN:
                 sent = tuple(map(out_of_band, args))
+                wrapped += 1
         elif callable(arg) and _by_value(arg):
             by_value = True
     try:
-        return dumps((fn, sent), by_value=by_value)
+        return dumps((fn, sent), by_value=by_value, wrapped=wrapped)
     except Exception as exc:
         raise _call_error(fn, args, exc) from exc
 
@@ -229,6 +275,34 @@ def _safe_str(obj: object) -> str:
         return f"<{type(obj).__qualname__}: str() failed>"
 
 
+# A big body needs a buffer of its own, and glibc hands every allocation above 32 MiB a fresh
+# mapping whose pages fault in one by one as the pipe fills them: that, not the pipe, capped
+# large transfers at a third of their speed. So the process keeps its last big buffer and
+# reuses it for the next big body, but only once nothing refers to it any more (a NumPy
+# array unpickled in place keeps it busy, and then a new buffer is made). The kept buffer
+# costs up to SPARE_MAX of memory, once per process, not once per worker.
+SPARE_MAX = 256 * 1024 * 1024
+_spare: list[bytearray] = []  # at most one; list.pop is atomic, so threads cannot share it
+
+
+def _take_spare(length: int) -> bytearray:
+    """A buffer of at least length bytes: the spare when it is free and large enough."""
+    try:
+        spare = _spare.pop()
+    except IndexError:
+        return bytearray(length)
+    # Two references: `spare` and getrefcount's argument. More means someone still uses it.
+    if len(spare) >= length and sys.getrefcount(spare) == 2:
+        return spare
+    return bytearray(length)
+
+
+def _keep_spare(buffer: bytearray) -> None:
+    """Offer a big buffer for reuse once its body has been consumed."""
+    if len(buffer) <= SPARE_MAX and (not _spare or len(_spare[0]) < len(buffer)):
+        _spare[:] = [buffer]
+
+
 class FrameDecoder:
     """Cuts a byte stream into frames. Sans-I/O: the caller reads, the decoder parses.
 
@@ -245,8 +319,8 @@ class FrameDecoder:
         self._view = memoryview(self._buf)
         self._start = 0  # first byte not yet parsed
         self._end = 0  # one past the last byte read
-        self._big: bytearray | None = None  # the body being filled in place
-        self._big_view = memoryview(b"")
+        self._big: bytearray | None = None  # the buffer a big body is read into
+        self._big_view = memoryview(b"")  # the part of it the body fills
         self._big_filled = 0
         self._big_head = (0, 0)  # kind, job of the big frame
 
@@ -265,10 +339,13 @@ class FrameDecoder:
         """Account for nbytes just read into ``get_buffer()``; return the frames completed."""
         if self._big is not None:
             self._big_filled += nbytes
-            if self._big_filled < len(self._big):
+            if self._big_filled < len(self._big_view):
                 return []
             kind, job = self._big_head
-            body = self._big
+            body: bytearray | memoryview = self._big_view
+            if len(body) == len(self._big):
+                body = self._big
+            _keep_spare(self._big)
             self._big, self._big_view = None, memoryview(b"")
             return [Frame(kind, job, body), *self._parse()]
         self._end += nbytes
@@ -305,9 +382,10 @@ class FrameDecoder:
                 start = body + length
             elif length > len(buf) // 2:
                 have = end - body
-                big = bytearray(length)
-                big[:have] = view[body:end]
-                self._big, self._big_view = big, memoryview(big)
+                big = _take_spare(length)
+                big_view = memoryview(big)[:length]
+                big_view[:have] = view[body:end]
+                self._big, self._big_view = big, big_view
                 self._big_filled, self._big_head = have, (kind, job)
                 start = end
                 break

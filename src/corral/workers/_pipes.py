@@ -91,6 +91,7 @@ class LoopReader:
             frames = decoder.buffer_updated(n)
             if frames:
                 self._on_frames(frames)
+                del frames  # drop the bodies, so the decoder may reuse a big buffer
             if n < len(target):
                 return  # drained; a full read means more may be waiting
 

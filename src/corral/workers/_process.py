@@ -34,19 +34,22 @@ import psutil
 from .. import _child
 from .._errors import RemoteTraceback, SerializationError, WorkerLostError, WorkerStartupError
 from .._job import JobState
-from .._shared import SharedPage
+from .._shared import ARGS_TAKEN, RESULTS_TAKEN, SharedPage, SharedRegion
 from .._wire import (
     CALL,
     ERROR,
     INIT_FAILED,
     KIND_MASK,
     RESULT,
+    SHARED,
     UP,
     FrameDecoder,
     dumps,
     dumps_call,
     frame,
     loads,
+    shareable,
+    shared_frame,
 )
 from ._base import Worker, WorkerHost
 from ._pipes import LoopReader, LoopWriter, enlarge, open_fds
@@ -154,6 +157,8 @@ class ProcessWorker(Worker):
         self._death_fd = -1
         self._owns_death_fd = False
         self._page: SharedPage | None = None
+        self._regions: tuple[SharedRegion, SharedRegion] | None = None  # args, results
+        self._args_sent = 0  # payloads sent through the args region
         self._pid: int | None = None
         self._sent: dict[int, tuple[Job[Any], int]] = {}  # job id -> (job, frame end offset)
         self._up: asyncio.Future[int] | None = None
@@ -216,15 +221,26 @@ class ProcessWorker(Worker):
         child_out = Connection(out_w, readable=False)
         try:
             page, page_fd = SharedPage.create()
+            (args_region, args_fd), (results_region, results_fd) = (
+                SharedRegion.create(),
+                SharedRegion.create(),
+            )
         except BaseException:
             for fd in (in_r, in_w, out_r, out_w):
                 os.close(fd)
             raise
-        child_page = Connection(page_fd)
-        # Connections carry fds through every start method (pass_fds, SCM_RIGHTS or fork).
+        # Connections carry fds through every start method (pass_fds, SCM_RIGHTS or fork);
+        # the regions keep their own fds, so the child gets copies.
+        channels = _child.Channels(
+            child_in,
+            child_out,
+            Connection(page_fd),
+            Connection(os.dup(args_fd)),
+            Connection(os.dup(results_fd)),
+        )
         process = ctx.Process(  # type: ignore[attr-defined]
             target=_child.main,
-            args=(child_in, child_out, child_page, self._setup, inherited),
+            args=(channels, self._setup, inherited),
             name=f"corral-{self.name}",
         )
         try:
@@ -233,14 +249,16 @@ class ProcessWorker(Worker):
             os.close(in_w)
             os.close(out_r)
             page.close()
+            args_region.close()
+            results_region.close()
             raise
         finally:
-            child_in.close()
-            child_out.close()
-            child_page.close()
+            for connection in channels:
+                connection.close()
         self._process = process
         self._pid = process.pid
         self._page = page
+        self._regions = (args_region, results_region)
         _live.add(self)
         self._reader = LoopReader(loop, out_r, FrameDecoder(), self._on_frames, self._on_eof)
         self._writer = LoopWriter(loop, in_w, self._on_write_error)
@@ -260,7 +278,17 @@ class ProcessWorker(Worker):
         payload = job.payload
         if payload is None:
             payload = job.payload = dumps_call(job.fn, job.args)
-        writer.write(frame(CALL, job.id, payload))
+        if (
+            shareable(payload)
+            and self._page is not None
+            and self._regions is not None
+            and self._page.words[ARGS_TAKEN] == self._args_sent
+            and self._regions[0].write(payload.buffers)
+        ):
+            self._args_sent += 1
+            writer.write(shared_frame(CALL, job.id, payload))
+        else:
+            writer.write(frame(CALL, job.id, payload))
         self._sent[job.id] = (job, writer.queued)
         job.state = JobState.SENT
 
@@ -352,13 +380,17 @@ class ProcessWorker(Worker):
                     error.__cause__ = exc
                     self._up.set_exception(error)
 
-    @staticmethod
     def _decode_outcome(
-        k: int, kind: int, body: bytes | bytearray
+        self, k: int, kind: int, body: bytes | bytearray | memoryview
     ) -> tuple[Any, BaseException | None]:
         try:
             if k == RESULT:
-                return loads(kind, body), None
+                if not kind & SHARED:
+                    return loads(kind, body), None
+                assert self._regions is not None and self._page is not None
+                value = loads(kind, body, self._regions[1].view)
+                self._page.words[RESULTS_TAKEN] += 1  # copied out: the region is free
+                return value, None
             exc, tb = loads(kind, body)
         except Exception as decode_exc:
             what = "the result" if k == RESULT else "the exception"
@@ -458,6 +490,8 @@ class ProcessWorker(Worker):
                 os.close(fd)
         if self._page is not None:
             self._page.close()
+        for region in self._regions or ():
+            region.close()
         process = self._process
         if process is not None and process.exitcode is not None:
             process.close()  # closes multiprocessing's sentinel fd
