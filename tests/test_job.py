@@ -37,7 +37,7 @@ class QueueOwner:
 
 def new_job(owner: Any, job_id: int = 1, **options: Any) -> Job[Any]:
     return Job(
-        owner, job_id, tasks.add, (1, 2), asyncio.get_running_loop().create_future(), **options
+        owner, job_id, tasks.add, (1, 2), asyncio.get_running_loop(), **options
     )
 
 

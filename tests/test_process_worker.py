@@ -41,7 +41,7 @@ class Host:
         """A new job for fn(*args), owned by this host."""
         loop = asyncio.get_running_loop()
         self._ids += 1
-        job: Job[Any] = Job(self, self._ids, fn, args, loop.create_future())
+        job: Job[Any] = Job(self, self._ids, fn, args, loop)
         self.outcomes[job.id] = loop.create_future()
         self.started[job.id] = asyncio.Event()
         return job

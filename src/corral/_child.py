@@ -77,7 +77,9 @@ def main(channels: Channels, setup: bytes, inherited: list[int]) -> None:
         with contextlib.suppress(OSError):
             os.close(fd)
     # Ctrl-C in a terminal reaches the whole process group; the parent decides what stops.
+    # The parent started this process with SIGINT blocked; ignore it, then let it through.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     with contextlib.suppress(ValueError):  # a forked child must not poke the parent's loop
         signal.set_wakeup_fd(-1)
     page = SharedPage(channels.page.fileno())

@@ -36,6 +36,28 @@ class JobOwner(Protocol):
         """Withdraw job: drop it if pending, stop it if running."""
 
 
+class JobFuture(asyncio.Future[T]):
+    """The future of a job: cancelling it withdraws the job, before it returns.
+
+    asyncio cancels the future a task awaits by calling its ``cancel`` method, so a
+    cancelled caller withdraws its job at once, and no done-callback per job is needed to
+    notice (settling a job is the hot path: this saves a scheduled callback per call).
+    """
+
+    __slots__ = ("job",)
+
+    def __init__(self, *, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop=loop)
+        self.job: Job[T] | None = None
+
+    def cancel(self, msg: Any = None) -> bool:
+        job = self.job
+        if job is not None and not self.done():
+            self.job = None
+            job._withdraw()
+        return super().cancel(msg)
+
+
 class Job(Generic[T]):
     """One call on its way through the queue: awaitable, cancellable, inspectable."""
 
@@ -64,7 +86,7 @@ class Job(Generic[T]):
         job_id: int,
         fn: Callable[..., T],
         args: tuple[Any, ...],
-        future: asyncio.Future[T],
+        loop: asyncio.AbstractEventLoop,
         *,
         priority: float = 0,
         series: str | None = None,
@@ -76,7 +98,8 @@ class Job(Generic[T]):
         self.id = job_id
         self.fn = fn
         self.args = args
-        self.future = future
+        self.future: JobFuture[T] = JobFuture(loop=loop)
+        self.future.job = self
         self.priority = priority
         self.series = series
         self.retries = retries
@@ -87,7 +110,6 @@ class Job(Generic[T]):
         self.deliveries = 0  # times a worker died holding it before acknowledging it
         self.submitted_at = time.monotonic()
         self.started_at = 0.0
-        future.add_done_callback(self._future_done)
 
     def __await__(self) -> Generator[Any, None, T]:
         return self.future.__await__()
@@ -109,11 +131,7 @@ class Job(Generic[T]):
 
         Returns False when the job was already done, True otherwise.
         """
-        if self.future.done():
-            return False
-        self._withdraw()  # now, so no worker is handed it in the meantime
-        self.future.cancel()
-        return True
+        return self.future.cancel()  # which withdraws the job first
 
     def result(self) -> T:
         """The value of a finished job; raises its exception, or ``InvalidStateError``."""
@@ -132,7 +150,9 @@ class Job(Generic[T]):
             self.state = JobState.CANCELLED
             self._owner.cancel_job(self)
 
-    def _future_done(self, future: asyncio.Future[T]) -> None:
-        # Also reached when the task awaiting the job is cancelled (it cancels the future).
-        if future.cancelled():
-            self._withdraw()
+    def _finish(self) -> None:
+        """Let go of what only a running job needs (the job and its future refer to each
+        other, and a large pickled payload should not wait for the cycle collector)."""
+        self.state = JobState.DONE
+        self.future.job = None
+        self.payload = None

@@ -203,7 +203,7 @@ class TaskQueue:
             next(self._ids),
             fn,
             args,
-            loop.create_future(),
+            loop,
             priority=priority,
             series=series,
             retries=retries,
@@ -294,11 +294,6 @@ class TaskQueue:
 
     def _dispatch(self, assignments: list[tuple[Worker, Job[Any]]]) -> None:
         for worker, job in assignments:
-            if job.future.done():
-                # Its future was cancelled from outside (the awaiting task was cancelled)
-                # and the news has not reached the queue yet: give the slot to another.
-                self._dispatch(self._dispatcher.finished(worker))
-                continue
             self._in_flight[job] = worker
             try:
                 worker.send(job)
@@ -310,7 +305,7 @@ class TaskQueue:
     def _settle(self, job: Job[Any], value: Any, error: BaseException | None) -> None:
         if job.state is JobState.CANCELLED:
             return
-        job.state = JobState.DONE
+        job._finish()
         future = job.future
         if future.done():
             return

@@ -177,7 +177,7 @@ class LoopWriter:
     def _flush(self) -> None:
         buffers = self._buffers
         while buffers and self.fd >= 0:
-            batch = [buffers[i] for i in range(min(len(buffers), _IOV_MAX))]
+            batch = list(buffers) if len(buffers) <= _IOV_MAX else list(buffers)[:_IOV_MAX]
             try:
                 n = os.writev(self.fd, batch)
             except BlockingIOError:
@@ -188,6 +188,9 @@ class LoopWriter:
                 self._fail(exc)
                 return
             self.written += n
+            if self.written == self.queued:  # the usual case: everything went out
+                buffers.clear()
+                break
             while n:
                 head = buffers[0]
                 if n >= head.nbytes:

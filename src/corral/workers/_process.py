@@ -243,6 +243,10 @@ class ProcessWorker(Worker):
             args=(channels, self._setup, inherited),
             name=f"corral-{self.name}",
         )
+        # Born with SIGINT blocked (the mask survives fork, exec and the forkserver), the
+        # child ignores it before unblocking: a Ctrl-C during its start-up cannot print a
+        # KeyboardInterrupt traceback from it. Here it is only held for the moment of start.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             process.start()
         except BaseException:
@@ -253,6 +257,7 @@ class ProcessWorker(Worker):
             results_region.close()
             raise
         finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
             for connection in channels:
                 connection.close()
         self._process = process
