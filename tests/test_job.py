@@ -36,9 +36,7 @@ class QueueOwner:
 
 
 def new_job(owner: Any, job_id: int = 1, **options: Any) -> Job[Any]:
-    return Job(
-        owner, job_id, tasks.add, (1, 2), asyncio.get_running_loop(), **options
-    )
+    return Job(owner, job_id, tasks.add, (1, 2), asyncio.get_running_loop(), **options)
 
 
 async def test_new_job_is_pending_and_has_no_outcome() -> None:
@@ -143,15 +141,28 @@ async def test_cancel_of_a_finished_job_is_refused() -> None:
     assert job.result() == 5
 
 
-async def test_job_settled_before_the_cancel_callback_is_not_withdrawn() -> None:
-    """A job whose queue marked it DONE before the cancellation callback ran is not
-    reported to the owner as cancelled (it is no longer anyone's to stop)."""
+async def test_cancelling_the_future_withdraws_the_job_at_once() -> None:
+    """Cancelling a job's future (as asyncio does for the future a cancelled task awaits)
+    withdraws the job before cancel() returns: no loop pass in which a worker could still
+    be handed it."""
     owner = Owner()
     job = new_job(owner)
-    job.future.cancel()
-    job.state = JobState.DONE
-    await asyncio.sleep(0)
+    assert job.future.cancel()
+    assert owner.cancelled == [job]
+    assert job.state is JobState.CANCELLED
+
+
+async def test_a_settled_job_is_not_withdrawn() -> None:
+    """Once a job's future holds its value, cancelling does nothing and its owner is not
+    told (the job is no longer anyone's to stop)."""
+    owner = Owner()
+    job = new_job(owner)
+    job._finish()
+    job.future.set_result(5)
+    assert not job.cancel()
+    assert not job.future.cancel()
     assert owner.cancelled == []
+    assert job.result() == 5
 
 
 async def test_cancelling_the_awaiting_task_cancels_the_job() -> None:
