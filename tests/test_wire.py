@@ -34,6 +34,7 @@ from corral._wire import (
     dumps_call,
     dumps_error,
     frame,
+    load_function,
     loads,
     out_of_band,
     shared_frame,
@@ -402,7 +403,7 @@ def test_main_module_function_as_an_argument_goes_by_value(
     fn = main_function(monkeypatch, "corral_test_main_arg")
     payload = dumps_call(tasks.identity, (fn,))
     called, (arg,) = unpickled_elsewhere(payload, monkeypatch, "corral_test_main_arg")
-    assert called is tasks.identity
+    assert load_function(called, {}) is tasks.identity
     assert arg(5) == 15
 
 
@@ -410,8 +411,8 @@ def test_dumps_call_of_an_importable_function_goes_by_reference() -> None:
     """A module-level function travels as its name, so the pickle stays small."""
     payload = dumps_call(tasks.add, (1, 2))
     assert b"tests.tasks" in payload.data
-    fn, args = loads(0, payload.data)
-    assert fn is tasks.add
+    reference, args = loads(0, payload.data)
+    assert load_function(reference, {}) is tasks.add
     assert args == (1, 2)
 
 
@@ -596,3 +597,27 @@ def test_only_wrapped_buffers_make_a_payload_copied() -> None:
     assert dumps_call(len, (bytes(big),)).copied
     assert not dumps((out_of_band(bytes(big)), pickle.PickleBuffer(big)), wrapped=1).copied
     assert not dumps_call(len, (1,)).copied
+
+
+def test_module_functions_travel_as_cached_references() -> None:
+    """A module-level function is pickled once; later calls carry the same reference bytes,
+    and the worker side resolves each reference once into the same function."""
+    first = dumps_call(tasks.add, (1, 2))
+    second = dumps_call(tasks.add, (3, 4))
+    reference, args = loads(0, first.data)
+    assert type(reference) is bytes
+    assert args == (1, 2)
+    assert loads(0, second.data)[0] is not None
+    known: dict[bytes, Any] = {}
+    assert load_function(reference, known) is tasks.add
+    assert load_function(loads(0, second.data)[0], known) is tasks.add
+    assert len(known) == 1
+
+
+def test_lambdas_and_bound_methods_are_not_cached_as_references() -> None:
+    """Functions whose pickle depends on their state (lambdas by value, bound methods
+    carrying their object) are pickled whole with every call."""
+    items: list[int] = []
+    for fn in (lambda x: x, items.append):
+        fn_sent, _ = loads(0, dumps_call(fn, (1,)).data)
+        assert type(fn_sent) is not bytes

@@ -40,6 +40,7 @@ from ._wire import (
     dumps,
     dumps_error,
     frame,
+    load_function,
     loads,
     out_of_band,
     shareable,
@@ -116,6 +117,7 @@ class _Worker:
         self._args_region = args_region
         self._results_region = results_region
         self._results_sent = 0  # payloads sent through the results region
+        self._functions: dict[bytes, Any] = {}  # unpickled functions, by their reference
         self._decoder = FrameDecoder()
 
     def serve(self, setup: bytes) -> None:
@@ -142,7 +144,8 @@ class _Worker:
     def _call(self, f: Frame) -> None:
         job = f.job
         try:
-            fn, args = loads(f.kind, f.body, self._args_region.view)
+            reference, args = loads(f.kind, f.body, self._args_region.view)
+            fn = load_function(reference, self._functions)
             if f.kind & SHARED:
                 self._words[ARGS_TAKEN] += 1  # copied out: the parent may reuse the region
         except BaseException as exc:

@@ -24,6 +24,7 @@ import pickle
 import struct
 import sys
 import traceback
+import types
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TypeAlias
 
@@ -218,6 +219,7 @@ def dumps_call(fn: Callable[..., Any], args: tuple[Any, ...]) -> Encoded:
     by_value = _by_value(fn)
     sent = args
     wrapped = 0
+    reference = None if by_value else _reference(fn)
     for arg in args:  # one cheap pass; most calls have no large bytes and no function
         if type(arg) in _BYTES_TYPES:
             if len(arg) >= OUT_OF_BAND_MIN:
@@ -226,9 +228,53 @@ def dumps_call(fn: Callable[..., Any], args: tuple[Any, ...]) -> Encoded:
         elif callable(arg) and _by_value(arg):
             by_value = True
     try:
-        return dumps((fn, sent), by_value=by_value, wrapped=wrapped)
+        return dumps((reference or fn, sent), by_value=by_value, wrapped=wrapped)
     except Exception as exc:
         raise _call_error(fn, args, exc) from exc
+
+
+# The pickled references of plain module-level functions, by function. Pickling a function
+# by reference looks its module and name up on every call; most programs call a handful of
+# functions millions of times, so each is pickled once and the call carries these bytes
+# (the worker keeps the functions it unpickled the same way, see ``load_function``, so a
+# worker resolves a function's name once, not per call). Bounded: a program that makes
+# functions without end only empties it now and then.
+REFERENCES_MAX = 256
+_references: dict[Callable[..., Any], bytes] = {}
+
+
+def _reference(fn: Callable[..., Any]) -> bytes | None:
+    """fn pickled by reference, for functions whose pickle never changes; else None."""
+    reference = _references.get(fn)
+    if reference is None and type(fn) in _PLAIN_FUNCTIONS and _module_level(fn):
+        try:
+            reference = pickle.dumps(fn, 5)
+        except Exception:
+            return None
+        if len(_references) >= REFERENCES_MAX:
+            _references.clear()
+        _references[fn] = reference
+    return reference
+
+
+def _module_level(fn: Callable[..., Any]) -> bool:
+    owner = getattr(fn, "__self__", None)  # builtins: their module, or the object bound
+    return owner is None or isinstance(owner, types.ModuleType)
+
+
+_PLAIN_FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType)
+
+
+def load_function(reference: Any, known: dict[bytes, Any]) -> Any:
+    """The function a call names: itself, or the one its pickled reference names."""
+    if type(reference) is not bytes:
+        return reference
+    fn = known.get(reference)
+    if fn is None:
+        if len(known) >= REFERENCES_MAX:
+            known.clear()
+        fn = known[reference] = pickle.loads(reference)
+    return fn
 
 
 def _call_error(fn: Callable[..., Any], args: Sequence[Any], exc: Exception) -> SerializationError:
