@@ -161,3 +161,25 @@ def beacon_then(port: int, action: str, arg: int = 0) -> None:
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file in the tree
             segfault()
     raise ValueError(f"unknown action {action!r}")
+
+
+def sleep_catching_soft_limit(seconds: float) -> str:
+    """Sleep; if the soft time limit interrupts, clean up and say so."""
+    import corral
+
+    try:
+        time.sleep(seconds)
+    except corral.SoftTimeLimitExceeded as exc:
+        return f"cleaned up after {exc.limit}"
+    return "slept"
+
+
+def sleep_with_signals_blocked(seconds: float) -> None:
+    """Sleep with every blockable signal blocked: only SIGKILL can stop it."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals) - {signal.SIGKILL, signal.SIGSTOP})
+    time.sleep(seconds)
+
+
+def sleep_then_pid(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()

@@ -23,9 +23,10 @@ import signal
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ._errors import SerializationError
+from ._errors import SerializationError, SoftTimeLimitExceeded
 from ._shared import ARGS_TAKEN, RESULTS_TAKEN, SharedPage, SharedRegion
 from ._wire import (
+    ACK,
     CALL,
     ERROR,
     INIT_FAILED,
@@ -118,7 +119,15 @@ class _Worker:
         self._results_region = results_region
         self._results_sent = 0  # payloads sent through the results region
         self._functions: dict[bytes, Any] = {}  # unpickled functions, by their reference
+        self._soft_limit = 0.0  # the soft limit of the call running now, while armed
         self._decoder = FrameDecoder()
+        signal.signal(signal.SIGALRM, self._soft_limit_passed)
+
+    def _soft_limit_passed(self, signum: int, frame: object) -> None:
+        """SIGALRM: raise SoftTimeLimitExceeded in the task, if one is still running."""
+        limit, self._soft_limit = self._soft_limit, 0.0
+        if limit:
+            raise SoftTimeLimitExceeded(limit)
 
     def serve(self, setup: bytes) -> None:
         """Run the initializer, say UP, and answer calls until the parent closes the pipe."""
@@ -138,13 +147,19 @@ class _Worker:
             while frames:
                 f = frames.pop()
                 if f.kind & KIND_MASK == CALL:
-                    self._call(f)
+                    job = f.job
+                    try:
+                        self._call(f)
+                    except SoftTimeLimitExceeded as exc:  # the alarm fell just as it ended
+                        self._send(frame(ERROR, job, dumps_error(exc)))
                 del f  # drop the body, so the decoder may reuse a big buffer
 
     def _call(self, f: Frame) -> None:
         job = f.job
         try:
-            reference, args = loads(f.kind, f.body, self._args_region.view)
+            call = loads(f.kind, f.body, self._args_region.view)
+            reference, args = call[0], call[1]
+            soft_limit, ack = (call[2], call[3]) if len(call) > 2 else (None, False)
             fn = load_function(reference, self._functions)
             if f.kind & SHARED:
                 self._words[ARGS_TAKEN] += 1  # copied out: the parent may reuse the region
@@ -154,13 +169,25 @@ class _Worker:
             )
             self._send(frame(ERROR, job, dumps_error(error)))
             return
-        del f
+        del f, call
         self._started[0] = job  # the acknowledgement
+        if ack:
+            self._send(frame(ACK, job))
+        if soft_limit:
+            self._soft_limit = soft_limit
+            signal.setitimer(signal.ITIMER_REAL, soft_limit)
         try:
             value = fn(*args)
+            # Disarmed inside the try: an alarm between the return and here is caught below.
+            self._soft_limit = 0.0
         except BaseException as exc:
+            self._soft_limit = 0.0
+            if soft_limit:
+                signal.setitimer(signal.ITIMER_REAL, 0)
             self._send(frame(ERROR, job, dumps_error(exc)))
             return
+        if soft_limit:
+            signal.setitimer(signal.ITIMER_REAL, 0)
         del args
         try:
             sent = out_of_band(value)

@@ -32,7 +32,7 @@ import warnings
 from typing import TYPE_CHECKING, Any, Self
 
 from ._errors import CorralError, WorkerStartupError
-from ._taskqueue import Strategy, TaskQueue
+from ._taskqueue import Strategy, TaskQueue, check_limit
 from ._wire import dumps_call
 from .workers._process import STARTUP_TIMEOUT, ProcessWorker
 
@@ -68,6 +68,10 @@ class Pool(TaskQueue):
         initializer, initargs: run ``initializer(*initargs)`` in each worker before it takes
             jobs. If it raises, the pool gives up after a few tries and calls fail with
             ``WorkerStartupError``.
+        soft_time_limit, time_limit: defaults for calls that set none. Past the soft limit
+            ``SoftTimeLimitExceeded`` is raised inside the task (through SIGALRM); past the
+            hard limit the worker is killed and replaced and the call fails with
+            ``TimeLimitExceeded``. Both count from the moment the job starts.
         startup_timeout: seconds a worker has to start before it is killed and retried.
 
     Use it as ``async with Pool() as pool:``, or call ``await pool.start()`` and later
@@ -83,6 +87,8 @@ class Pool(TaskQueue):
         prefetch: int = 4,
         initializer: Any = None,
         initargs: tuple[Any, ...] = (),
+        soft_time_limit: float | None = None,
+        time_limit: float | None = None,
         startup_timeout: float = STARTUP_TIMEOUT,
     ) -> None:
         if workers is None:
@@ -90,7 +96,11 @@ class Pool(TaskQueue):
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
             raise ValueError(f"workers must be a positive int or None, not {workers!r}")
         super().__init__(strategy=strategy, prefetch=prefetch)
+        check_limit("soft_time_limit", soft_time_limit)
+        check_limit("time_limit", time_limit)
         self.size = workers
+        self.soft_time_limit = soft_time_limit
+        self.time_limit = time_limit
         self._worker_options: dict[str, Any] = {
             "start_method": start_method,
             "initializer": initializer,
@@ -104,7 +114,8 @@ class Pool(TaskQueue):
         self._ready: asyncio.Event | None = None
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
-        if self._started and self._state.value != "closed":
+        # getattr: __init__ may have raised before setting it (a bad option).
+        if getattr(self, "_started", False) and self._state.value != "closed":
             _warn(
                 f"{self!r} was never closed: use `async with Pool()` or `await pool.close()`",
                 ResourceWarning,
@@ -147,7 +158,16 @@ class Pool(TaskQueue):
     def _admit(self, job: Job[Any]) -> None:
         # Pickled once, here, so a function or argument that will not pickle fails the
         # call that submitted it, and a requeued job is not pickled again.
-        job.payload = dumps_call(job.fn, job.args)
+        if job.time_limit is None:
+            job.time_limit = self.time_limit
+        if job.soft_time_limit is None:
+            job.soft_time_limit = self.soft_time_limit
+        job.payload = dumps_call(
+            job.fn,
+            job.args,
+            soft_time_limit=job.soft_time_limit,
+            ack=job.time_limit is not None,
+        )
         if not self._started:
             self._launch()  # a pool used without `async with` starts on its first call
 

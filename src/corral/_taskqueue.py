@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, TypeVarTuple, Unpack
 
 from ._child import call_each
-from ._errors import CorralError, PoolClosedError, WorkerLostError
+from ._errors import CorralError, PoolClosedError, TimeLimitExceeded, WorkerLostError
 from ._job import Job, JobState
 from ._queue import Dispatcher
 
@@ -67,6 +67,7 @@ class TaskQueue:
         self._capacity = 1 if strategy == "fair" else prefetch
         self._dispatcher: Dispatcher[Worker, Job[Any]] = Dispatcher()
         self._in_flight: dict[Job[Any], Worker] = {}
+        self._deadlines: dict[Job[Any], asyncio.TimerHandle] = {}  # hard time limits
         self._workers: dict[Worker, None] = {}  # attached and started
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -135,6 +136,9 @@ class TaskQueue:
             job.state = JobState.CANCELLED  # the workers die anyway: no need to stop it
             job.future.cancel()
         self._in_flight.clear()
+        for deadline in self._deadlines.values():
+            deadline.cancel()
+        self._deadlines.clear()
         if self._drained is not None:
             self._drained.set()  # a close() waiting for these jobs returns
         for task in list(self._tasks):
@@ -197,6 +201,8 @@ class TaskQueue:
             )
         if retries < 0:
             raise ValueError(f"retries must be 0 or more, not {retries!r}")
+        check_limit("time_limit", time_limit)
+        check_limit("soft_time_limit", soft_time_limit)
         loop = self._loop or self._bind_loop()
         job: Job[T] = Job(
             self,
@@ -315,14 +321,31 @@ class TaskQueue:
             future.set_exception(error)
 
     def job_started(self, worker: Worker, job: Job[Any]) -> None:
-        """Worker callback: job was acknowledged."""
-        job.state = JobState.RUNNING
+        """Worker callback: job began running; its hard time limit counts from now."""
+        if job.state is JobState.SENT:
+            job.state = JobState.RUNNING
         job.started_at = time.monotonic()
+        if job.time_limit is not None and self._loop is not None:
+            self._deadlines[job] = self._loop.call_later(
+                job.time_limit, self._time_limit_passed, worker, job
+            )
+
+    def _time_limit_passed(self, worker: Worker, job: Job[Any]) -> None:
+        """The hard limit passed: the caller gets TimeLimitExceeded now, and the worker,
+        which may be stuck anywhere (a C call, a lock, signals blocked), is killed."""
+        self._deadlines.pop(job, None)
+        if self._in_flight.get(job) is not worker or job.done():
+            return
+        assert job.time_limit is not None
+        self._settle(job, None, TimeLimitExceeded(job.time_limit))
+        worker.cancel(job)
 
     def job_done(
         self, worker: Worker, job: Job[Any], value: Any, error: BaseException | None
     ) -> None:
         """Worker callback: job finished; the worker's slot goes to the next job first."""
+        if self._deadlines:
+            self._disarm(job)
         if self._in_flight.pop(job, None) is not None:
             self._dispatch(self._dispatcher.finished(worker))
         self._settle(job, value, error)
@@ -342,6 +365,7 @@ class TaskQueue:
         self._workers.pop(worker, None)
         assignments: list[tuple[Worker, Job[Any]]] = []
         for job in started:
+            self._disarm(job)
             self._in_flight.pop(job, None)
             if job.state is JobState.CANCELLED or job.done():
                 continue
@@ -371,6 +395,11 @@ class TaskQueue:
         self._worker_gone(worker, error)
         if self._drained is not None:
             self._check_drained()
+
+    def _disarm(self, job: Job[Any]) -> None:
+        deadline = self._deadlines.pop(job, None)
+        if deadline is not None:
+            deadline.cancel()
 
     def _worker_gone(self, worker: Worker, error: CorralError) -> None:
         """Hook: a pool replaces the worker here."""
@@ -416,3 +445,11 @@ class TaskQueue:
     def _check_open(self, action: str) -> None:
         if self._state is not QueueState.OPEN:
             raise PoolClosedError(action, self._state.value)
+
+
+def check_limit(name: str, value: float | None) -> None:
+    """A time limit is None or a positive number of seconds."""
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int | float) or not value > 0
+    ):
+        raise ValueError(f"{name} must be a positive number of seconds or None, not {value!r}")

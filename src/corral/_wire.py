@@ -33,9 +33,10 @@ import cloudpickle
 from ._errors import SerializationError
 
 # Message kinds. Parent to worker:
-CALL = 1  # body: pickle of (function, args); the worker acknowledges, runs, answers
+CALL = 1  # body: pickle of (function, args) or (function, args, soft limit, ack wanted)
 # Worker to parent (acknowledgements go through shared memory, see _shared.py):
 UP = 10  # the worker is ready (its initializer ran); body: pickle of its pid
+ACK = 11  # the job started; sent only when the call asked (a hard time limit counts from it)
 RESULT = 12  # body: pickle of the return value
 ERROR = 13  # body: pickle of (exception, traceback text)
 INIT_FAILED = 14  # the initializer raised; body as ERROR; the worker then exits
@@ -210,8 +211,17 @@ def describe(obj: object) -> str:
     )
 
 
-def dumps_call(fn: Callable[..., Any], args: tuple[Any, ...]) -> Encoded:
+def dumps_call(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    *,
+    soft_time_limit: float | None = None,
+    ack: bool = False,
+) -> Encoded:
     """Pickle a call, raising ``SerializationError`` that names the part that failed.
+
+    ``soft_time_limit`` is armed in the worker; ``ack`` asks the worker to say when the call
+    starts (for a hard time limit, which the parent keeps).
 
     A function passed as an argument (``map`` passes the user's function to the chunk
     runner) decides by-value pickling as much as the called function does.
@@ -227,8 +237,11 @@ def dumps_call(fn: Callable[..., Any], args: tuple[Any, ...]) -> Encoded:
                 wrapped += 1
         elif callable(arg) and _by_value(arg):
             by_value = True
+    call: tuple[Any, ...] = (reference or fn, sent)
+    if soft_time_limit is not None or ack:
+        call = (*call, soft_time_limit, ack)
     try:
-        return dumps((reference or fn, sent), by_value=by_value, wrapped=wrapped)
+        return dumps(call, by_value=by_value, wrapped=wrapped)
     except Exception as exc:
         raise _call_error(fn, args, exc) from exc
 

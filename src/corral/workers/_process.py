@@ -36,6 +36,7 @@ from .._errors import RemoteTraceback, SerializationError, WorkerLostError, Work
 from .._job import JobState
 from .._shared import ARGS_TAKEN, RESULTS_TAKEN, SharedPage, SharedRegion
 from .._wire import (
+    ACK,
     CALL,
     ERROR,
     INIT_FAILED,
@@ -282,7 +283,12 @@ class ProcessWorker(Worker):
             raise RuntimeError(f"cannot send to {self.name}: it is {self.state.value}")
         payload = job.payload
         if payload is None:
-            payload = job.payload = dumps_call(job.fn, job.args)
+            payload = job.payload = dumps_call(
+                job.fn,
+                job.args,
+                soft_time_limit=job.soft_time_limit,
+                ack=job.time_limit is not None,
+            )
         if (
             shareable(payload)
             and self._page is not None
@@ -372,6 +378,10 @@ class ProcessWorker(Worker):
                 self.tasks_done += 1
                 value, error = self._decode_outcome(k, kind, body)
                 host.job_done(self, job, value, error)
+            elif k == ACK:  # asked for by calls with a hard time limit
+                entry = sent.get(job_id)
+                if entry is not None:
+                    host.job_started(self, entry[0])
             elif k == UP:
                 if self._up is not None and not self._up.done():
                     self._up.set_result(loads(kind, body))
