@@ -183,3 +183,36 @@ def sleep_with_signals_blocked(seconds: float) -> None:
 def sleep_then_pid(seconds: float) -> int:
     time.sleep(seconds)
     return os.getpid()
+
+
+_hoard: list[bytes] = []
+
+
+def leak(megabytes: int) -> int:
+    """Keep megabytes of touched memory alive in this worker; return its pid."""
+    _hoard.append(b"\x01" * (megabytes << 20))
+    return os.getpid()
+
+
+def rss() -> int:
+    """This worker's resident memory, in bytes."""
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def nap_randomly(max_seconds: float) -> None:
+    """An initializer that takes a random while (a slow start-up)."""
+    import random
+
+    time.sleep(random.uniform(0, max_seconds))
+
+
+def record(path: str, job: int) -> int:
+    """Append 'job' to path in one O_APPEND write (atomic for short lines); return it."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, f"{job}\n".encode())
+    finally:
+        os.close(fd)
+    return job

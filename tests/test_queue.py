@@ -389,3 +389,18 @@ TestDispatcherMachine.__doc__ = (
     "order = (priority, requeues first, then FIFO), and no free worker left idle beside a "
     "job it may run."
 )
+
+
+def test_a_worker_is_never_assigned_more_than_its_quota() -> None:
+    """A worker added with a quota of 3 gets at most 3 jobs ever, even when its capacity
+    would take more at once; then it is retired and the rest wait for another worker."""
+    d: Dispatcher[str, J] = Dispatcher()
+    jobs = [J() for _ in range(6)]
+    for job in jobs:
+        assert d.push(job) == []
+    assert names([job for _, job in d.add_worker("w", 4, None, quota=3)]) == names(jobs[:3])
+    assert d.load("w") == 3
+    for _ in range(3):
+        assert d.finished("w") == []
+    assert d.load("w") == 0
+    assert assigned(d.add_worker("v", 4, None)) == [("v", job.name) for job in jobs[3:]]

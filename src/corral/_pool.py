@@ -73,6 +73,10 @@ class Pool(TaskQueue):
             hard limit the worker is killed and replaced and the call fails with
             ``TimeLimitExceeded``. Both count from the moment the job starts.
         startup_timeout: seconds a worker has to start before it is killed and retried.
+        max_tasks_per_child: replace a worker after it has run this many jobs (1: a fresh
+            process per job). It is never sent more; what it holds, it finishes.
+        max_memory_per_child: replace a worker whose resident memory, after a job, is above
+            this many bytes. The job in hand finishes first; the replacement starts at once.
 
     Use it as ``async with Pool() as pool:``, or call ``await pool.start()`` and later
     ``await pool.close()``.
@@ -87,6 +91,8 @@ class Pool(TaskQueue):
         prefetch: int = 4,
         initializer: Any = None,
         initargs: tuple[Any, ...] = (),
+        max_tasks_per_child: int | None = None,
+        max_memory_per_child: int | None = None,
         soft_time_limit: float | None = None,
         time_limit: float | None = None,
         startup_timeout: float = STARTUP_TIMEOUT,
@@ -98,6 +104,16 @@ class Pool(TaskQueue):
         super().__init__(strategy=strategy, prefetch=prefetch)
         check_limit("soft_time_limit", soft_time_limit)
         check_limit("time_limit", time_limit)
+        for name, value in (
+            ("max_tasks_per_child", max_tasks_per_child),
+            ("max_memory_per_child", max_memory_per_child),
+        ):
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 1
+            ):
+                raise ValueError(f"{name} must be a positive int or None, not {value!r}")
+        self.max_tasks_per_child = max_tasks_per_child
+        self.max_memory_per_child = max_memory_per_child
         self.size = workers
         self.soft_time_limit = soft_time_limit
         self.time_limit = time_limit
@@ -197,7 +213,11 @@ class Pool(TaskQueue):
             await worker.stop()
             return
         self._workers[worker] = None
-        self._dispatch(self._dispatcher.add_worker(worker, self._capacity, worker.series))
+        self._dispatch(
+            self._dispatcher.add_worker(
+                worker, self._capacity, worker.series, quota=self.max_tasks_per_child
+            )
+        )
         if self._ready is not None:
             self._ready.set()
 
@@ -219,6 +239,26 @@ class Pool(TaskQueue):
     async def _retry_after(self, delay: float) -> None:
         await asyncio.sleep(delay)
         if self._state.value != "closed" and self._broken is None:
+            self._add_process()
+
+    # -- recycling --------------------------------------------------------------------------
+
+    def _after_send(self, worker: Worker) -> None:
+        # Retired at its quota's last send, not its last result, so that under prefetch a
+        # worker is never sent more than its quota.
+        limit = self.max_tasks_per_child
+        if limit is not None and worker.tasks_sent >= limit and worker not in self._retiring:
+            self._retire(worker)
+
+    def _after_job(self, worker: Worker) -> None:
+        limit = self.max_memory_per_child
+        if limit is not None and worker not in self._retiring:
+            rss = getattr(worker, "rss", lambda: None)()
+            if rss is not None and rss > limit:
+                self._retire(worker)  # it finished the job in hand; the next go elsewhere
+
+    def _worker_retired(self, worker: Worker) -> None:
+        if self._state.value != "closed":
             self._add_process()
 
     def _worker_gone(self, worker: Worker, error: CorralError) -> None:

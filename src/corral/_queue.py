@@ -49,6 +49,7 @@ class Dispatcher(Generic[W, J]):
         self._capacity: dict[W, int] = {}
         self._serves: dict[W, frozenset[str] | None] = {}
         self._free: dict[W, None] = {}  # workers below capacity, oldest first
+        self._quota: dict[W, int] = {}  # jobs a worker may still be assigned, if capped
 
     def __len__(self) -> int:
         """Jobs waiting for a worker."""
@@ -63,8 +64,8 @@ class Dispatcher(Generic[W, J]):
         return list(self._load)
 
     def load(self, worker: W) -> int:
-        """Jobs in flight on worker."""
-        return self._load[worker]
+        """Jobs in flight on worker (0 for a worker not known)."""
+        return self._load.get(worker, 0)
 
     @property
     def in_flight(self) -> int:
@@ -81,20 +82,36 @@ class Dispatcher(Generic[W, J]):
         return [e[2] for e in entries]
 
     def add_worker(
-        self, worker: W, capacity: int, series: frozenset[str] | None
+        self,
+        worker: W,
+        capacity: int,
+        series: frozenset[str] | None,
+        quota: int | None = None,
     ) -> list[tuple[W, J]]:
-        """A worker is ready; returns the jobs it should take at once."""
+        """A worker is ready; returns the jobs it should take at once.
+
+        ``quota`` caps the jobs it is ever assigned (recycling); None means no cap.
+        """
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1, not {capacity}")
+        if quota is not None:
+            self._quota[worker] = quota
         self._load[worker] = 0
         self._capacity[worker] = capacity
         self._serves[worker] = series
         self._free[worker] = None
         return self._fill(worker)
 
+    def retire(self, worker: W) -> None:
+        """Give worker no more jobs; it keeps those in flight (see ``load``)."""
+        if worker in self._capacity:
+            self._capacity[worker] = 0
+            self._free.pop(worker, None)
+
     def remove_worker(self, worker: W) -> None:
         """Forget worker; whatever it held is the caller's to requeue or fail."""
         self._load.pop(worker, None)
+        self._quota.pop(worker, None)
         self._capacity.pop(worker, None)
         self._serves.pop(worker, None)
         self._free.pop(worker, None)
@@ -119,6 +136,8 @@ class Dispatcher(Generic[W, J]):
         if not self._load.get(worker):
             return []  # unknown, or nothing in flight: nothing was freed
         self._load[worker] -= 1
+        if self._load[worker] >= self._capacity[worker]:
+            return []  # retired
         self._free[worker] = None
         return self._fill(worker)
 
@@ -155,6 +174,13 @@ class Dispatcher(Generic[W, J]):
 
     def _took(self, worker: W) -> None:
         load = self._load[worker] = self._load[worker] + 1
+        if self._quota:
+            left = self._quota.get(worker)
+            if left is not None:
+                self._quota[worker] = left - 1
+                if left == 1:
+                    self.retire(worker)  # its quota is used up
+                    return
         if load >= self._capacity[worker]:
             del self._free[worker]
 

@@ -68,6 +68,7 @@ class TaskQueue:
         self._dispatcher: Dispatcher[Worker, Job[Any]] = Dispatcher()
         self._in_flight: dict[Job[Any], Worker] = {}
         self._deadlines: dict[Job[Any], asyncio.TimerHandle] = {}  # hard time limits
+        self._retiring: set[Worker] = set()  # taking no new jobs; stopped once idle
         self._workers: dict[Worker, None] = {}  # attached and started
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -307,6 +308,8 @@ class TaskQueue:
                 del self._in_flight[job]
                 self._settle(job, None, exc)
                 self._dispatch(self._dispatcher.finished(worker))
+            else:
+                self._after_send(worker)
 
     def _settle(self, job: Job[Any], value: Any, error: BaseException | None) -> None:
         if job.state is JobState.CANCELLED:
@@ -347,7 +350,10 @@ class TaskQueue:
         if self._deadlines:
             self._disarm(job)
         if self._in_flight.pop(job, None) is not None:
+            self._after_job(worker)
             self._dispatch(self._dispatcher.finished(worker))
+            if self._retiring:
+                self._stop_if_idle(worker)
         self._settle(job, value, error)
         if self._drained is not None:
             self._check_drained()
@@ -363,6 +369,8 @@ class TaskQueue:
         started ones fail with error, or run again while they have retries left."""
         self._dispatcher.remove_worker(worker)
         self._workers.pop(worker, None)
+        retiring = worker in self._retiring  # its replacement is already on its way
+        self._retiring.discard(worker)
         assignments: list[tuple[Worker, Job[Any]]] = []
         for job in started:
             self._disarm(job)
@@ -392,9 +400,33 @@ class TaskQueue:
             job.state = JobState.PENDING
             assignments.extend(self._dispatcher.requeue(job))
         self._dispatch(assignments)
-        self._worker_gone(worker, error)
+        if not retiring:
+            self._worker_gone(worker, error)
         if self._drained is not None:
             self._check_drained()
+
+    def _retire(self, worker: Worker) -> None:
+        """Give worker no more jobs; stop it once it has finished those it holds."""
+        self._dispatcher.retire(worker)
+        self._retiring.add(worker)
+        self._worker_retired(worker)
+        self._stop_if_idle(worker)
+
+    def _stop_if_idle(self, worker: Worker) -> None:
+        if worker in self._retiring and not self._dispatcher.load(worker):
+            self._retiring.discard(worker)
+            self._dispatcher.remove_worker(worker)
+            self._workers.pop(worker, None)
+            self._spawn_task(worker.stop())
+
+    def _worker_retired(self, worker: Worker) -> None:
+        """Hook: a pool starts the retiring worker's replacement here."""
+
+    def _after_send(self, worker: Worker) -> None:
+        """Hook: a pool retires a worker here once it has been sent its quota of jobs."""
+
+    def _after_job(self, worker: Worker) -> None:
+        """Hook: a job on worker ended; a pool checks memory and retirement here."""
 
     def _disarm(self, job: Job[Any]) -> None:
         deadline = self._deadlines.pop(job, None)

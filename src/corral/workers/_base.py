@@ -69,7 +69,8 @@ class Worker(abc.ABC):
             )
         self.series: frozenset[str] | None = None if series is None else frozenset(series)
         self._name = name
-        self.tasks_done = 0
+        self.tasks_sent = 0  # jobs handed to it
+        self.tasks_done = 0  # jobs it finished
 
     @property
     def name(self) -> str:

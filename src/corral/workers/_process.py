@@ -301,6 +301,7 @@ class ProcessWorker(Worker):
         else:
             writer.write(frame(CALL, job.id, payload))
         self._sent[job.id] = (job, writer.queued)
+        self.tasks_sent += 1
         job.state = JobState.SENT
 
     def cancel(self, job: Job[Any]) -> None:
@@ -335,11 +336,16 @@ class ProcessWorker(Worker):
             self._sigkill()
 
     def _sigkill(self) -> None:
-        process = self._process
-        if self.state is ProcessState.DEAD or process is None or process.pid is None:
+        process, pid = self._process, self._pid
+        if self.state is ProcessState.DEAD or process is None or pid is None:
             return
+        try:
+            if process.exitcode is not None:
+                return  # reaped: its pid may already name another process
+        except ValueError:
+            return  # closed, hence reaped
         with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
 
     def rss(self) -> int | None:
         """Resident memory of the process in bytes, or None when it is gone."""

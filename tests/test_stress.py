@@ -1,0 +1,75 @@
+"""The failure that hurt Celery 3.1's prefork pool for years, staged on purpose: workers
+recycled after every job while new ones start slowly and others are killed at random.
+Celery kept its pipes in tables keyed by fd numbers, which the OS reuses; corral keys
+everything by worker objects, so this must lose nothing, run nothing twice and leak nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import pytest
+
+import corral
+from tests import tasks
+
+JOBS = 3000
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.loops("asyncio")  # about 40 s on 2 cores: one loop is enough in CI
+@pytest.mark.timeout(120)
+async def test_recycling_slow_starts_and_random_kills_lose_nothing(tmp_path: Path) -> None:
+    """8 workers, max_tasks_per_child=1, an initializer sleeping 0-50 ms, a random worker
+    SIGKILLed every few ms, 3,000 jobs: each job completes exactly once or fails with
+    WorkerLostError (never twice, never hanging), and the parent's fd and child counts
+    come back to where they started."""
+    ledger = str(tmp_path / "ledger")
+    fds_before = _open_fds()
+    children_before = {p.pid for p in psutil.Process().children()}
+    rng = random.Random(31)
+    killed = 0
+    started = time.monotonic()
+    async with corral.Pool(
+        8, max_tasks_per_child=1, initializer=tasks.nap_randomly, initargs=(0.05,)
+    ) as pool:
+        jobs = [pool.submit(tasks.record, ledger, i) for i in range(JOBS)]
+        everything = asyncio.gather(*(job.future for job in jobs), return_exceptions=True)
+        while not everything.done():
+            live = [w.pid for w in pool.workers if w.pid is not None]
+            if live:
+                try:
+                    os.kill(rng.choice(live), signal.SIGKILL)
+                    killed += 1
+                except ProcessLookupError:
+                    pass
+            await asyncio.wait({everything}, timeout=rng.uniform(0.002, 0.008))
+        outcomes = await everything
+    elapsed = time.monotonic() - started
+
+    done = {i for i, outcome in enumerate(outcomes) if outcome == i}
+    lost = {i for i, outcome in enumerate(outcomes) if isinstance(outcome, corral.WorkerLostError)}
+    assert done | lost == set(range(JOBS)), "every job completed or failed with WorkerLostError"
+    runs = Counter(int(line) for line in Path(ledger).read_text().split())
+    assert all(runs[i] == 1 for i in done), "a completed job ran exactly once"
+    assert all(runs[i] <= 1 for i in lost), "a lost job never ran twice"
+    assert killed > 50, f"the test killed only {killed} workers in {elapsed:.1f} s"
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        children = {p.pid for p in psutil.Process().children()} - children_before
+        if not children and _open_fds() <= fds_before:
+            break
+        await asyncio.sleep(0.05)
+    assert not children, f"children left: {children}"
+    assert _open_fds() <= fds_before
