@@ -18,6 +18,8 @@ process while they are unpickled was never started, so the parent may deliver it
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import multiprocessing.forkserver
 import os
 import signal
 from collections.abc import Callable, Iterable
@@ -75,6 +77,8 @@ def main(channels: Channels, setup: bytes, inherited: list[int]) -> None:
     ``inherited`` lists the parent's pipe ends that a forked child got by accident; closing
     them lets siblings see EOF when the parent closes their pipes.
     """
+    _die_with_parent()
+    _let_go_of_the_forkserver()
     for fd in inherited:
         with contextlib.suppress(OSError):
             os.close(fd)
@@ -99,6 +103,44 @@ def main(channels: Channels, setup: bytes, inherited: list[int]) -> None:
     finally:
         inbound.close()
         outbound.close()
+
+
+def _die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent dies, even mid-task.
+
+    An idle worker would see EOF on its in-pipe anyway; a busy one is deaf to the pipe. The
+    parent is the pool's process, or the forkserver, which exits when the pool's process
+    dies. If the parent died before the request took effect, exit now.
+    """
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return  # not Linux: the in-pipe's EOF still ends an idle worker
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _let_go_of_the_forkserver() -> None:
+    """Close this process's copy of the forkserver's keep-alive pipe.
+
+    multiprocessing gives every child it starts the write end of that pipe (so the child
+    could use the forkserver too), and the forkserver exits only once every copy is
+    closed: while a worker held one, a dead parent's forkserver lived on, and with it the
+    worker, whose parent-death signal waits for the forkserver. multiprocessing has no
+    public way to say this, hence the private attribute. A worker that needs a forkserver
+    of its own starts a fresh one.
+    """
+    server = getattr(multiprocessing.forkserver, "_forkserver", None)
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if isinstance(fd, int):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        server._forkserver_alive_fd = None  # type: ignore[union-attr]
 
 
 class _Worker:

@@ -1,0 +1,69 @@
+"""A dead parent takes its workers with it, even when it is SIGKILLed mid-task."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+PARENT = """
+import asyncio, sys
+sys.path.insert(0, {root!r})
+import corral
+from tests import tasks
+
+async def main():
+    async with corral.Pool(2, start_method=sys.argv[1]) as pool:
+        pids = [await pool.run(tasks.pid) for _ in range(2)]
+        busy = pool.submit(tasks.sleep, 1000)   # one worker deaf to its pipe
+        await asyncio.sleep(0.2)
+        print(" ".join(str(w.pid) for w in pool.workers), flush=True)
+        await busy
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", ["forkserver", "spawn", "fork"])
+def test_workers_die_with_a_sigkilled_parent(tmp_path: Path, method: str) -> None:
+    """SIGKILL the pool's process while one worker runs a long task and one is idle: both
+    workers are gone within a second (the bound allows for a slow CI machine)."""
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT.format(root=str(ROOT)))
+    parent = subprocess.Popen(
+        [sys.executable, str(script), method], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert parent.stdout is not None
+        pids = [int(pid) for pid in parent.stdout.readline().split()]
+        assert len(pids) == 2 and not any(_gone(pid) for pid in pids)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=30)
+        killed = time.monotonic()
+        while not all(_gone(pid) for pid in pids) and time.monotonic() - killed < 10:
+            time.sleep(0.01)
+        took = time.monotonic() - killed
+        assert all(_gone(pid) for pid in pids), "workers outlived their parent"
+        assert took < 3.0, f"workers took {took:.2f} s to follow their parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        parent.stdout.close()  # type: ignore[union-attr]
