@@ -216,3 +216,24 @@ def record(path: str, job: int) -> int:
     finally:
         os.close(fd)
     return job
+
+
+def sleep_and_clean_up(path: str, seconds: float) -> str:
+    """Sleep; if the job is cancelled, write 'cleaned' to path and re-raise."""
+    import asyncio
+
+    try:
+        time.sleep(seconds)
+    except asyncio.CancelledError:
+        with open(path, "w") as marker:
+            marker.write("cleaned")
+        raise
+    return "slept"
+
+
+def wait_for_file(path: str, seconds: float) -> int:
+    """Block until path exists (or seconds pass); return this worker's pid."""
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return os.getpid()

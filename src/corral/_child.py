@@ -17,6 +17,7 @@ process while they are unpickled was never started, so the parent may deliver it
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import multiprocessing.forkserver
@@ -124,6 +125,9 @@ def _die_with_parent() -> None:
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
+# The signal by which the parent interrupts a cancelled job (SIGALRM is the soft limit's).
+INTERRUPT = signal.SIGUSR1
+
 
 def _let_go_of_the_forkserver() -> None:
     """Close this process's copy of the forkserver's keep-alive pipe.
@@ -161,9 +165,19 @@ class _Worker:
         self._results_region = results_region
         self._results_sent = 0  # payloads sent through the results region
         self._functions: dict[bytes, Any] = {}  # unpickled functions, by their reference
+        self._page = page
         self._soft_limit = 0.0  # the soft limit of the call running now, while armed
+        self._running = 0  # the job running now, while it may be interrupted
         self._decoder = FrameDecoder()
         signal.signal(signal.SIGALRM, self._soft_limit_passed)
+        signal.signal(INTERRUPT, self._interrupted)
+
+    def _interrupted(self, signum: int, frame: object) -> None:
+        """The parent cancelled a job: if it is the one running, raise inside it."""
+        job = self._running
+        if job and self._page.cancelled(job):
+            self._running = 0
+            raise asyncio.CancelledError(f"job {job} was cancelled by its caller")
 
     def _soft_limit_passed(self, signum: int, frame: object) -> None:
         """SIGALRM: raise SoftTimeLimitExceeded in the task, if one is still running."""
@@ -192,7 +206,8 @@ class _Worker:
                     job = f.job
                     try:
                         self._call(f)
-                    except SoftTimeLimitExceeded as exc:  # the alarm fell just as it ended
+                    except (SoftTimeLimitExceeded, asyncio.CancelledError) as exc:
+                        # the signal fell just as the call ended
                         self._send(frame(ERROR, job, dumps_error(exc)))
                 del f  # drop the body, so the decoder may reuse a big buffer
 
@@ -212,18 +227,24 @@ class _Worker:
             self._send(frame(ERROR, job, dumps_error(error)))
             return
         del f, call
+        if self._page.cancelled(job):  # cancelled while it waited in the pipe: never run
+            self._send(frame(ERROR, job, dumps_error(asyncio.CancelledError())))
+            return
         self._started[0] = job  # the acknowledgement
         if ack:
             self._send(frame(ACK, job))
         if soft_limit:
             self._soft_limit = soft_limit
             signal.setitimer(signal.ITIMER_REAL, soft_limit)
+        self._running = job
         try:
             value = fn(*args)
-            # Disarmed inside the try: an alarm between the return and here is caught below.
+            # Disarmed inside the try: a signal between the return and here is caught below.
             self._soft_limit = 0.0
+            self._running = 0
         except BaseException as exc:
             self._soft_limit = 0.0
+            self._running = 0
             if soft_limit:
                 signal.setitimer(signal.ITIMER_REAL, 0)
             self._send(frame(ERROR, job, dumps_error(exc)))

@@ -25,6 +25,8 @@ class SharedPage:
     def __init__(self, fd: int) -> None:
         self._map = mmap.mmap(fd, SIZE)
         self.words = memoryview(self._map).cast("Q")  # words[0]: the job id started last
+        self._seen = 0  # the cancellation count last read (worker's side)
+        self._cancelled: set[int] = set()
 
     @classmethod
     def create(cls) -> tuple[SharedPage, int]:
@@ -36,6 +38,22 @@ class SharedPage:
         except BaseException:
             os.close(fd)
             raise
+
+    def cancel(self, job: int) -> None:
+        """Name job as cancelled (the parent's side): it will not start, and if it is
+        running, the worker's interrupt handler will find it here."""
+        count = self.words[CANCELS]
+        self.words[RING + count % RING_SIZE] = job
+        self.words[CANCELS] = count + 1
+
+    def cancelled(self, job: int) -> bool:
+        """Whether job was named as cancelled (the worker's side). The ring is read again
+        only when the parent has written to it since: one word read per call otherwise."""
+        count = self.words[CANCELS]
+        if count != self._seen:
+            self._seen = count  # the parent writes the id before the count
+            self._cancelled = set(self.words[RING:])
+        return job in self._cancelled
 
     @property
     def started(self) -> int:
@@ -53,6 +71,11 @@ class SharedPage:
 STARTED = 0  # the job id the worker started last (written by the worker)
 ARGS_TAKEN = 1  # large payloads the worker has copied out of the parent's region
 RESULTS_TAKEN = 2  # large payloads the parent has copied out of the worker's region
+CANCELS = 3  # how many job ids the parent has written to the ring (written by the parent)
+# The ring: the ids of the last RING_SIZE jobs cancelled. A worker holds at most `prefetch`
+# jobs, far fewer, so an id still pending is never overwritten before the worker sees it.
+RING = 256
+RING_SIZE = SIZE // 8 - RING
 
 
 class SharedRegion:

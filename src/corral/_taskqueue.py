@@ -341,7 +341,7 @@ class TaskQueue:
             return
         assert job.time_limit is not None
         self._settle(job, None, TimeLimitExceeded(job.time_limit))
-        worker.cancel(job)
+        worker.cancel(job, grace=0)
 
     def job_done(
         self, worker: Worker, job: Job[Any], value: Any, error: BaseException | None

@@ -99,10 +99,13 @@ class Worker(abc.ABC):
         """Hand job over; never blocks. The outcome comes back through the host's callbacks."""
 
     @abc.abstractmethod
-    def cancel(self, job: Job[Any]) -> None:
+    def cancel(self, job: Job[Any], *, grace: float = 1.0) -> None:
         """Stop job, which was sent to this worker; its outcome no longer matters.
 
-        The worker may have to be replaced to stop it; it then reports ``worker_lost``.
+        A job not started never starts. A running one is interrupted and given grace
+        seconds to stop; if it does not, or grace is 0, the worker is ended to stop it and
+        reports ``worker_lost``. Either way the job's slot is freed through ``job_done``
+        or ``worker_lost``.
         """
 
     @abc.abstractmethod

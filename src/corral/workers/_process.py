@@ -66,6 +66,11 @@ if TYPE_CHECKING:
 # importing a large application on a loaded machine can take seconds.
 STARTUP_TIMEOUT = 60.0
 
+# A cancelled job that is still running this long after its interrupt is taken to ignore
+# it (a C call, blocked signals, a task that swallowed it): its process is killed. Long
+# enough for a task's clean-up, short enough that the worker soon serves again.
+CANCEL_GRACE = 1.0
+
 # After the child closes its end of the pipe it should be gone at once; one that lingers
 # this long is killed.
 LINGER = 1.0
@@ -160,6 +165,7 @@ class ProcessWorker(Worker):
         self._page: SharedPage | None = None
         self._regions: tuple[SharedRegion, SharedRegion] | None = None  # args, results
         self._args_sent = 0  # payloads sent through the args region
+        self._overdue: dict[int, asyncio.TimerHandle] = {}  # cancelled jobs given grace
         self._pid: int | None = None
         self._sent: dict[int, tuple[Job[Any], int]] = {}  # job id -> (job, frame end offset)
         self._up: asyncio.Future[int] | None = None
@@ -304,11 +310,28 @@ class ProcessWorker(Worker):
         self.tasks_sent += 1
         job.state = JobState.SENT
 
-    def cancel(self, job: Job[Any]) -> None:
-        # Stopping a call inside the process needs a signal it may ignore; the sure way is
-        # to end the process. Jobs it held but had not started go back to the queue.
-        if job.id in self._sent:
+    def cancel(self, job: Job[Any], *, grace: float = CANCEL_GRACE) -> None:
+        """Stop job: one not started yet is skipped by the worker; a running one is
+        interrupted (``asyncio.CancelledError`` is raised inside it), and if it is still
+        running after grace seconds, the process is killed (0: kill at once)."""
+        page = self._page
+        if job.id not in self._sent or page is None or self._loop is None:
+            return
+        page.cancel(job.id)
+        if page.started != job.id:
+            return  # the worker will skip it when it comes to it
+        if grace <= 0:
             self._sigkill()
+            return
+        if self._pid is not None and self.state is not ProcessState.DEAD:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._pid, _child.INTERRUPT)
+        self._overdue[job.id] = self._loop.call_later(grace, self._still_running, job.id)
+
+    def _still_running(self, job_id: int) -> None:
+        self._overdue.pop(job_id, None)
+        if job_id in self._sent:
+            self._sigkill()  # it ignored the interrupt (a C call, blocked signals, a catch)
 
     async def stop(self) -> None:
         if self.state in (ProcessState.NEW, ProcessState.DEAD):
@@ -382,6 +405,10 @@ class ProcessWorker(Worker):
                     continue
                 job = entry[0]
                 self.tasks_done += 1
+                if self._overdue:
+                    overdue = self._overdue.pop(job_id, None)
+                    if overdue is not None:
+                        overdue.cancel()
                 value, error = self._decode_outcome(k, kind, body)
                 host.job_done(self, job, value, error)
             elif k == ACK:  # asked for by calls with a hard time limit
@@ -500,6 +527,9 @@ class ProcessWorker(Worker):
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
+        for overdue in self._overdue.values():
+            overdue.cancel()
+        self._overdue.clear()
         if self._reader is not None:
             self._reader.close()
         if self._writer is not None:
