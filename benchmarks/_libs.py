@@ -34,14 +34,23 @@ class Outcome:
     kind: Literal["value", "error", "lost"]
     detail: str
     at_ns: int
+    value: Any = None
 
 
 def _error(exc: BaseException) -> Outcome:
-    return Outcome("error", type(exc).__name__, time.monotonic_ns())
+    name = type(exc).__name__
+    inner = getattr(exc, "exc", None)  # billiard hands over ExceptionWithTraceback(exc)
+    if isinstance(inner, BaseException):
+        name += f" wrapping {type(inner).__name__}"
+    return Outcome("error", name, time.monotonic_ns())
 
 
 def _lost(timeout: float) -> Outcome:
     return Outcome("lost", f"no answer within {timeout:g} s", time.monotonic_ns())
+
+
+def _value(value: Any) -> Outcome:
+    return Outcome("value", repr(value), time.monotonic_ns(), value)
 
 
 class Adapter(abc.ABC):
@@ -54,6 +63,8 @@ class Adapter(abc.ABC):
     # A dying worker breaks the whole pool: the user must see the error and recreate it.
     breaks_on_death: ClassVar[bool] = False
     recovery: ClassVar[str] = ""  # what recover() does, in words, for the notes
+    # The library can give one call a hard time limit (submit_limited).
+    time_limits: ClassVar[bool] = False
 
     @classmethod
     def available(cls) -> bool:
@@ -74,7 +85,7 @@ class Adapter(abc.ABC):
         """The start method the pool actually uses."""
 
     @abc.abstractmethod
-    async def start(self) -> None:
+    async def start(self, workers: int = WORKERS) -> None:
         """Construct the pool (and start it, where the library has such a step)."""
 
     @abc.abstractmethod
@@ -107,6 +118,10 @@ class Adapter(abc.ABC):
         """Make the pool serve again after a worker died (only where it breaks)."""
         raise NotImplementedError
 
+    def submit_limited(self, fn: Callable[..., Any], *args: Any, limit: float) -> Any:
+        """Start one call with a hard time limit of ``limit`` seconds (where time_limits)."""
+        raise NotImplementedError
+
     async def wait_readable(self, fd: int, timeout: float) -> bool:
         """Block until ``fd`` is readable: a blocking library has nothing else to run."""
         return bool(select.select([fd], [], [], timeout)[0])
@@ -135,11 +150,15 @@ class AsyncAdapter(Adapter):
     async def outcome(self, handle: Any, timeout: float) -> Outcome:
         try:
             value = await asyncio.wait_for(handle, timeout)
-        except TimeoutError:
+        except TimeoutError as exc:
+            # wait_for cancels the handle when time runs out: one that is done and not
+            # cancelled failed with a TimeoutError of its own (a time limit, say).
+            if asyncio.isfuture(handle) and handle.done() and not handle.cancelled():
+                return _error(exc)
             return _lost(timeout)
         except Exception as exc:
             return _error(exc)
-        return Outcome("value", repr(value), time.monotonic_ns())
+        return _value(value)
 
 
 class FutureAdapter(Adapter):
@@ -148,11 +167,13 @@ class FutureAdapter(Adapter):
     async def outcome(self, handle: Any, timeout: float) -> Outcome:
         try:
             value = handle.result(timeout)
-        except TimeoutError:
+        except TimeoutError as exc:
+            if handle.done():  # the call failed with a TimeoutError: pebble's time limit
+                return _error(exc)
             return _lost(timeout)
         except Exception as exc:
             return _error(exc)
-        return Outcome("value", repr(value), time.monotonic_ns())
+        return _value(value)
 
 
 class AsyncResultAdapter(Adapter):
@@ -161,11 +182,13 @@ class AsyncResultAdapter(Adapter):
     async def outcome(self, handle: Any, timeout: float) -> Outcome:
         try:
             value = handle.get(timeout)
-        except (TimeoutError, multiprocessing.TimeoutError):
+        except (TimeoutError, multiprocessing.TimeoutError) as exc:
+            if handle.ready():  # the call itself failed with a TimeoutError
+                return _error(exc)
             return _lost(timeout)
         except Exception as exc:
             return _error(exc)
-        return Outcome("value", repr(value), time.monotonic_ns())
+        return _value(value)
 
 
 # -- the libraries ----------------------------------------------------------------------
@@ -178,12 +201,13 @@ class Corral(AsyncAdapter):
     title = "corral"
     module = "corral"
     dist = "corral"
+    time_limits = True
     options: ClassVar[dict[str, Any]] = {}
 
-    async def start(self) -> None:
+    async def start(self, workers: int = WORKERS) -> None:
         import corral
 
-        self.pool = corral.Pool(WORKERS, **self.options)
+        self.pool = corral.Pool(workers, **self.options)
         await self.pool.start()
 
     async def stop(self) -> None:
@@ -209,6 +233,9 @@ class Corral(AsyncAdapter):
     def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
         return self.pool.submit(fn, *args).future
 
+    def submit_limited(self, fn: Callable[..., Any], *args: Any, limit: float) -> Any:
+        return self.pool.submit(fn, *args, time_limit=limit).future
+
 
 class CorralPrefetch(Corral):
     """corral with ``strategy="prefetch"`` (4 jobs in flight per worker): not run by default."""
@@ -231,10 +258,11 @@ class ProcessPoolExecutor(AsyncAdapter):
     breaks_on_death = True
     recovery = "created a new ProcessPoolExecutor"
 
-    async def start(self) -> None:
+    async def start(self, workers: int = WORKERS) -> None:
         from concurrent.futures import ProcessPoolExecutor as Executor
 
-        self.executor = Executor(WORKERS)
+        self.workers = workers
+        self.executor = Executor(workers)
         self.broken: list[Any] = []
 
     async def stop(self) -> None:
@@ -266,7 +294,7 @@ class ProcessPoolExecutor(AsyncAdapter):
         from concurrent.futures import ProcessPoolExecutor as Executor
 
         self.broken.append(self.executor)
-        self.executor = Executor(WORKERS)
+        self.executor = Executor(self.workers)
 
 
 class MultiprocessingPool(AsyncResultAdapter):
@@ -277,8 +305,8 @@ class MultiprocessingPool(AsyncResultAdapter):
     module = "multiprocessing"
     dist = None
 
-    async def start(self) -> None:
-        self.pool = multiprocessing.Pool(WORKERS)
+    async def start(self, workers: int = WORKERS) -> None:
+        self.pool = multiprocessing.Pool(workers)
 
     async def stop(self) -> None:
         self.pool.terminate()
@@ -306,17 +334,22 @@ class MultiprocessingPool(AsyncResultAdapter):
 
 
 class Pebble(FutureAdapter):
-    """pebble's ``ProcessPool``: a dead worker fails its task with ProcessExpired."""
+    """pebble's ``ProcessPool``: a dead worker fails its task with ProcessExpired.
+
+    A call's ``timeout`` is a hard time limit: the future fails with ``TimeoutError`` and
+    the worker is stopped and replaced.
+    """
 
     key = "pebble"
     title = "pebble"
     module = "pebble"
     dist = "pebble"
+    time_limits = True
 
-    async def start(self) -> None:
+    async def start(self, workers: int = WORKERS) -> None:
         from pebble import ProcessPool
 
-        self.pool: Any = ProcessPool(max_workers=WORKERS)
+        self.pool: Any = ProcessPool(max_workers=workers)
 
     async def stop(self) -> None:
         self.pool.stop()
@@ -341,6 +374,9 @@ class Pebble(FutureAdapter):
     def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
         return self.pool.submit(fn, None, *args)
 
+    def submit_limited(self, fn: Callable[..., Any], *args: Any, limit: float) -> Any:
+        return self.pool.schedule(fn, args=args, timeout=limit)
+
 
 class Loky(FutureAdapter):
     """loky's reusable executor: a dead worker breaks it; asking again gives a new one."""
@@ -352,10 +388,11 @@ class Loky(FutureAdapter):
     breaks_on_death = True
     recovery = "get_reusable_executor() made a new executor"
 
-    async def start(self) -> None:
-        from loky import get_reusable_executor
+    async def start(self, workers: int = WORKERS) -> None:
+        from loky import get_reusable_executor  # type: ignore[import-untyped]
 
-        self.executor = get_reusable_executor(max_workers=WORKERS)
+        self.workers = workers
+        self.executor = get_reusable_executor(max_workers=workers)
 
     async def stop(self) -> None:
         self.executor.shutdown(wait=False, kill_workers=True)
@@ -382,7 +419,7 @@ class Loky(FutureAdapter):
     async def recover(self) -> None:
         from loky import get_reusable_executor
 
-        self.executor = get_reusable_executor(max_workers=WORKERS)
+        self.executor = get_reusable_executor(max_workers=self.workers)
 
 
 class Mpire(AsyncResultAdapter):
@@ -399,10 +436,11 @@ class Mpire(AsyncResultAdapter):
     breaks_on_death = True
     recovery = "created a new WorkerPool (the broken one hangs on later calls)"
 
-    async def start(self) -> None:
+    async def start(self, workers: int = WORKERS) -> None:
         from mpire.pool import WorkerPool
 
-        self.pool = WorkerPool(n_jobs=WORKERS, keep_alive=True)
+        self.workers = workers
+        self.pool = WorkerPool(n_jobs=workers, keep_alive=True)
         self.broken: list[Any] = []
 
     async def stop(self) -> None:
@@ -432,7 +470,7 @@ class Mpire(AsyncResultAdapter):
         from mpire.pool import WorkerPool
 
         self.broken.append(self.pool)
-        self.pool = WorkerPool(n_jobs=WORKERS, keep_alive=True)
+        self.pool = WorkerPool(n_jobs=self.workers, keep_alive=True)
 
 
 class AioMultiprocess(AsyncAdapter):
@@ -447,10 +485,10 @@ class AioMultiprocess(AsyncAdapter):
     module = "aiomultiprocess"
     dist = "aiomultiprocess"
 
-    async def start(self) -> None:
-        import aiomultiprocess
+    async def start(self, workers: int = WORKERS) -> None:
+        import aiomultiprocess  # type: ignore[import-untyped]
 
-        self.pool = aiomultiprocess.Pool(processes=WORKERS)
+        self.pool = aiomultiprocess.Pool(processes=workers)
 
     async def stop(self) -> None:
         self.pool.terminate()
@@ -458,7 +496,7 @@ class AioMultiprocess(AsyncAdapter):
 
     @property
     def start_method(self) -> str:
-        from aiomultiprocess.core import get_context
+        from aiomultiprocess.core import get_context  # type: ignore[import-untyped]
 
         return str(get_context().get_start_method())
 
@@ -478,6 +516,59 @@ class AioMultiprocess(AsyncAdapter):
         return asyncio.ensure_future(self.pool.apply(_tasks.ASYNC_TWIN[fn], args))
 
 
+class Billiard(AsyncResultAdapter):
+    """billiard's ``Pool`` (Celery's fork of ``multiprocessing.Pool``): not run by default.
+
+    It is here for its per-call hard time limit, ``apply_async(..., timeout=...)``: the
+    result fails with ``billiard.exceptions.TimeLimitExceeded`` and the worker is killed
+    (SIGTERM, then SIGKILL after 0.1 s) and replaced. The limit is checked by a thread that
+    looks at the running jobs once a second. That thread exists only in a pool made with
+    ``enable_timeouts=True`` (or a pool-wide ``timeout``): without it a per-call
+    ``timeout`` is silently ignored. So the pool gets ``enable_timeouts=True``, which
+    changes nothing else.
+
+    A dead worker is replaced by a supervisor thread that looks every 0.8 s; the dying
+    call fails with ``WorkerLostError`` only after ``lost_worker_timeout`` (10 s).
+    """
+
+    key = "billiard"
+    title = "billiard"
+    module = "billiard"
+    dist = "billiard"
+    time_limits = True
+
+    async def start(self, workers: int = WORKERS) -> None:
+        import billiard.pool  # type: ignore[import-untyped]
+
+        self.pool: Any = billiard.pool.Pool(workers, enable_timeouts=True)
+
+    async def stop(self) -> None:
+        self.pool.terminate()
+        self.pool.join()
+
+    @property
+    def start_method(self) -> str:
+        return str(self.pool._ctx.get_start_method())
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.pool.apply(fn, args)
+
+    async def call_many(
+        self, fn: Callable[..., Any], arglists: Sequence[tuple[Any, ...]]
+    ) -> list[Any]:
+        results = [self.pool.apply_async(fn, args) for args in arglists]
+        return [result.get() for result in results]
+
+    async def map(self, fn: Callable[..., Any], items: Sequence[Any]) -> list[Any]:
+        return list(self.pool.map(fn, items))
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.pool.apply_async(fn, args)
+
+    def submit_limited(self, fn: Callable[..., Any], *args: Any, limit: float) -> Any:
+        return self.pool.apply_async(fn, args, timeout=limit)
+
+
 # The order of the table's columns; corral first, as everything is a ratio to it.
 ADAPTERS: dict[str, type[Adapter]] = {
     cls.key: cls
@@ -489,7 +580,8 @@ ADAPTERS: dict[str, type[Adapter]] = {
         Loky,
         AioMultiprocess,
         Mpire,
+        Billiard,
         CorralPrefetch,
     )
 }
-DEFAULT_LIBS = [key for key in ADAPTERS if key != "corral-prefetch"]
+DEFAULT_LIBS = [key for key in ADAPTERS if key not in ("corral-prefetch", "billiard")]

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import signal
 import statistics
 import sys
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _tasks
-from ._libs import ADAPTERS, WORKERS, Adapter
+from ._libs import ADAPTERS, WORKERS, Adapter, Outcome
 
 MiB = 1 << 20
 
@@ -40,6 +41,9 @@ class Sizes:
     payload_tries: int = 3
     sleep_tasks: int = 200
     death_timeout: float = 3.0
+    time_limit: float = 0.2
+    limit_runs: int = 5
+    replace_runs: int = 5
 
 
 FULL = Sizes()
@@ -53,6 +57,8 @@ QUICK = Sizes(
     payload_tries=2,
     sleep_tasks=20,
     death_timeout=1.0,
+    limit_runs=3,
+    replace_runs=3,
 )
 
 Result = dict[str, Any]
@@ -221,6 +227,176 @@ async def death(lib: Adapter, sizes: Sizes) -> Result:
     return {"metrics": metrics, "notes": notes}
 
 
+class Fifo:
+    """A named pipe through which tasks tell the parent the time (CLOCK_MONOTONIC ns).
+
+    The parent holds a write end of its own, so that the pipe never reads as closed between
+    tasks: readable means a task has written.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.dir = tempfile.mkdtemp(prefix="corral-bench-")
+        self.path = os.path.join(self.dir, name)
+        os.mkfifo(self.path)
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
+        self._keep = os.open(self.path, os.O_WRONLY)
+        self._pending = b""
+
+    async def read(self, lib: Adapter, timeout: float) -> list[int] | None:
+        """The numbers of the next line (or the next write, for ``_tasks.die``); None on
+        timeout."""
+        if not self._pending and not await lib.wait_readable(self.fd, timeout):
+            return None
+        self._pending += os.read(self.fd, 4096)
+        line, _, self._pending = self._pending.partition(b"\n")
+        return [int(x) for x in line.split()]
+
+    def close(self) -> None:
+        os.close(self._keep)
+        os.close(self.fd)
+        os.unlink(self.path)
+        os.rmdir(self.dir)
+
+
+def _gone(pid: int) -> bool:
+    """True once process ``pid`` has ended (exited or a zombie waiting to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rpartition(b")")[2].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return True
+    return state in (b"Z", b"X")
+
+
+async def _served(lib: Adapter, timeout: float) -> Outcome:
+    """A ``getpid`` call, bounded by ``timeout`` even for a blocking library."""
+    return await lib.outcome(lib.submit(_tasks.getpid), timeout)
+
+
+async def limit(lib: Adapter, sizes: Sizes) -> Result:
+    """A task stuck far past its hard time limit: how late its caller hears of it.
+
+    ``_tasks.stall`` writes its start (CLOCK_MONOTONIC, read inside the worker) and its pid
+    into a FIFO, then sleeps 30 s. The number is (the caller gets its error) minus (the
+    task's start + the limit): median of a few stuck tasks in one pool, one after another,
+    each submitted once the pool has served a call again and after a pause of 0-1 s (seeded),
+    so that a library that checks its limits on a timer is not always caught at the same
+    point of its period. Also recorded: how long from
+    submitting to the task's start, and whether the stuck worker was gone (dead, or a
+    zombie) within 2 s of the error.
+    """
+    if not lib.time_limits:
+        raise RuntimeError(f"{lib.title} has no per-call time limit")
+    limit_s = sizes.time_limit
+    wait = 3.0  # how long past the limit the caller waits for its error
+    notes: list[str] = []
+    metrics: Result = {"limit_s": limit_s}
+    late: list[float] = []
+    delays: list[float] = []
+    killed = 0
+    pauses = random.Random(4).uniform
+    fifo = Fifo("limit")
+    try:
+        await lib.start()
+        await lib.call_many(_tasks.noop, [()] * 4)
+        for _ in range(sizes.limit_runs):
+            if (await _served(lib, wait)).kind != "value":
+                notes.append(f"after a stuck call was stopped, none was served in {wait:g} s")
+                break
+            await asyncio.sleep(pauses(0.0, 1.0))
+            submitted_ns = time.monotonic_ns()
+            handle = lib.submit_limited(_tasks.stall, fifo.path, 30.0, limit=limit_s)
+            fate = await lib.outcome(handle, limit_s + wait)
+            line = await fifo.read(lib, 1.0)
+            if line is None:
+                raise RuntimeError("the stuck task never started")
+            started_ns, pid = line
+            delays.append(_ms(started_ns - submitted_ns))
+            if fate.kind != "error":
+                metrics["late_ms_why"] = "no error"
+                notes.append(
+                    f"the stuck call had not failed {wait:g} s past its {limit_s:g} s limit"
+                    f" ({fate.detail})"
+                )
+                break
+            metrics["error"] = fate.detail
+            late.append(_ms(fate.at_ns - started_ns) - limit_s * 1e3)
+            deadline = time.monotonic() + 2.0
+            while not _gone(pid) and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+            killed += _gone(pid)
+    finally:
+        fifo.close()
+    if delays:
+        metrics["start_delay_ms"] = statistics.median(delays)
+    if late:
+        metrics["late_ms"] = statistics.median(late)
+        metrics["late_max_ms"] = max(late)
+        metrics["runs"] = len(late)
+        metrics["killed"] = f"{killed}/{len(late)}"
+        if killed < len(late):
+            notes.append(f"a stuck worker outlived its error by 2 s ({len(late) - killed} times)")
+    return {"metrics": metrics, "notes": notes}
+
+
+async def replace(lib: Adapter, sizes: Sizes) -> Result:
+    """A pool of ONE worker whose task kills it: how soon a new process serves a call.
+
+    ``_tasks.die`` writes the time into a FIFO and calls ``os._exit(1)``. The next call
+    (``getpid``) goes in at once and is timed from that death to its answer; it must come
+    from a process other than the dead one. The dying call's fate is recorded (bounded by
+    ``death_timeout``). Median of a few deaths in one pool, one after another, each after
+    a pause of 0-1 s (seeded; see ``limit``).
+    """
+    if not lib.time_limits:
+        raise RuntimeError(f"{lib.title} is not measured here")
+    notes: list[str] = []
+    metrics: Result = {}
+    served: list[float] = []
+    errors: list[str] = []
+    pauses = random.Random(4).uniform
+    fifo = Fifo("replace")
+    try:
+        await lib.start(workers=1)
+        pid = await lib.call(_tasks.getpid)
+        for _ in range(sizes.replace_runs):
+            await asyncio.sleep(pauses(0.0, 1.0))
+            handle = lib.submit(_tasks.die, fifo.path)
+            line = await fifo.read(lib, sizes.death_timeout)
+            if line is None:
+                raise RuntimeError("the task did not die")
+            died_ns = line[0]
+            answer = await _served(lib, sizes.death_timeout)
+            if answer.kind != "value":
+                metrics["served_ms_why"] = "hangs"
+                notes.append(
+                    f"after its only worker died the pool served no call within"
+                    f" {sizes.death_timeout:g} s ({answer.kind}: {answer.detail})"
+                )
+                break
+            if answer.value == pid:
+                raise RuntimeError("the call after the death was served by the dead process")
+            pid = answer.value
+            served.append(_ms(answer.at_ns - died_ns))
+            remaining = sizes.death_timeout - (time.monotonic_ns() - died_ns) / 1e9
+            fate = await lib.outcome(handle, max(0.0, remaining))
+            errors.append(fate.detail if fate.kind == "error" else fate.kind)
+    finally:
+        fifo.close()
+    if served:
+        metrics["served_ms"] = statistics.median(served)
+        metrics["served_max_ms"] = max(served)
+        metrics["runs"] = len(served)
+    if errors:
+        metrics["error"] = ", ".join(sorted(set(errors)))
+        if "lost" in errors:
+            notes.append(
+                f"the dying call's caller never heard of it in {errors.count('lost')} of"
+                f" {len(errors)} deaths (waited {sizes.death_timeout:g} s)"
+            )
+    return {"metrics": metrics, "notes": notes}
+
+
 async def startup(lib: Adapter, sizes: Sizes) -> Result:
     """From constructing the pool to the first served call, in a process that never had one."""
     t0 = time.perf_counter()
@@ -237,7 +413,12 @@ MEASUREMENTS: dict[str, Callable[[Adapter, Sizes], Awaitable[Result]]] = {
     "efficiency": efficiency,
     "death": death,
     "startup": startup,
+    "limit": limit,
+    "replace": replace,
 }
+# Measured only for the libraries with a per-call hard time limit (Adapter.time_limits),
+# and not part of the default run: name them with --only.
+LIMITED = ("limit", "replace")
 
 
 async def _run(lib: Adapter, name: str, sizes: Sizes) -> None:

@@ -66,6 +66,23 @@ def die(fifo: str) -> None:
     os._exit(1)
 
 
+def stall(fifo: str, seconds: float) -> None:
+    """Write ``"<CLOCK_MONOTONIC ns> <pid>\\n"`` into ``fifo``, then sleep far past any limit.
+
+    The line dates the task's start from inside the worker and names the process, so the
+    parent can see how long after the limit it heard, and whether the worker was killed.
+    """
+    fd = os.open(fifo, os.O_WRONLY)
+    os.write(fd, f"{time.monotonic_ns()} {os.getpid()}\n".encode())
+    os.close(fd)
+    time.sleep(seconds)
+
+
+def getpid() -> int:
+    """The worker's process id: which process served a call."""
+    return os.getpid()
+
+
 async def anoop(x: Any = None) -> Any:
     """``noop`` for aiomultiprocess."""
     return noop(x)
@@ -96,6 +113,16 @@ async def adie(fifo: str) -> None:
     die(fifo)
 
 
+async def astall(fifo: str, seconds: float) -> None:
+    """``stall`` for aiomultiprocess."""
+    stall(fifo, seconds)
+
+
+async def agetpid() -> int:
+    """``getpid`` for aiomultiprocess."""
+    return getpid()
+
+
 ASYNC_TWIN: dict[Callable[..., Any], Callable[..., Any]] = {
     noop: anoop,
     size_of: asize_of,
@@ -103,6 +130,8 @@ ASYNC_TWIN: dict[Callable[..., Any], Callable[..., Any]] = {
     sleep_then_blob: asleep_then_blob,
     sleep_for: asleep_for,
     die: adie,
+    stall: astall,
+    getpid: agetpid,
 }
 
 

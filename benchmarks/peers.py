@@ -3,12 +3,17 @@
     python -m benchmarks.peers                    # everything (a few minutes on 2 cores)
     python -m benchmarks.peers --quick            # a smoke run (well under a minute)
     python -m benchmarks.peers --only latency,submit --libs corral,ppe
+    python -m benchmarks.peers --only limit,replace    # time limits: corral, pebble, billiard
 
 Every (library, measurement) runs in a fresh process (``benchmarks._measure``) under a
 time limit, in a process group of its own that is killed afterwards, so no library's
 leftovers or hangs reach the next one. Fast measurements run several times; the table
 shows the best run of each number, because noise on a shared machine only ever slows a
 run down. Every pool has 2 workers and its library's default start method.
+
+``limit`` and ``replace`` (issue #4) are not in the default run; they are measured only for
+the libraries with a per-call hard time limit (corral, pebble, billiard), and billiard, not
+a default library, joins when they are asked for without ``--libs``.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ._libs import ADAPTERS, DEFAULT_LIBS, WORKERS
-from ._measure import FULL, MEASUREMENTS, QUICK
+from ._measure import FULL, LIMITED, MEASUREMENTS, QUICK
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,6 +46,8 @@ REPEATS = {
     "efficiency": 1,
     "death": 1,
     "startup": 3,
+    "limit": 1,
+    "replace": 1,
 }
 TIMEOUT = {
     "latency": 60,
@@ -50,6 +57,8 @@ TIMEOUT = {
     "efficiency": 60,
     "death": 60,
     "startup": 60,
+    "limit": 60,
+    "replace": 60,
 }
 QUICK_TIMEOUT = 30
 
@@ -78,7 +87,20 @@ def rows(quick: bool) -> list[Row]:
         Row("death", "error_ms", "death → caller gets error (ms)", False, 1),
         Row("death", "served_ms", "death → next call served (ms)", False, 1),
         Row("startup", "startup_ms", "start-up → first call (ms)", False, 1),
+        Row(
+            "limit",
+            "late_ms",
+            f"hard limit {sizes.time_limit:g} s: error past the limit (ms)",
+            False,
+            1,
+        ),
+        Row("replace", "served_ms", "1 worker: death → new worker serves (ms)", False, 1),
     ]
+
+
+def applies(measurement: str, lib: str) -> bool:
+    """Whether a measurement is run for a library: the time-limit ones need the feature."""
+    return measurement not in LIMITED or ADAPTERS[lib].time_limits
 
 
 @dataclass
@@ -192,7 +214,7 @@ def render_cell(row: Row, cell: Cell | None, base: Cell | None, is_base: bool) -
     if row.metric == "error_ms" and cell.metrics.get("fate") == "lost":
         return "hangs (task lost)"
     if not isinstance(value, int | float):
-        return "—"
+        return str(cell.metrics.get(f"{row.metric}_why", "—"))  # why there is no number
     text = fmt(value, row.digits)
     base_value = base.metrics.get(row.metric) if base and not base.problem else None
     if is_base or not isinstance(base_value, int | float):
@@ -230,6 +252,19 @@ def library_notes(results: dict[str, dict[str, Cell]], libs: list[str]) -> str:
                 notes.append(f"{measurement}: {cell.problem}")
             if measurement == "death" and cell.metrics.get("error"):
                 notes.append(f"death: the dying call raised {cell.metrics['error']}")
+            if measurement == "limit" and cell.metrics.get("error"):
+                m = cell.metrics
+                notes.append(
+                    f"limit: the stuck call raised {m['error']}; worst {m['late_max_ms']:.1f} ms"
+                    f" past the limit; stuck worker gone {m['killed']}; submit → task start"
+                    f" {m['start_delay_ms']:.1f} ms"
+                )
+            if measurement == "replace" and "served_ms" in cell.metrics:
+                m = cell.metrics
+                notes.append(
+                    f"replace: the dying call: {m.get('error', '?')}; slowest replacement"
+                    f" {m['served_max_ms']:.1f} ms"
+                )
             notes += [f"{measurement}: {n}" for n in cell.notes]
         lines.append(f"| {ADAPTERS[key].title} | {version} | {method} | {'; '.join(notes)} |")
     return "\n".join(lines)
@@ -276,42 +311,62 @@ def targets(results: dict[str, dict[str, Cell]], libs: list[str]) -> str:
             1,
             False,
         )
-    sub = _value(results, "submit", "corral", "calls_per_s")
-    check(
-        "individual submits ≥3x ProcessPoolExecutor, calls/s",
-        sub,
-        _value(results, "submit", "ppe", "calls_per_s"),
-        3,
-        True,
-    )
-    check(
-        "individual submits ≥ multiprocessing.Pool, calls/s",
-        sub,
-        _value(results, "submit", "mp", "calls_per_s"),
-        1,
-        True,
-    )
-    check(
-        "map ≥ mpire, calls/s",
-        _value(results, "map", "corral", "calls_per_s"),
-        _value(results, "map", "mpire", "calls_per_s"),
-        1,
-        True,
-    )
-    for metric, what in (("arg_mib_s", "argument"), ("result_mib_s", "result")):
+    if "submit" in results:
+        sub = _value(results, "submit", "corral", "calls_per_s")
         check(
-            f"large {what} ≥2x ProcessPoolExecutor, MiB/s",
-            _value(results, "payload", "corral", metric),
-            _value(results, "payload", "ppe", metric),
-            2,
+            "individual submits ≥3x ProcessPoolExecutor, calls/s",
+            sub,
+            _value(results, "submit", "ppe", "calls_per_s"),
+            3,
             True,
         )
+        check(
+            "individual submits ≥ multiprocessing.Pool, calls/s",
+            sub,
+            _value(results, "submit", "mp", "calls_per_s"),
+            1,
+            True,
+        )
+    if "map" in results:
+        check(
+            "map ≥ mpire, calls/s",
+            _value(results, "map", "corral", "calls_per_s"),
+            _value(results, "map", "mpire", "calls_per_s"),
+            1,
+            True,
+        )
+    if "payload" in results:
+        for metric, what in (("arg_mib_s", "argument"), ("result_mib_s", "result")):
+            check(
+                f"large {what} ≥2x ProcessPoolExecutor, MiB/s",
+                _value(results, "payload", "corral", metric),
+                _value(results, "payload", "ppe", metric),
+                2,
+                True,
+            )
     eff = _value(results, "efficiency", "corral", "efficiency_pct")
     if eff is not None:
         ideal = _value(results, "efficiency", "corral", "ideal_pct")
         lines.append(
             f"- [{'met' if eff >= 99 else 'MISSED'}] efficiency ≥99%: corral {eff:.1f}%"
             f" (greedy in-order scheduling with no overhead reaches {ideal:.1f}% on this list)"
+        )
+    if "limit" in results:
+        late = _value(results, "limit", "corral", "late_ms")
+        if late is None:
+            lines.append("- [?] stuck call's error <50 ms past its hard time limit: not measured")
+        else:
+            lines.append(
+                f"- [{'met' if late < 50 else 'MISSED'}] stuck call's error <50 ms past its"
+                f" hard time limit: corral {late:.1f} ms"
+            )
+    if "replace" in results:
+        check(
+            "1 worker: death → new worker serves ≤ pebble's, ms",
+            _value(results, "replace", "corral", "served_ms"),
+            _value(results, "replace", "pebble", "served_ms"),
+            1,
+            False,
         )
     return "\n".join(lines)
 
@@ -354,7 +409,11 @@ def main(argv: list[str] | None = None) -> None:
         description="corral against its peers: each cell is value (value ÷ corral's).",
     )
     parser.add_argument("--quick", action="store_true", help="small workloads, one run each")
-    parser.add_argument("--only", help=f"measurements, comma-separated: {','.join(MEASUREMENTS)}")
+    parser.add_argument(
+        "--only",
+        help=f"measurements, comma-separated: {','.join(MEASUREMENTS)}"
+        f" (default: all but {','.join(LIMITED)})",
+    )
     parser.add_argument("--libs", help=f"libraries, comma-separated: {','.join(ADAPTERS)}")
     parser.add_argument(
         "--loop",
@@ -366,8 +425,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     args = parser.parse_args(argv)
 
-    measurements = args.only.split(",") if args.only else list(MEASUREMENTS)
+    measurements = (
+        args.only.split(",") if args.only else [m for m in MEASUREMENTS if m not in LIMITED]
+    )
     libs = args.libs.split(",") if args.libs else list(DEFAULT_LIBS)
+    if not args.libs and any(m in LIMITED for m in measurements):
+        libs.append("billiard")
     for name in measurements:
         if name not in MEASUREMENTS:
             parser.error(f"unknown measurement {name!r}; choose from {','.join(MEASUREMENTS)}")
@@ -376,6 +439,10 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"unknown library {key!r}; choose from {','.join(ADAPTERS)}")
     skipped = [k for k in libs if not ADAPTERS[k].available()]
     libs = [k for k in libs if k not in skipped]
+    unmeasured = [k for k in libs if not any(applies(m, k) for m in measurements)]
+    libs = [k for k in libs if k not in unmeasured]
+    if not libs:
+        parser.error("no library left to measure")
     libs.sort(key=lambda k: (not k.startswith("corral"), list(ADAPTERS).index(k)))
 
     revision = corral_revision()  # now: the tree may change while the run goes on
@@ -386,11 +453,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     for key in skipped:
         say(f"skipping {ADAPTERS[key].title}: not installed\n")
+    for key in unmeasured:
+        say(f"skipping {ADAPTERS[key].title}: no per-call time limit\n")
     started = time.perf_counter()
     results: dict[str, dict[str, Cell]] = {}
     for measurement in measurements:
         results[measurement] = {}
         for key in libs:
+            if not applies(measurement, key):
+                continue
             cell = measure(key, measurement, args)
             results[measurement][key] = cell
             shown = cell.problem or ", ".join(
@@ -408,6 +479,14 @@ def main(argv: list[str] | None = None) -> None:
     if not args.quick:
         runs = ", ".join(f"{m} {n}" for m, n in REPEATS.items() if m in measurements)
         print(f"Each number is the best of its runs (fresh processes): {runs}.")
+    sizes = QUICK if args.quick else FULL
+    medians = [
+        f"{m}: of {n} in one pool"
+        for m, n in (("limit", sizes.limit_runs), ("replace", sizes.replace_runs))
+        if m in measurements
+    ]
+    if medians:
+        print(f"A run's number is a median ({'; '.join(medians)}).")
     print("Cells: value (value ÷ corral's). 'better' says which way wins: for 'lower',")
     print("a ratio above 1 means corral is faster; for 'higher', below 1 means it is.\n")
     print(table(results, libs, args.quick))
