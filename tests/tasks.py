@@ -237,3 +237,18 @@ def wait_for_file(path: str, seconds: float) -> int:
     while not os.path.exists(path) and time.monotonic() < deadline:
         time.sleep(0.005)
     return os.getpid()
+
+
+def ignore_sigterm_and_sleep(seconds: float) -> None:
+    """Ignore SIGTERM (as some native libraries do), then sleep."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(seconds)
+
+
+def kill_self_once(path: str) -> str:
+    """Die by SIGKILL the first time (marking path), succeed on a retry."""
+    if not os.path.exists(path):
+        with open(path, "w") as marker:
+            marker.write("died once")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return "second time lucky"

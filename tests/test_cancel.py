@@ -38,8 +38,7 @@ async def test_a_running_job_is_interrupted_and_may_clean_up(tmp_path: Path) -> 
         assert job.cancel()
         with pytest.raises(asyncio.CancelledError):
             await job
-        await _until(marker.exists)
-        assert marker.read_text() == "cleaned"
+        await _until(lambda: marker.exists() and marker.read_text() == "cleaned")
         assert await pool.run(tasks.pid) == before
 
 
@@ -87,7 +86,7 @@ async def test_cancelling_the_awaiting_task_interrupts_the_job(tmp_path: Path) -
         waiter.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiter
-        await _until(marker.exists)
+        await _until(lambda: marker.exists() and marker.read_text() == "cleaned")
         assert await pool.run(tasks.add, 1, 1) == 2
 
 
@@ -102,4 +101,4 @@ async def test_a_cancelled_map_stops_all_its_jobs(tmp_path: Path) -> None:
         with pytest.raises(asyncio.CancelledError):
             await mapping
         assert await asyncio.wait_for(pool.run(tasks.add, 2, 3), 10) == 5
-        assert not pool._in_flight
+        await _until(lambda: not pool._in_flight)

@@ -101,6 +101,8 @@ def main(channels: Channels, setup: bytes, inherited: list[int]) -> None:
         worker.serve(setup)
     except BrokenPipeError:
         pass  # the parent is gone; nobody is left to tell
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        pass  # an interrupt that landed between calls, as the parent shuts down
     finally:
         inbound.close()
         outbound.close()

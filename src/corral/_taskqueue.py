@@ -9,6 +9,7 @@ here, once, for every kind of worker. ``Pool`` adds keeping process workers aliv
 from __future__ import annotations
 
 import asyncio
+import copy
 import enum
 import itertools
 import math
@@ -190,10 +191,10 @@ class TaskQueue:
         sooner; ``series`` restricts the job to workers serving it; ``retries`` reruns a job
         whose worker died while running it.
         """
+        if self._broken is not None:  # more telling than "closed": why it cannot serve
+            raise self._broken_error()
         if self._state is not QueueState.OPEN:
             raise PoolClosedError("submit", self._state.value)
-        if self._broken is not None:
-            raise self._broken
         if not callable(fn):
             raise TypeError(f"the function to run must be callable, not {fn!r}")
         if series is not None and self._workers and not self._dispatcher.serves(series):
@@ -469,6 +470,15 @@ class TaskQueue:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    def _broken_error(self) -> BaseException:
+        """A fresh copy of the reason this queue cannot serve (one raised exception per
+        call, so tracebacks do not pile up on a shared instance)."""
+        broken = self._broken
+        assert broken is not None
+        error = copy.copy(broken)
+        error.__cause__ = broken.__cause__
+        return error
 
     def _fail_pending(self, error: BaseException) -> None:
         for job in self._dispatcher.drain():

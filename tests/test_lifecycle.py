@@ -1,0 +1,70 @@
+"""The pool's life cycle under trouble: workers that never come up, retries after a lost
+worker, shutdown with jobs in every state, and terminate against a stubborn worker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+import corral
+from tests import tasks
+
+
+@pytest.mark.timeout(60)
+async def test_a_worker_that_never_announces_itself_is_killed_and_retried() -> None:
+    """An initializer that never returns: each worker is killed at startup_timeout and
+    retried with backoff, and after a few tries start() fails with WorkerStartupError
+    instead of spinning; nothing is left running."""
+    started = time.monotonic()
+    pool = corral.Pool(1, initializer=tasks.sleep, initargs=(1000,), startup_timeout=0.5)
+    with pytest.raises(corral.WorkerStartupError, match="did not announce itself"):
+        await pool.start()
+    assert time.monotonic() - started < 30
+    with pytest.raises(corral.WorkerStartupError):
+        pool.submit(tasks.add, 1, 2)
+
+
+@pytest.mark.timeout(60)
+async def test_retries_run_a_job_again_after_its_worker_is_lost(tmp_path: Path) -> None:
+    """A job whose worker dies while running it runs again when it has retries left;
+    without them it fails with WorkerLostError carrying the signal."""
+    async with corral.Pool(1) as pool:
+        marker = str(tmp_path / "retried")
+        assert await pool.run(tasks.kill_self_once, marker, retries=1) == "second time lucky"
+        with pytest.raises(corral.WorkerLostError) as caught:
+            await pool.run(tasks.kill_self_once, str(tmp_path / "not retried"))
+        assert caught.value.signal == 9
+
+
+@pytest.mark.timeout(60)
+async def test_close_finishes_jobs_in_every_state() -> None:
+    """close() with jobs queued (never sent), written to a worker's pipe (prefetch) and
+    running completes every one of them, then stops the workers."""
+    pool = corral.Pool(2, strategy="prefetch", prefetch=3)
+    await pool.start()
+    jobs = [pool.submit(tasks.sleep_then_pid, 0.05) for _ in range(12)]
+    await asyncio.sleep(0)  # some running, some in the pipes, the rest queued
+    await asyncio.wait_for(pool.close(), 30)
+    assert all(job.done() and not job.cancelled() for job in jobs)
+    assert len({await job for job in jobs}) == 2
+
+
+@pytest.mark.timeout(60)
+async def test_terminate_does_not_hang_on_a_worker_that_ignores_sigterm() -> None:
+    """A worker ignoring SIGTERM in a long task cannot hold terminate() up: it returns at
+    once, and the job is cancelled."""
+    pool = corral.Pool(1)
+    await pool.start()
+    job = pool.submit(tasks.ignore_sigterm_and_sleep, 1000)
+    (worker,) = pool.workers
+    deadline = time.monotonic() + 20
+    while worker._page is not None and worker._page.started != job.id:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    started = time.monotonic()
+    await asyncio.wait_for(pool.terminate(), 10)
+    assert time.monotonic() - started < 5
+    assert job.cancelled()
