@@ -8,11 +8,12 @@ How a call travels, and where each step happens::
     Dispatcher (priority heap)                 pure decision: which worker, and when
       | fair: idle worker / prefetch: < n in flight
       v
-    ProcessWorker.send -> LoopWriter           frames queued, one writev per loop pass
-      |   pipe (1 MiB)                         resumes on add_writer when full
+    ProcessWorker.send -> LoopWriter           written at once to an idle pipe; a burst
+      |   pipe (1 MiB)                         goes out in one writev; add_writer when full
+      |   (large bytes: shared memfd region)   one copy in, one copy out
       v
-    child: unpickle -> ACK -> fn(x) -> RESULT  blocking reads and writes, one call at a time
-      |   pipe
+    child: unpickle -> ack -> fn(x) -> RESULT  the ack is a store to a shared page, no
+      |   pipe                                 message (an ACK frame only for hard limits)
       v
     LoopReader (add_reader) -> FrameDecoder    big bodies read in place, no copy
       v
