@@ -25,6 +25,7 @@ import multiprocessing.forkserver
 import os
 import signal
 import sys
+import types
 import weakref
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
@@ -87,16 +88,47 @@ def default_start_method() -> str:
 
 
 def _preload_in_forkserver(ctx: BaseContext) -> None:
-    """Have the forkserver import corral once, so the workers it forks start in
-    milliseconds instead of importing corral each (a tenth of a second or more).
+    """Have the forkserver import corral, and what the main module imported, once, so the
+    workers it forks start in milliseconds instead of importing them each.
+
+    multiprocessing starts every worker by running the main module again. The forkserver
+    is meant to preload it (``"__main__"`` is in its list by default), but Python 3.11's
+    looks for a key its own ``get_preparation_data()`` no longer returns, and skips it
+    (gh-126631): each worker then re-imports everything the main module imports. With
+    those modules preloaded, that second run finds them imported already. The same
+    forkserver also ignores the parent's ``sys.path``, so it preloads what its own path
+    reaches (installed packages, the current directory); a module found only through a
+    path added at run time is still imported by each worker.
 
     Only takes effect if the forkserver is not running yet. The modules asked for so far
-    (by default ``__main__``) are kept; multiprocessing offers no public way to read them.
+    are kept; multiprocessing offers no public way to read them.
     """
     server = getattr(multiprocessing.forkserver, "_forkserver", None)
     modules = list(getattr(server, "_preload_modules", None) or ["__main__"])
-    if _child.__name__ not in modules:
-        ctx.set_forkserver_preload([*modules, _child.__name__])
+    wanted = [_child.__name__, *_imported_by_main()]
+    if not set(wanted) <= set(modules):
+        ctx.set_forkserver_preload([*modules, *(m for m in wanted if m not in modules)])
+
+
+def _imported_by_main() -> list[str]:
+    """The modules the main module has imported (itself too, when run with -m)."""
+    main = sys.modules.get("__main__")
+    if main is None:
+        return []
+    names: set[str] = set()
+    spec_name = getattr(getattr(main, "__spec__", None), "name", None)
+    if spec_name and not spec_name.endswith("__main__"):
+        names.add(spec_name)
+    for value in list(vars(main).values()):
+        if isinstance(value, types.ModuleType):
+            names.add(value.__name__)
+        else:
+            module = getattr(value, "__module__", None)
+            if isinstance(module, str) and module in sys.modules:
+                names.add(module)
+    names.discard("__main__")
+    names.discard("__mp_main__")
+    return sorted(names)
 
 
 class ProcessState(enum.Enum):

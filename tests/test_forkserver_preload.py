@@ -1,0 +1,60 @@
+"""New forkserver workers do not import again what the main module imported."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+HEAVY = """
+import os
+with open({log!r}, "a") as log:
+    log.write(f"{{os.getpid()}}\\n")   # one line per process that imports this module
+"""
+
+SCRIPT = """
+import asyncio, os, sys
+sys.path.insert(0, {root!r})
+import heavy_helper   # stands for numpy, pandas, ...: costly to import
+import corral
+from tests import tasks
+
+async def main():
+    async with corral.Pool(1) as pool:
+        for _ in range(4):   # four workers die and are replaced
+            try:
+                await pool.run(tasks.exit_now, 1)
+            except corral.WorkerLostError:
+                pass
+        print(await pool.run(tasks.add, 2, 3))
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+@pytest.mark.timeout(90)
+def test_workers_find_the_main_modules_imports_preloaded(tmp_path: Path) -> None:
+    """A module the main script imports is imported by the parent and once by the
+    forkserver, not again by each of the five workers the script goes through (Python
+    3.11's forkserver means to preload the main module but does not)."""
+    log = tmp_path / "imports.log"
+    (tmp_path / "heavy_helper.py").write_text(HEAVY.format(log=str(log)))
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT.format(root=str(ROOT)))
+    done = subprocess.run(  # run from its own folder, as scripts usually are
+        [sys.executable, script.name],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=80,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "5"
+    importers = log.read_text().split()
+    assert len(importers) == 2, f"imported by {len(importers)} processes: {importers}"
