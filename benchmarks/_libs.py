@@ -177,7 +177,25 @@ class FutureAdapter(Adapter):
 
 
 class AsyncResultAdapter(Adapter):
-    """A blocking library whose handles have ``get(timeout)`` (multiprocessing, mpire)."""
+    """A blocking library with ``multiprocessing.Pool``'s API: ``apply``, ``apply_async``
+    (handles with ``get(timeout)``) and ``map`` (multiprocessing, mpire, billiard)."""
+
+    pool: Any
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.pool.apply(fn, args)
+
+    async def call_many(
+        self, fn: Callable[..., Any], arglists: Sequence[tuple[Any, ...]]
+    ) -> list[Any]:
+        results = [self.pool.apply_async(fn, args) for args in arglists]
+        return [result.get() for result in results]
+
+    async def map(self, fn: Callable[..., Any], items: Sequence[Any]) -> list[Any]:
+        return list(self.pool.map(fn, items))
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self.pool.apply_async(fn, args)
 
     async def outcome(self, handle: Any, timeout: float) -> Outcome:
         try:
@@ -317,21 +335,6 @@ class MultiprocessingPool(AsyncResultAdapter):
         context = getattr(self.pool, "_ctx", multiprocessing.get_context())
         return str(context.get_start_method())
 
-    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self.pool.apply(fn, args)
-
-    async def call_many(
-        self, fn: Callable[..., Any], arglists: Sequence[tuple[Any, ...]]
-    ) -> list[Any]:
-        results = [self.pool.apply_async(fn, args) for args in arglists]
-        return [result.get() for result in results]
-
-    async def map(self, fn: Callable[..., Any], items: Sequence[Any]) -> list[Any]:
-        return self.pool.map(fn, items)
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self.pool.apply_async(fn, args)
-
 
 class Pebble(FutureAdapter):
     """pebble's ``ProcessPool``: a dead worker fails its task with ProcessExpired.
@@ -451,21 +454,6 @@ class Mpire(AsyncResultAdapter):
     def start_method(self) -> str:
         return str(self.pool.pool_params.start_method)
 
-    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self.pool.apply(fn, args)
-
-    async def call_many(
-        self, fn: Callable[..., Any], arglists: Sequence[tuple[Any, ...]]
-    ) -> list[Any]:
-        results = [self.pool.apply_async(fn, args) for args in arglists]
-        return [result.get() for result in results]
-
-    async def map(self, fn: Callable[..., Any], items: Sequence[Any]) -> list[Any]:
-        return list(self.pool.map(fn, items))
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self.pool.apply_async(fn, args)
-
     async def recover(self) -> None:
         from mpire.pool import WorkerPool
 
@@ -549,21 +537,6 @@ class Billiard(AsyncResultAdapter):
     @property
     def start_method(self) -> str:
         return str(self.pool._ctx.get_start_method())
-
-    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self.pool.apply(fn, args)
-
-    async def call_many(
-        self, fn: Callable[..., Any], arglists: Sequence[tuple[Any, ...]]
-    ) -> list[Any]:
-        results = [self.pool.apply_async(fn, args) for args in arglists]
-        return [result.get() for result in results]
-
-    async def map(self, fn: Callable[..., Any], items: Sequence[Any]) -> list[Any]:
-        return list(self.pool.map(fn, items))
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self.pool.apply_async(fn, args)
 
     def submit_limited(self, fn: Callable[..., Any], *args: Any, limit: float) -> Any:
         return self.pool.apply_async(fn, args, timeout=limit)

@@ -24,7 +24,8 @@ async def main():
     async with corral.Pool(2, start_method=sys.argv[1]) as pool:
         pids = [await pool.run(tasks.pid) for _ in range(2)]
         busy = pool.submit(tasks.sleep, 1000)   # one worker deaf to its pipe
-        await asyncio.sleep(0.2)
+        while not any(w._page.started == busy.id for w in pool.workers):
+            await asyncio.sleep(0.005)   # until it has started (the test bounds the wait)
         print(" ".join(str(w.pid) for w in pool.workers), flush=True)
         await busy
 

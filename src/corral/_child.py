@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._errors import SerializationError, SoftTimeLimitExceeded
-from ._shared import ARGS_TAKEN, RESULTS_TAKEN, SharedPage, SharedRegion
+from ._shared import ARGS_TAKEN, RESULTS_TAKEN, STARTED, SharedPage, SharedRegion
 from ._wire import (
     ACK,
     CALL,
@@ -44,11 +44,10 @@ from ._wire import (
     dumps,
     dumps_error,
     frame,
+    framed,
     load_function,
     loads,
     out_of_band,
-    shareable,
-    shared_frame,
 )
 
 if TYPE_CHECKING:
@@ -162,10 +161,9 @@ class _Worker:
     ) -> None:
         self._in = in_fd
         self._out = out_fd
-        self._started = self._words = page.words
+        self._words = page.words
         self._args_region = args_region
         self._results_region = results_region
-        self._results_sent = 0  # payloads sent through the results region
         self._functions: dict[bytes, Any] = {}  # unpickled functions, by their reference
         self._page = page
         self._soft_limit = 0.0  # the soft limit of the call running now, while armed
@@ -232,27 +230,28 @@ class _Worker:
         if self._page.cancelled(job):  # cancelled while it waited in the pipe: never run
             self._send(frame(ERROR, job, dumps_error(asyncio.CancelledError())))
             return
-        self._started[0] = job  # the acknowledgement
+        self._words[STARTED] = job  # the acknowledgement
         if ack:
             self._send(frame(ACK, job))
         if soft_limit:
             self._soft_limit = soft_limit
             signal.setitimer(signal.ITIMER_REAL, soft_limit)
         self._running = job
+        failure: BaseException | None = None
         try:
             value = fn(*args)
-            # Disarmed inside the try: a signal between the return and here is caught below.
-            self._soft_limit = 0.0
-            self._running = 0
         except BaseException as exc:
+            failure = exc
+        finally:
+            # Disarmed before anything is written, so no signal can cut a frame in half;
+            # one landing before these lines run is reported by serve() as the outcome.
             self._soft_limit = 0.0
             self._running = 0
             if soft_limit:
                 signal.setitimer(signal.ITIMER_REAL, 0)
-            self._send(frame(ERROR, job, dumps_error(exc)))
+        if failure is not None:
+            self._send(frame(ERROR, job, dumps_error(failure)))
             return
-        if soft_limit:
-            signal.setitimer(signal.ITIMER_REAL, 0)
         del args
         try:
             sent = out_of_band(value)
@@ -265,15 +264,8 @@ class _Worker:
             )
             self._send(frame(ERROR, job, dumps_error(error)))
             return
-        if (
-            shareable(payload)
-            and self._words[RESULTS_TAKEN] == self._results_sent
-            and self._results_region.write(payload.buffers)
-        ):
-            self._results_sent += 1
-            self._send(shared_frame(RESULT, job, payload))
-        else:
-            self._send(frame(RESULT, job, payload))
+        taken = self._words[RESULTS_TAKEN]
+        self._send(framed(RESULT, job, payload, self._results_region, taken))
 
     def _read(self) -> list[Frame] | None:
         """Block until at least one whole frame is in; None at EOF."""

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import time
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+
+from ._wire import dumps_call
 
 if TYPE_CHECKING:
     from ._wire import Encoded
@@ -74,9 +75,7 @@ class Job(Generic[T]):
         "retries",
         "series",
         "soft_time_limit",
-        "started_at",
         "state",
-        "submitted_at",
         "time_limit",
     )
 
@@ -108,8 +107,18 @@ class Job(Generic[T]):
         self.state = JobState.PENDING
         self.payload: Encoded | None = None  # the pickled call, for process workers
         self.deliveries = 0  # times a worker died holding it before acknowledging it
-        self.submitted_at = time.monotonic()
-        self.started_at = 0.0
+
+    def encode(self) -> Encoded:
+        """The pickled call, made once (a requeued job is not pickled again); raises
+        ``SerializationError`` naming what would not pickle."""
+        if self.payload is None:
+            self.payload = dumps_call(
+                self.fn,
+                self.args,
+                soft_time_limit=self.soft_time_limit,
+                ack=self.time_limit is not None,  # a hard limit counts from the ACK
+            )
+        return self.payload
 
     def __await__(self) -> Generator[Any, None, T]:
         return self.future.__await__()

@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Any, Self
 
 from ._errors import CorralError, WorkerStartupError
 from ._taskqueue import Strategy, TaskQueue, check_limit
-from ._wire import dumps_call
 from .workers._process import STARTUP_TIMEOUT, ProcessWorker
 
 if TYPE_CHECKING:
@@ -179,12 +178,7 @@ class Pool(TaskQueue):
             job.time_limit = self.time_limit
         if job.soft_time_limit is None:
             job.soft_time_limit = self.soft_time_limit
-        job.payload = dumps_call(
-            job.fn,
-            job.args,
-            soft_time_limit=job.soft_time_limit,
-            ack=job.time_limit is not None,
-        )
+        job.encode()
         if not self._started:
             self._launch()  # a pool used without `async with` starts on its first call
 

@@ -31,13 +31,8 @@ class SharedPage:
     @classmethod
     def create(cls) -> tuple[SharedPage, int]:
         """A new page and the fd to hand to the worker (the caller closes it)."""
-        fd = os.memfd_create("corral-worker", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(fd, SIZE)
-            return cls(fd), fd
-        except BaseException:
-            os.close(fd)
-            raise
+        fd = _memfd("corral-worker")
+        return cls(fd), fd
 
     def cancel(self, job: int) -> None:
         """Name job as cancelled (the parent's side): it will not start, and if it is
@@ -92,17 +87,13 @@ class SharedRegion:
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self._map = mmap.mmap(fd, os.fstat(fd).st_size)
+        self.sent = 0  # payloads written (the sender's count; the receiver's is in the page)
 
     @classmethod
     def create(cls) -> tuple[SharedRegion, int]:
         """A new region; the returned fd is the region's own (do not close it)."""
-        fd = os.memfd_create("corral-payload", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(fd, SIZE)
-            return cls(fd), fd
-        except BaseException:
-            os.close(fd)
-            raise
+        fd = _memfd("corral-payload")
+        return cls(fd), fd
 
     def write(self, buffers: list[memoryview]) -> bool:
         """Copy buffers in, one after another, growing the region as needed.
@@ -136,3 +127,14 @@ class SharedRegion:
             with contextlib.suppress(BufferError):  # a view is held: it goes when that does
                 self._map.close()
             os.close(fd)
+
+
+def _memfd(name: str) -> int:
+    """An anonymous memory file of one page (it vanishes with its last fd and mapping)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, SIZE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

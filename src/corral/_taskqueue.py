@@ -13,7 +13,6 @@ import copy
 import enum
 import itertools
 import math
-import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, TypeVarTuple, Unpack
 
@@ -328,7 +327,6 @@ class TaskQueue:
         """Worker callback: job began running; its hard time limit counts from now."""
         if job.state is JobState.SENT:
             job.state = JobState.RUNNING
-        job.started_at = time.monotonic()
         if job.time_limit is not None and self._loop is not None:
             self._deadlines[job] = self._loop.call_later(
                 job.time_limit, self._time_limit_passed, worker, job

@@ -26,11 +26,14 @@ import sys
 import traceback
 import types
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, TypeAlias
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 import cloudpickle
 
 from ._errors import SerializationError
+
+if TYPE_CHECKING:
+    from ._shared import SharedRegion
 
 # Message kinds. Parent to worker:
 CALL = 1  # body: pickle of (function, args) or (function, args, soft limit, ack wanted)
@@ -193,9 +196,19 @@ def shared_frame(kind: int, job: int, payload: Encoded) -> list[Buffer]:
 SHARED_MIN = 1024 * 1024
 
 
-def shareable(payload: Encoded) -> bool:
-    """Whether payload may go through a shared region, and is worth it."""
-    return payload.copied and sum(b.nbytes for b in payload.buffers) >= SHARED_MIN
+def framed(kind: int, job: int, payload: Encoded, region: SharedRegion, taken: int) -> list[Buffer]:
+    """The frame for payload: through the sender's shared region when the payload may go
+    there and is worth it, and the receiver has taken (``taken``) all it was sent before;
+    else, whole, through the pipe."""
+    if (
+        payload.copied
+        and taken == region.sent
+        and sum(b.nbytes for b in payload.buffers) >= SHARED_MIN
+        and region.write(payload.buffers)
+    ):
+        region.sent += 1
+        return shared_frame(kind, job, payload)
+    return frame(kind, job, payload)
 
 
 def describe(obj: object) -> str:

@@ -47,11 +47,9 @@ from .._wire import (
     UP,
     FrameDecoder,
     dumps,
-    dumps_call,
     frame,
+    framed,
     loads,
-    shareable,
-    shared_frame,
 )
 from ._base import Worker, WorkerHost
 from ._pipes import LoopReader, LoopWriter, enlarge, open_fds
@@ -196,7 +194,6 @@ class ProcessWorker(Worker):
         self._owns_death_fd = False
         self._page: SharedPage | None = None
         self._regions: tuple[SharedRegion, SharedRegion] | None = None  # args, results
-        self._args_sent = 0  # payloads sent through the args region
         self._overdue: dict[int, asyncio.TimerHandle] = {}  # cancelled jobs given grace
         self._pid: int | None = None
         self._sent: dict[int, tuple[Job[Any], int]] = {}  # job id -> (job, frame end offset)
@@ -319,25 +316,9 @@ class ProcessWorker(Worker):
         writer = self._writer
         if writer is None or self.state is not ProcessState.READY:
             raise RuntimeError(f"cannot send to {self.name}: it is {self.state.value}")
-        payload = job.payload
-        if payload is None:
-            payload = job.payload = dumps_call(
-                job.fn,
-                job.args,
-                soft_time_limit=job.soft_time_limit,
-                ack=job.time_limit is not None,
-            )
-        if (
-            shareable(payload)
-            and self._page is not None
-            and self._regions is not None
-            and self._page.words[ARGS_TAKEN] == self._args_sent
-            and self._regions[0].write(payload.buffers)
-        ):
-            self._args_sent += 1
-            writer.write(shared_frame(CALL, job.id, payload))
-        else:
-            writer.write(frame(CALL, job.id, payload))
+        assert self._page is not None and self._regions is not None
+        taken = self._page.words[ARGS_TAKEN]
+        writer.write(framed(CALL, job.id, job.encode(), self._regions[0], taken))
         self._sent[job.id] = (job, writer.queued)
         self.tasks_sent += 1
         job.state = JobState.SENT
@@ -417,18 +398,16 @@ class ProcessWorker(Worker):
     def _on_frames(self, frames: list[Frame]) -> None:
         host = self._host
         assert host is not None
-        sent = self._sent
         writer = self._writer
         assert writer is not None
         writer.cork()  # jobs sent while these frames are handled go out in one writev
         try:
-            self._handle(frames, host, sent)
+            self._handle(frames, host)
         finally:
             writer.uncork()
 
-    def _handle(
-        self, frames: list[Frame], host: WorkerHost, sent: dict[int, tuple[Job[Any], int]]
-    ) -> None:
+    def _handle(self, frames: list[Frame], host: WorkerHost) -> None:
+        sent = self._sent
         for kind, job_id, body in frames:
             k = kind & KIND_MASK
             if k in (RESULT, ERROR):
@@ -437,10 +416,8 @@ class ProcessWorker(Worker):
                     continue
                 job = entry[0]
                 self.tasks_done += 1
-                if self._overdue:
-                    overdue = self._overdue.pop(job_id, None)
-                    if overdue is not None:
-                        overdue.cancel()
+                if self._overdue and (overdue := self._overdue.pop(job_id, None)):
+                    overdue.cancel()
                 value, error = self._decode_outcome(k, kind, body)
                 host.job_done(self, job, value, error)
             elif k == ACK:  # asked for by calls with a hard time limit
