@@ -252,3 +252,50 @@ def kill_self_once(path: str) -> str:
             marker.write("died once")
         os.kill(os.getpid(), signal.SIGKILL)
     return "second time lucky"
+
+
+# -- added for the task queue: broadcast state, worker identity ------------------------------
+
+_state: dict[str, Any] = {}
+
+
+def set_state(key: str, value: Any) -> int:
+    """Keep value in this worker (process or thread) under key; returns the pid."""
+    _state[key] = value
+    return os.getpid()
+
+
+def get_state(key: str) -> tuple[int, Any]:
+    """This worker's pid and the value kept under key (None when unset)."""
+    return os.getpid(), _state.get(key)
+
+
+def where() -> tuple[int, str]:
+    """The process and thread running the call."""
+    import threading
+
+    return os.getpid(), threading.current_thread().name
+
+
+async def async_square(x: int) -> int:
+    import asyncio
+
+    await asyncio.sleep(0)
+    return x * x
+
+
+_calls: dict[str, int] = {}
+
+
+def fail_after_first(tag: str) -> None:
+    """Succeeds the first time it runs with tag in this process, raises every time after."""
+    _calls[tag] = _calls.get(tag, 0) + 1
+    if _calls[tag] > 1:
+        raise RuntimeError(f"{tag}: can only be set up once")
+
+
+async def async_sleep(seconds: float) -> float:
+    import asyncio
+
+    await asyncio.sleep(seconds)
+    return seconds

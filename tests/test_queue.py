@@ -404,3 +404,84 @@ def test_a_worker_is_never_assigned_more_than_its_quota() -> None:
         assert d.finished("w") == []
     assert d.load("w") == 0
     assert assigned(d.add_worker("v", 4, None)) == [("v", job.name) for job in jobs[3:]]
+
+
+# -- pinned jobs (broadcasts) and series withdrawal -----------------------------------------
+
+
+def test_pinned_job_goes_to_its_worker_before_the_shared_queue() -> None:
+    """A job pinned to a busy worker waits for that worker alone, and runs there before the
+    shared queue's jobs, even more urgent ones."""
+    d = make(("a", 1, None), ("b", 1, None))
+    first, second = J(name="first"), J(name="second")
+    assert assigned(d.push(first)) == [("a", "first")]
+    assert assigned(d.push(second)) == [("b", "second")]
+    urgent, pinned = J(-10, name="urgent"), J(name="pinned")
+    assert d.push(urgent) == []
+    assert d.pin("a", pinned) == []  # a is busy
+    assert len(d) == 2
+    assert pinned in d
+    assert names(d.pending()) == ["pinned", "urgent"]
+    assert assigned(d.finished("b")) == [("b", "urgent")]  # b never takes a's pinned job
+    assert assigned(d.finished("a")) == [("a", "pinned")]
+
+
+def test_pinned_job_to_an_idle_worker_is_assigned_at_once() -> None:
+    d = make(("a", 1, None))
+    job = J(name="p")
+    assert assigned(d.pin("a", job)) == [("a", "p")]
+    assert len(d) == 0
+
+
+def test_pin_to_an_unknown_worker_raises() -> None:
+    d = make(("a", 1, None))
+    with pytest.raises(KeyError, match="not a known worker"):
+        d.pin("zz", J())
+
+
+def test_pinned_jobs_count_against_no_quota() -> None:
+    """A worker recycled after one job still takes its pinned jobs, then one counted job."""
+    d: Dispatcher[str, J] = Dispatcher()
+    d.add_worker("a", 1, None, quota=1)
+    pinned = J(name="p")
+    assert assigned(d.pin("a", pinned)) == [("a", "p")]
+    assert d.quota_left("a") == 1
+    job = J(name="j")
+    assert d.push(job) == []
+    assert assigned(d.finished("a")) == [("a", "j")]
+    assert d.quota_left("a") == 0
+    assert d.push(J()) == []  # used up: retired
+    assert d.quota_left("b") is None
+
+
+def test_removing_a_worker_returns_its_untaken_pinned_jobs() -> None:
+    d = make(("a", 1, None))
+    d.push(J(name="busy"))
+    p1, p2 = J(name="p1"), J(name="p2")
+    d.pin("a", p1)
+    d.pin("a", p2)
+    assert names(d.remove_worker("a")) == ["p1", "p2"]
+    assert len(d) == 0
+
+
+def test_discard_and_drain_reach_pinned_jobs() -> None:
+    d = make(("a", 1, None))
+    d.push(J(name="busy"))
+    p1, p2 = J(name="p1"), J(name="p2")
+    d.pin("a", p1)
+    d.pin("a", p2)
+    assert d.discard(p1)
+    assert not d.discard(p1)
+    assert names(d.drain()) == ["p2"]
+    assert len(d) == 0
+
+
+def test_withdraw_series_takes_only_that_series_in_order() -> None:
+    d: Dispatcher[str, J] = Dispatcher()
+    jobs = [J(1, "io", "io1"), J(0, None, "n"), J(0, "io", "io0"), J(0, "cpu", "c")]
+    for job in jobs:
+        d.push(job)
+    assert d.pending_series() == {"io", None, "cpu"}
+    assert names(d.withdraw_series("io")) == ["io0", "io1"]
+    assert names(d.pending()) == ["n", "c"]
+    assert d.withdraw_series("io") == []

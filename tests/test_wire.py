@@ -503,8 +503,14 @@ def raised(exc: BaseException) -> BaseException:
 def unpickle_error(payload: Encoded) -> tuple[BaseException, str]:
     """Decode an ERROR frame as the parent does."""
     decoded = decode_one(ERROR, 1, payload)
-    exc, tb = loads(decoded.kind, decoded.body)
+    exc, tb, _run_time = loads(decoded.kind, decoded.body)
     return exc, tb
+
+
+def test_error_carries_the_run_time() -> None:
+    """How long the call ran before raising travels with the error, for stats."""
+    decoded = decode_one(ERROR, 1, dumps_error(raised(ValueError("x")), 0.25))
+    assert loads(decoded.kind, decoded.body)[2] == 0.25
 
 
 def test_error_carries_exception_and_traceback() -> None:

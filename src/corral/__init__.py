@@ -22,7 +22,9 @@ from ._errors import WorkerStartupError as WorkerStartupError
 from ._job import Job as Job
 from ._job import JobState as JobState
 from ._pool import Pool as Pool
+from ._stats import QueueStats as QueueStats
 from ._taskqueue import TaskQueue as TaskQueue
+from ._tracker import Tracker as Tracker
 
 __version__ = "0.1.0"  # the one place it is written; pyproject.toml reads it from here
 
@@ -32,11 +34,13 @@ __all__ = [
     "JobState",
     "Pool",
     "PoolClosedError",
+    "QueueStats",
     "RemoteTraceback",
     "SerializationError",
     "SoftTimeLimitExceeded",
     "TaskQueue",
     "TimeLimitExceeded",
+    "Tracker",
     "WorkerLostError",
     "WorkerStartupError",
 ]

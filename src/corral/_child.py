@@ -20,9 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import inspect
 import multiprocessing.forkserver
 import os
 import signal
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -238,8 +240,11 @@ class _Worker:
             signal.setitimer(signal.ITIMER_REAL, soft_limit)
         self._running = job
         failure: BaseException | None = None
+        start = time.perf_counter()
         try:
             value = fn(*args)
+            if inspect.iscoroutine(value):  # a coroutine function runs on a loop of its own
+                value = asyncio.run(value)
         except BaseException as exc:
             failure = exc
         finally:
@@ -249,13 +254,14 @@ class _Worker:
             self._running = 0
             if soft_limit:
                 signal.setitimer(signal.ITIMER_REAL, 0)
+        run_time = time.perf_counter() - start
         if failure is not None:
-            self._send(frame(ERROR, job, dumps_error(failure)))
+            self._send(frame(ERROR, job, dumps_error(failure, run_time)))
             return
         del args
         try:
             sent = out_of_band(value)
-            payload = dumps(sent, wrapped=sent is not value)
+            payload = dumps((sent, run_time), wrapped=sent is not value)
         except BaseException as exc:
             error = SerializationError(
                 f"the result of {describe(fn)} ({describe(value)})",

@@ -73,10 +73,14 @@ class Job(Generic[T]):
         "payload",
         "priority",
         "retries",
+        "run_time",
+        "sent_at",
         "series",
         "soft_time_limit",
         "state",
+        "submitted_at",
         "time_limit",
+        "worker",
     )
 
     def __init__(
@@ -107,6 +111,12 @@ class Job(Generic[T]):
         self.state = JobState.PENDING
         self.payload: Encoded | None = None  # the pickled call, for process workers
         self.deliveries = 0  # times a worker died holding it before acknowledging it
+        self.worker: Any = None  # a job pinned to one worker (a broadcast) runs only there
+        # Timings for stats, on the perf_counter clock: the queue stamps submission and
+        # hand-over; the worker sets run_time (seconds inside fn) before ``job_done``.
+        self.submitted_at = 0.0
+        self.sent_at = 0.0
+        self.run_time: float | None = None
 
     def encode(self) -> Encoded:
         """The pickled call, made once (a requeued job is not pickled again); raises

@@ -30,15 +30,22 @@ from __future__ import annotations
 import asyncio
 import os
 import warnings
-from typing import TYPE_CHECKING, Any, Self
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal, Self
 
-from ._errors import CorralError, WorkerStartupError
+from ._errors import CorralError, WorkerLostError, WorkerStartupError
 from ._taskqueue import Strategy, TaskQueue, check_limit
+from ._wire import dumps_call
+from .workers._local import LocalWorker
 from .workers._process import STARTUP_TIMEOUT, ProcessWorker
+from .workers._thread import ThreadWorker
 
 if TYPE_CHECKING:
     from ._job import Job
     from .workers._base import Worker
+
+Kind = Literal["process", "thread", "local"]
+KINDS = ("process", "thread", "local")
 
 # Consecutive failed start-ups after which the pool stops trying and fails calls with
 # WorkerStartupError: a raising initializer fails every time, and retrying forever would
@@ -61,7 +68,10 @@ class Pool(TaskQueue):
     """Worker processes kept alive behind a priority queue, driven by the event loop.
 
     Args:
-        workers: how many processes; None means one per CPU this process may use.
+        workers: how many workers; None means one per CPU this process may use.
+        kind: ``"process"`` (the default), ``"thread"`` (a thread each: for calls that
+            release the GIL or wait on I/O) or ``"local"`` (in the event loop itself: for
+            coroutine functions).
         start_method: ``"forkserver"`` (the default where it exists), ``"spawn"`` or
             ``"fork"``. fork is fastest to start but unsafe with threads in the parent.
         strategy, prefetch: see ``TaskQueue``.
@@ -79,13 +89,15 @@ class Pool(TaskQueue):
             this many bytes. The job in hand finishes first; the replacement starts at once.
 
     Use it as ``async with Pool() as pool:``, or call ``await pool.start()`` and later
-    ``await pool.close()``.
+    ``await pool.close()``. Workers of other kinds may be attached too (``attach``); the
+    pool serves with them but keeps only its own alive.
     """
 
     def __init__(
         self,
         workers: int | None = None,
         *,
+        kind: Kind = "process",
         start_method: str | None = None,
         strategy: Strategy = "fair",
         prefetch: int = 4,
@@ -99,8 +111,16 @@ class Pool(TaskQueue):
     ) -> None:
         if workers is None:
             workers = cpu_count()
-        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-            raise ValueError(f"workers must be a positive int or None, not {workers!r}")
+        check_size(workers)
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+        if kind != "process":
+            for name, value in (
+                ("start_method", start_method),
+                ("max_memory_per_child", max_memory_per_child),
+            ):
+                if value is not None:
+                    raise ValueError(f"{name} applies to process workers, not kind={kind!r}")
         super().__init__(strategy=strategy, prefetch=prefetch)
         check_limit("soft_time_limit", soft_time_limit)
         check_limit("time_limit", time_limit)
@@ -112,6 +132,7 @@ class Pool(TaskQueue):
                 not isinstance(value, int) or isinstance(value, bool) or value < 1
             ):
                 raise ValueError(f"{name} must be a positive int or None, not {value!r}")
+        self.kind = kind
         self.max_tasks_per_child = max_tasks_per_child
         self.max_memory_per_child = max_memory_per_child
         self.size = workers
@@ -123,10 +144,10 @@ class Pool(TaskQueue):
             "initargs": tuple(initargs),
             "startup_timeout": startup_timeout,
         }
-        ProcessWorker(**self._worker_options)  # validates the options here, at the call
+        self._new_worker()  # validates the options here, at the call
         self._started = False
         self._startup_failures = 0
-        self._starting: set[Worker] = set()
+        self._own: set[Worker] = set()  # the workers this pool keeps alive
         self._ready: asyncio.Event | None = None
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
@@ -141,7 +162,10 @@ class Pool(TaskQueue):
             # Its ProcessWorkers kill their processes when they are collected.
 
     def __repr__(self) -> str:
-        return f"<corral.Pool {len(self._workers)}/{self.size} workers {self._state.value}>"
+        return (
+            f"<corral.Pool {len(self._workers)}/{self.size} {self.kind} workers "
+            f"{self._state.value}>"
+        )
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -158,15 +182,58 @@ class Pool(TaskQueue):
             self._launch()
         assert self._ready is not None
         try:
-            while len(self._workers) < self.size and self._broken is None:
-                self._ready.clear()
-                await self._ready.wait()
+            await self._wait_serving(self.size)
         except BaseException:  # cancelled while starting: leave nothing running
             await asyncio.shield(self.terminate())
             raise
         if self._broken is not None:
             await self.terminate()
             raise self._broken
+
+    async def _wait_serving(self, n: int) -> None:
+        """Wait until n of the pool's own workers serve (or it broke)."""
+        assert self._ready is not None
+        while self._serving() < n and self._broken is None:
+            self._ready.clear()
+            await self._ready.wait()
+
+    def _serving(self) -> int:
+        return sum(1 for w in self._workers if w in self._own and w not in self._retiring)
+
+    async def resize(self, workers: int) -> None:
+        """Grow or shrink the pool to ``workers`` workers, live.
+
+        Growing returns once the new workers serve. Shrinking takes the idle workers
+        first; a busy one finishes what it holds, then stops, and this returns once it
+        has. No job is lost either way.
+        """
+        check_size(workers)
+        self._check_open("resize")
+        if not self._started:
+            self.size = workers
+            await self.start()
+            return
+        grow = workers - self.size
+        self.size = workers
+        for _ in range(grow):
+            self._add_worker()
+        if grow >= 0:
+            await self._wait_serving(workers)
+            if self._broken is not None:
+                raise self._broken_error()
+            return
+        surplus = -grow
+        starting = [w for w in self._starting if w in self._own][:surplus]
+        for worker in starting:  # not serving yet: the cheapest to give up
+            self._own.discard(worker)
+        serving = sorted(
+            (w for w in self._workers if w in self._own and w not in self._retiring),
+            key=self._dispatcher.load,
+        )[: surplus - len(starting)]
+        for worker in serving:
+            self._own.discard(worker)
+            self._retire(worker)  # not the pool's any more: not replaced
+        await asyncio.gather(*(w.kill() for w in starting), *(w.stop() for w in serving))
 
     def _expected_workers(self) -> int:
         return self.size
@@ -178,45 +245,59 @@ class Pool(TaskQueue):
             job.time_limit = self.time_limit
         if job.soft_time_limit is None:
             job.soft_time_limit = self.soft_time_limit
-        job.encode()
+        if self.kind == "process":
+            job.encode()
         if not self._started:
             self._launch()  # a pool used without `async with` starts on its first call
+
+    async def broadcast(self, fn: Callable[..., Any], /, *args: Any) -> list[Any]:
+        if not self._started or self._serving() < self.size:
+            await self.start()  # every worker of the pool takes part
+        return await super().broadcast(fn, *args)
+
+    broadcast.__doc__ = TaskQueue.broadcast.__doc__
+
+    def _check_broadcast(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        if self.kind == "process":
+            dumps_call(fn, args)  # raises SerializationError here, at the call
 
     def _launch(self) -> None:
         self._started = True
         self._ready = asyncio.Event()
         for _ in range(self.size):
-            self._add_process()
+            self._add_worker()
 
     # -- keeping workers alive ------------------------------------------------------------
 
-    def _add_process(self) -> None:
-        worker = ProcessWorker(**self._worker_options)
+    def _new_worker(self) -> Worker:
+        options = self._worker_options
+        if self.kind == "process":
+            return ProcessWorker(**options)
+        cls = ThreadWorker if self.kind == "thread" else LocalWorker
+        return cls(initializer=options["initializer"], initargs=options["initargs"])
+
+    def _add_worker(self) -> None:
+        worker = self._new_worker()
+        self._own.add(worker)
         self._starting.add(worker)
         self._spawn_task(self._start_worker(worker))
 
-    async def _start_worker(self, worker: Worker) -> None:
-        try:
-            await worker.start(self)
-        except WorkerStartupError as exc:
-            self._starting.discard(worker)
-            self._startup_failed(exc)
-            return
-        self._starting.discard(worker)
+    def _quota(self) -> int | None:
+        return self.max_tasks_per_child
+
+    def _worker_ready(self, worker: Worker) -> None:
         self._startup_failures = 0
-        if self.closed and not (self._dispatcher or self._in_flight):
-            await worker.stop()
-            return
-        self._workers[worker] = None
-        self._dispatch(
-            self._dispatcher.add_worker(
-                worker, self._capacity, worker.series, quota=self.max_tasks_per_child
-            )
-        )
         if self._ready is not None:
             self._ready.set()
 
-    def _startup_failed(self, exc: WorkerStartupError) -> None:
+    def _startup_failed(self, worker: Worker, exc: CorralError) -> None:
+        if worker not in self._own:
+            super()._startup_failed(worker, exc)  # attached by the caller: theirs to handle
+            return
+        self._own.discard(worker)
+        if isinstance(exc, WorkerLostError):
+            exc = WorkerStartupError(1, f"{worker.name} died while starting: {exc}")
+        assert isinstance(exc, WorkerStartupError)
         self._startup_failures += 1
         n = self._startup_failures
         if n >= MAX_STARTUP_FAILURES:
@@ -234,38 +315,51 @@ class Pool(TaskQueue):
     async def _retry_after(self, delay: float) -> None:
         await asyncio.sleep(delay)
         if self._state.value != "closed" and self._broken is None:
-            self._add_process()
+            self._add_worker()
 
     # -- recycling --------------------------------------------------------------------------
 
     def _after_send(self, worker: Worker) -> None:
         # Retired at its quota's last send, not its last result, so that under prefetch a
         # worker is never sent more than its quota.
-        limit = self.max_tasks_per_child
-        if limit is not None and worker.tasks_sent >= limit and worker not in self._retiring:
+        if (
+            self.max_tasks_per_child is not None
+            and self._dispatcher.quota_left(worker) == 0
+            and worker not in self._retiring
+        ):
             self._retire(worker)
 
     def _after_job(self, worker: Worker) -> None:
         limit = self.max_memory_per_child
-        if limit is not None and worker not in self._retiring:
-            rss = getattr(worker, "rss", lambda: None)()
+        if limit is not None and worker in self._workers and worker not in self._retiring:
+            rss = worker.rss()
             if rss is not None and rss > limit:
                 self._retire(worker)  # it finished the job in hand; the next go elsewhere
 
     def _worker_retired(self, worker: Worker) -> None:
-        if self._state.value != "closed":
-            self._add_process()
+        if self._state.value != "closed" and worker in self._own:
+            self._own.discard(worker)
+            self._add_worker()
+
+    def _worker_detached(self, worker: Worker) -> None:
+        if worker in self._own:  # the pool shrinks by the one taken from it
+            self._own.discard(worker)
+            self.size -= 1
 
     def _worker_gone(self, worker: Worker, error: CorralError) -> None:
+        if worker not in self._own:
+            super()._worker_gone(worker, error)
+            return
+        self._own.discard(worker)
         if self._state.value == "closed" or self._broken is not None:
             return
         if self.closed and not (self._dispatcher or self._in_flight):
             self._check_drained()
             return
-        self._add_process()
+        self._add_worker()
 
-    async def _stop_workers(self, *, kill: bool) -> None:
-        starting = list(self._starting)
-        self._starting.clear()
-        await asyncio.gather(*(w.kill() for w in starting))
-        await super()._stop_workers(kill=kill)
+
+def check_size(workers: object) -> None:
+    """A pool's size is a positive int."""
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f"workers must be a positive int or None, not {workers!r}")

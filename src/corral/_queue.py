@@ -8,7 +8,9 @@ The rules (DESIGN.md):
 - strategy: a worker holds at most ``capacity`` jobs in flight: 1 is "fair" (a job goes only
   to an idle worker), more is "prefetch" (jobs wait in the worker's pipe, saving a round
   trip each);
-- a job handed back by a dead worker before it started goes to the front of its priority.
+- a job handed back by a dead worker before it started goes to the front of its priority;
+- a job pinned to one worker (a broadcast) runs only there, before that worker's next
+  queued job, and counts against no quota.
 
 Every call that may free a slot or add a job returns the assignments it made, as
 ``(worker, job)`` pairs, for the caller to carry out.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections import deque
 from collections.abc import Hashable
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -50,13 +53,20 @@ class Dispatcher(Generic[W, J]):
         self._serves: dict[W, frozenset[str] | None] = {}
         self._free: dict[W, None] = {}  # workers below capacity, oldest first
         self._quota: dict[W, int] = {}  # jobs a worker may still be assigned, if capped
+        self._pinned: dict[W, deque[J]] = {}  # jobs for one worker only, in order
 
     def __len__(self) -> int:
         """Jobs waiting for a worker."""
+        if self._pinned:
+            return len(self._entries) + sum(map(len, self._pinned.values()))
         return len(self._entries)
 
     def __contains__(self, job: J) -> bool:
-        return job in self._entries
+        return job in self._entries or any(job in q for q in self._pinned.values())
+
+    def quota_left(self, worker: W) -> int | None:
+        """Jobs worker may still be assigned, or None when it has no cap."""
+        return self._quota.get(worker)
 
     @property
     def workers(self) -> list[W]:
@@ -77,9 +87,13 @@ class Dispatcher(Generic[W, J]):
         return any(_qualified(s, series) for s in self._serves.values())
 
     def pending(self) -> list[J]:
-        """The waiting jobs, in the order they would run."""
+        """The waiting jobs, in the order they would run (pinned ones first)."""
         entries = sorted(e for heap in self._heaps.values() for e in heap if e[2] is not None)
-        return [e[2] for e in entries]
+        return [job for q in self._pinned.values() for job in q] + [e[2] for e in entries]
+
+    def pending_series(self) -> set[str | None]:
+        """The series of the jobs waiting in the shared queue."""
+        return {e[2].series for heap in self._heaps.values() for e in heap if e[2] is not None}
 
     def add_worker(
         self,
@@ -108,17 +122,27 @@ class Dispatcher(Generic[W, J]):
             self._capacity[worker] = 0
             self._free.pop(worker, None)
 
-    def remove_worker(self, worker: W) -> None:
-        """Forget worker; whatever it held is the caller's to requeue or fail."""
+    def remove_worker(self, worker: W) -> list[J]:
+        """Forget worker; whatever it held is the caller's to requeue or fail. Returns the
+        jobs pinned to it that it never took."""
+        pinned = self._pinned.pop(worker, None)
         self._load.pop(worker, None)
         self._quota.pop(worker, None)
         self._capacity.pop(worker, None)
         self._serves.pop(worker, None)
         self._free.pop(worker, None)
+        return list(pinned or ())
+
+    def pin(self, worker: W, job: J) -> list[tuple[W, J]]:
+        """Queue job for worker alone, ahead of the shared queue."""
+        if worker not in self._load:
+            raise KeyError(f"{worker!r} is not a known worker")
+        self._pinned.setdefault(worker, deque()).append(job)
+        return self._fill(worker)
 
     def push(self, job: J) -> list[tuple[W, J]]:
         """Queue a new job behind others of its priority."""
-        if not self._entries:  # fast path: nothing waits, so a free worker takes it now
+        if not self._entries and not self._pinned:  # fast path: a free worker takes it now
             for worker in self._free:
                 if _qualified(self._serves[worker], job.series):
                     self._took(worker)
@@ -145,15 +169,30 @@ class Dispatcher(Generic[W, J]):
         """Withdraw a pending job; False when it was not pending."""
         entry = self._entries.pop(job, None)
         if entry is None:
+            for worker, q in self._pinned.items():
+                if job in q:
+                    q.remove(job)
+                    if not q:
+                        del self._pinned[worker]
+                    return True
             return False
         entry[2] = None
         return True
+
+    def withdraw_series(self, series: str | None) -> list[J]:
+        """Withdraw and return the pending jobs of series, in order."""
+        heap = self._heaps.pop(series, [])
+        jobs = [e[2] for e in sorted(heap) if e[2] is not None]
+        for job in jobs:
+            del self._entries[job]
+        return jobs
 
     def drain(self) -> list[J]:
         """Withdraw and return every pending job, in order."""
         jobs = self.pending()
         self._heaps.clear()
         self._entries.clear()
+        self._pinned.clear()
         return jobs
 
     # -- internals ------------------------------------------------------------------------
@@ -172,9 +211,9 @@ class Dispatcher(Generic[W, J]):
                     break
         return assignments
 
-    def _took(self, worker: W) -> None:
+    def _took(self, worker: W, counted: bool = True) -> None:
         load = self._load[worker] = self._load[worker] + 1
-        if self._quota:
+        if self._quota and counted:
             left = self._quota.get(worker)
             if left is not None:
                 self._quota[worker] = left - 1
@@ -186,6 +225,12 @@ class Dispatcher(Generic[W, J]):
 
     def _fill(self, worker: W) -> list[tuple[W, J]]:
         assignments: list[tuple[W, J]] = []
+        pinned = self._pinned.get(worker) if self._pinned else None
+        while pinned and worker in self._free:
+            self._took(worker, counted=False)
+            assignments.append((worker, pinned.popleft()))
+            if not pinned:
+                del self._pinned[worker]
         while worker in self._free and self._entries:
             job = self._pop_for(self._serves[worker])
             if job is None:

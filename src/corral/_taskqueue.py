@@ -13,13 +13,22 @@ import copy
 import enum
 import itertools
 import math
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, TypeVarTuple, Unpack
 
 from ._child import call_each
-from ._errors import CorralError, PoolClosedError, TimeLimitExceeded, WorkerLostError
+from ._errors import (
+    CorralError,
+    PoolClosedError,
+    TimeLimitExceeded,
+    WorkerLostError,
+    WorkerStartupError,
+)
 from ._job import Job, JobState
 from ._queue import Dispatcher
+from ._stats import Percentiles, QueueStats, Timings, parent_rss, worker_stats
+from ._wire import describe
 
 if TYPE_CHECKING:
     from .workers._base import Worker
@@ -70,6 +79,9 @@ class TaskQueue:
         self._deadlines: dict[Job[Any], asyncio.TimerHandle] = {}  # hard time limits
         self._retiring: set[Worker] = set()  # taking no new jobs; stopped once idle
         self._workers: dict[Worker, None] = {}  # attached and started
+        self._starting: set[Worker] = set()  # attached, not yet serving
+        self._broadcasts: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []  # replayed
+        self._timings = Timings()
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._state = QueueState.OPEN
@@ -109,16 +121,28 @@ class TaskQueue:
         return list(self._workers)
 
     def attach(self, worker: Worker) -> asyncio.Task[None]:
-        """Start worker and let it serve this queue; returns the task that starts it."""
+        """Start worker and let it serve this queue; returns the task that starts it.
+
+        Awaiting the task is optional: it ends once the worker serves (after replaying
+        every ``broadcast``), or raises ``WorkerStartupError`` if it could not start.
+        """
         self._check_open("attach a worker")
+        if worker in self._workers or worker in self._starting:
+            raise ValueError(f"{worker!r} is already attached to this queue")
+        if worker.alive or worker.tasks_sent:
+            raise ValueError(f"{worker!r} has been started already; attach a new worker")
+        self._starting.add(worker)
         return self._spawn_task(self._start_worker(worker))
 
     async def detach(self, worker: Worker) -> None:
-        """Stop giving jobs to worker, let it finish what it holds, then stop it."""
+        """Give worker no more jobs, let it finish those it holds, then stop it. A job it
+        could not finish (it died) is handed back to the queue, or fails if it had started.
+        """
         if worker not in self._workers:
             raise ValueError(f"{worker!r} is not attached to this queue")
-        self._dispatcher.remove_worker(worker)
-        del self._workers[worker]
+        self._forget(worker)
+        self._worker_detached(worker)
+        self._check_servable()
         await worker.stop()
 
     async def close(self) -> None:
@@ -147,11 +171,14 @@ class TaskQueue:
         await self._stop_workers(kill=True)
 
     async def _stop_workers(self, *, kill: bool) -> None:
+        starting = list(self._starting)
+        self._starting.clear()
         workers = list(self._workers)
-        self._workers.clear()
         for worker in workers:
-            self._dispatcher.remove_worker(worker)
-        await asyncio.gather(*(w.kill() if kill else w.stop() for w in workers))
+            self._forget(worker)
+        await asyncio.gather(
+            *(w.kill() for w in starting), *(w.kill() if kill else w.stop() for w in workers)
+        )
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
@@ -196,10 +223,8 @@ class TaskQueue:
             raise PoolClosedError("submit", self._state.value)
         if not callable(fn):
             raise TypeError(f"the function to run must be callable, not {fn!r}")
-        if series is not None and self._workers and not self._dispatcher.serves(series):
-            raise ValueError(
-                f"no worker serves series={series!r}; attach one with series=[{series!r}]"
-            )
+        if series is not None and not self._servable(series):
+            raise ValueError(self._unservable_message(series))
         if retries < 0:
             raise ValueError(f"retries must be 0 or more, not {retries!r}")
         check_limit("time_limit", time_limit)
@@ -218,6 +243,7 @@ class TaskQueue:
             soft_time_limit=soft_time_limit,
         )
         self._admit(job)
+        job.submitted_at = time.perf_counter()
         self._dispatch(self._dispatcher.push(job))
         return job
 
@@ -286,6 +312,100 @@ class TaskQueue:
             return parts
         return [value for part in parts for value in part]
 
+    async def broadcast(self, fn: Callable[..., T], /, *args: Any) -> list[T]:
+        """Run fn(*args) once on every worker serving now; return their values in the
+        order of ``workers``.
+
+        Meant for state a worker keeps (load a model, open a connection): the call is
+        remembered and replayed on every worker that starts later (replacements, recycled
+        workers, ``resize``, ``attach``) before it takes a job. If fn raises on any
+        worker, the first exception is raised here and the call is not remembered.
+        """
+        self._check_open("broadcast")
+        if not callable(fn):
+            raise TypeError(f"the function to broadcast must be callable, not {fn!r}")
+        args = tuple(args)
+        loop = self._loop or self._bind_loop()
+        self._check_broadcast(fn, args)
+        record = (fn, args)
+        self._broadcasts.append(record)  # workers starting from now on replay it
+        jobs = []
+        for worker in self._workers:
+            if worker in self._retiring:
+                continue  # its replacement, already on its way, replays the call
+            job = self._pinned_job(worker, fn, args, loop)
+            jobs.append(job)
+            self._dispatch(self._dispatcher.pin(worker, job))
+        try:
+            return list(await asyncio.gather(*(job.future for job in jobs)))
+        except WorkerLostError:
+            raise  # the call itself was fine; the lost worker's replacement replays it
+        except BaseException:
+            for job in jobs:
+                job.cancel()
+            if record in self._broadcasts:
+                self._broadcasts.remove(record)
+            raise
+
+    def _check_broadcast(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        """Hook: a process pool checks here that the call pickles."""
+
+    def _pinned_job(
+        self,
+        worker: Worker,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        loop: asyncio.AbstractEventLoop,
+    ) -> Job[Any]:
+        job: Job[Any] = Job(self, next(self._ids), fn, args, loop)
+        job.worker = worker
+        job.submitted_at = time.perf_counter()
+        return job
+
+    async def _replay(self, worker: Worker) -> None:
+        """Run every remembered broadcast on a new worker, in order, before it serves."""
+        loop = self._loop or self._bind_loop()
+        i = 0
+        while i < len(self._broadcasts):  # a broadcast made meanwhile is replayed too
+            fn, args = self._broadcasts[i]
+            i += 1
+            job = self._pinned_job(worker, fn, args, loop)
+            self._dispatch([(worker, job)])
+            try:
+                await job.future
+            except (WorkerLostError, WorkerStartupError, asyncio.CancelledError):
+                raise
+            except BaseException as exc:
+                raise WorkerStartupError(
+                    1, f"replaying broadcast {describe(fn)} raised {type(exc).__name__}: {exc}"
+                ) from exc
+
+    def stats(self) -> QueueStats:
+        """A snapshot of the workers and of recent calls' timings (``print`` it)."""
+        now = time.perf_counter()
+        workers = []
+        for worker in [*self._workers, *self._starting]:
+            load = self._dispatcher.load(worker)
+            if worker in self._starting:
+                state = "starting"
+            elif worker in self._retiring:
+                state = "retiring"
+            else:
+                state = "busy" if load else "idle"
+            workers.append(worker_stats(worker, state, load, now))
+        timings = self._timings
+        return QueueStats(
+            workers=tuple(workers),
+            queued=len(self._dispatcher),
+            in_flight=len(self._in_flight),
+            calls=timings.calls,
+            failed=timings.failed,
+            wait=Percentiles.of(timings.wait),
+            transfer=Percentiles.of(timings.transfer),
+            run=Percentiles.of(timings.run),
+            rss=parent_rss(),
+        )
+
     def _auto_chunksize(self, n: int) -> int:
         workers = max(1, len(self._workers) or self._expected_workers())
         return max(1, math.ceil(n / (workers * CHUNKS_PER_WORKER)))
@@ -302,6 +422,7 @@ class TaskQueue:
     def _dispatch(self, assignments: list[tuple[Worker, Job[Any]]]) -> None:
         for worker, job in assignments:
             self._in_flight[job] = worker
+            job.sent_at = time.perf_counter()
             try:
                 worker.send(job)
             except Exception as exc:
@@ -348,6 +469,7 @@ class TaskQueue:
         """Worker callback: job finished; the worker's slot goes to the next job first."""
         if self._deadlines:
             self._disarm(job)
+        self._timings.record(job, worker, time.perf_counter(), error is not None)
         if self._in_flight.pop(job, None) is not None:
             self._after_job(worker)
             self._dispatch(self._dispatcher.finished(worker))
@@ -366,8 +488,8 @@ class TaskQueue:
     ) -> None:
         """Worker callback: it died. Unstarted jobs go back to the front, in their order;
         started ones fail with error, or run again while they have retries left."""
-        self._dispatcher.remove_worker(worker)
-        self._workers.pop(worker, None)
+        starting = worker in self._starting  # lost while replaying broadcasts
+        serving = self._forget(worker, error)
         retiring = worker in self._retiring  # its replacement is already on its way
         self._retiring.discard(worker)
         assignments: list[tuple[Worker, Job[Any]]] = []
@@ -376,7 +498,9 @@ class TaskQueue:
             self._in_flight.pop(job, None)
             if job.state is JobState.CANCELLED or job.done():
                 continue
-            if job.retries > 0:
+            if job.worker is not None:  # a broadcast is for that worker only
+                self._settle(job, None, error)
+            elif job.retries > 0:
                 job.retries -= 1
                 job.state = JobState.PENDING
                 assignments.extend(self._dispatcher.requeue(job))
@@ -385,6 +509,9 @@ class TaskQueue:
         for job in reversed(unstarted):
             self._in_flight.pop(job, None)
             if job.state is JobState.CANCELLED or job.done():
+                continue
+            if job.worker is not None:
+                self._settle(job, None, error)
                 continue
             if job.deliveries >= MAX_DELIVERIES:
                 lost = WorkerLostError(
@@ -399,7 +526,7 @@ class TaskQueue:
             job.state = JobState.PENDING
             assignments.extend(self._dispatcher.requeue(job))
         self._dispatch(assignments)
-        if not retiring:
+        if serving and not retiring and not starting:
             self._worker_gone(worker, error)
         if self._drained is not None:
             self._check_drained()
@@ -414,9 +541,22 @@ class TaskQueue:
     def _stop_if_idle(self, worker: Worker) -> None:
         if worker in self._retiring and not self._dispatcher.load(worker):
             self._retiring.discard(worker)
-            self._dispatcher.remove_worker(worker)
-            self._workers.pop(worker, None)
+            self._forget(worker)
             self._spawn_task(worker.stop())
+
+    def _forget(self, worker: Worker, error: CorralError | None = None) -> bool:
+        """Take worker out of service; broadcasts pinned to it that it never took fail.
+        Returns whether it was serving."""
+        for job in self._dispatcher.remove_worker(worker):
+            self._settle(
+                job,
+                None,
+                error
+                or WorkerLostError(
+                    worker.name, detail="it left the queue before running the broadcast"
+                ),
+            )
+        return self._workers.pop(worker, 0) is None
 
     def _worker_retired(self, worker: Worker) -> None:
         """Hook: a pool starts the retiring worker's replacement here."""
@@ -433,7 +573,37 @@ class TaskQueue:
             deadline.cancel()
 
     def _worker_gone(self, worker: Worker, error: CorralError) -> None:
-        """Hook: a pool replaces the worker here."""
+        """Hook: a serving worker died. A pool replaces it; a plain queue fails the
+        pending jobs that no worker left can take."""
+        self._check_servable()
+
+    def _worker_detached(self, worker: Worker) -> None:
+        """Hook: ``detach`` took worker out of service."""
+
+    def _servable(self, series: str | None) -> bool:
+        """Whether a job of series can ever run: some attached worker serves it, or no
+        worker is attached yet (one may still come)."""
+        workers = [*self._workers, *self._starting]
+        return not workers or any(w.serves(series) for w in workers)
+
+    def _unservable_message(self, series: str | None) -> str:
+        served = sorted({s for w in [*self._workers, *self._starting] for s in w.series or ()})
+        return (
+            f"no worker of this queue serves series={series!r} (they serve {served}); "
+            f"attach one with series=[{series!r}]"
+        )
+
+    def _check_servable(self) -> None:
+        """Fail the pending jobs that no attached worker can take (instead of letting
+        them wait forever)."""
+        if not self._dispatcher:
+            return
+        for series in self._dispatcher.pending_series():
+            if not self._servable(series):
+                error = ValueError(self._unservable_message(series))
+                for job in self._dispatcher.withdraw_series(series):
+                    self._settle(job, None, error)
+        self._check_drained()
 
     def cancel_job(self, job: Job[Any]) -> None:
         """Job callback: the job was cancelled. Pending: dropped. Sent: stopped in its worker."""
@@ -447,12 +617,47 @@ class TaskQueue:
     # -- helpers --------------------------------------------------------------------------
 
     async def _start_worker(self, worker: Worker) -> None:
-        await worker.start(self)
-        if self._state is QueueState.CLOSED:
+        """Start worker, replay the broadcasts on it, then let it take jobs."""
+        try:
+            await worker.start(self)
+            if self._broadcasts:
+                await self._replay(worker)
+        except (WorkerStartupError, WorkerLostError) as exc:
+            self._starting.discard(worker)
+            await worker.kill()
+            self._startup_failed(worker, exc)
+            return
+        except BaseException:
+            self._starting.discard(worker)
+            await worker.kill()
+            raise
+        self._starting.discard(worker)
+        if self._state is QueueState.CLOSED or (
+            self.closed and not (self._dispatcher or self._in_flight)
+        ):
             await worker.stop()
             return
+        worker.ready_at = time.perf_counter()
         self._workers[worker] = None
-        self._dispatch(self._dispatcher.add_worker(worker, self._capacity, worker.series))
+        self._dispatch(
+            self._dispatcher.add_worker(worker, self._capacity, worker.series, self._quota())
+        )
+        self._worker_ready(worker)
+
+    def _quota(self) -> int | None:
+        """Hook: how many jobs a new worker may run before it is recycled (None: no cap)."""
+        return None
+
+    def _worker_ready(self, worker: Worker) -> None:
+        """Hook: worker serves now."""
+
+    def _startup_failed(self, worker: Worker, exc: CorralError) -> None:
+        """Hook: worker could not start. A plain queue raises from ``attach``'s task and
+        fails the pending jobs no worker left can take; a pool retries."""
+        self._check_servable()
+        if isinstance(exc, WorkerLostError):
+            raise WorkerStartupError(1, f"{worker.name} died while starting: {exc}") from exc
+        raise exc
 
     def _bind_loop(self) -> asyncio.AbstractEventLoop:
         loop = asyncio.get_running_loop()

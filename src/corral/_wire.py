@@ -40,8 +40,8 @@ CALL = 1  # body: pickle of (function, args) or (function, args, soft limit, ack
 # Worker to parent (acknowledgements go through shared memory, see _shared.py):
 UP = 10  # the worker is ready (its initializer ran); body: pickle of its pid
 ACK = 11  # the job started; sent only when the call asked (a hard time limit counts from it)
-RESULT = 12  # body: pickle of the return value
-ERROR = 13  # body: pickle of (exception, traceback text)
+RESULT = 12  # body: pickle of (return value, seconds the call ran)
+ERROR = 13  # body: pickle of (exception, traceback text, seconds the call ran or None)
 INIT_FAILED = 14  # the initializer raised; body as ERROR; the worker then exits
 
 OUT_OF_BAND = 0x80  # flag on kind: the body starts with a table of out-of-band buffers
@@ -319,15 +319,16 @@ def _call_error(fn: Callable[..., Any], args: Sequence[Any], exc: Exception) -> 
     )
 
 
-def dumps_error(exc: BaseException) -> Encoded:
-    """Pickle an exception with its formatted traceback; substitute one when it won't pickle.
+def dumps_error(exc: BaseException, run_time: float | None = None) -> Encoded:
+    """Pickle an exception with its formatted traceback (and how long the call ran before
+    it raised); substitute one when it won't pickle.
 
     The substitute is a ``SerializationError`` that still carries the original's type,
     message and traceback text, so the caller learns what happened in the worker.
     """
     tb = "".join(traceback.format_exception(exc))
     try:
-        encoded = dumps((exc, tb))
+        encoded = dumps((exc, tb, run_time))
         pickle.loads(encoded.data, buffers=encoded.buffers)  # it must also come back whole
     except Exception as pickle_exc:
         stand_in = SerializationError(
@@ -335,7 +336,7 @@ def dumps_error(exc: BaseException) -> Encoded:
             "in the worker",
             f"{type(pickle_exc).__name__}: {_safe_str(pickle_exc)}",
         )
-        return dumps((stand_in, tb))
+        return dumps((stand_in, tb, run_time))
     return encoded
 
 

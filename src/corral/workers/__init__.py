@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from ._base import Worker as Worker
 from ._base import WorkerHost as WorkerHost
+from ._local import LocalWorker as LocalWorker
 from ._process import ProcessWorker as ProcessWorker
+from ._thread import ThreadWorker as ThreadWorker
 
-__all__ = ["ProcessWorker", "Worker", "WorkerHost"]
+__all__ = ["LocalWorker", "ProcessWorker", "ThreadWorker", "Worker", "WorkerHost"]
 
 for _name in __all__:
     globals()[_name].__module__ = "corral.workers"

@@ -71,6 +71,8 @@ class Worker(abc.ABC):
         self._name = name
         self.tasks_sent = 0  # jobs handed to it
         self.tasks_done = 0  # jobs it finished
+        self.busy_time = 0.0  # seconds spent running jobs (the host adds each run time)
+        self.ready_at: float | None = None  # perf_counter when it began serving its host
 
     @property
     def name(self) -> str:
@@ -96,7 +98,11 @@ class Worker(abc.ABC):
 
     @abc.abstractmethod
     def send(self, job: Job[Any]) -> None:
-        """Hand job over; never blocks. The outcome comes back through the host's callbacks."""
+        """Hand job over; never blocks. The outcome comes back through the host's callbacks.
+
+        Jobs run in the order sent. Before ``job_done`` the worker sets ``job.run_time``
+        to the seconds spent inside the call (stats split it from transfer time).
+        """
 
     @abc.abstractmethod
     def cancel(self, job: Job[Any], *, grace: float = 1.0) -> None:
@@ -125,4 +131,9 @@ class Worker(abc.ABC):
     @property
     def pid(self) -> int | None:
         """The worker's process id, where it has its own process."""
+        return None
+
+    def rss(self) -> int | None:
+        """Resident memory of the worker's own process in bytes; None where it has none
+        (or it is gone)."""
         return None

@@ -418,7 +418,7 @@ class ProcessWorker(Worker):
                 self.tasks_done += 1
                 if self._overdue and (overdue := self._overdue.pop(job_id, None)):
                     overdue.cancel()
-                value, error = self._decode_outcome(k, kind, body)
+                value, error = self._decode_outcome(k, kind, body, job)
                 host.job_done(self, job, value, error)
             elif k == ACK:  # asked for by calls with a hard time limit
                 entry = sent.get(job_id)
@@ -428,7 +428,7 @@ class ProcessWorker(Worker):
                 if self._up is not None and not self._up.done():
                     self._up.set_result(loads(kind, body))
             elif k == INIT_FAILED:
-                exc, tb = loads(kind, body)
+                exc, tb, _ = loads(kind, body)
                 exc.__cause__ = RemoteTraceback(tb)
                 if self._up is not None and not self._up.done():
                     error = WorkerStartupError(
@@ -438,17 +438,18 @@ class ProcessWorker(Worker):
                     self._up.set_exception(error)
 
     def _decode_outcome(
-        self, k: int, kind: int, body: bytes | bytearray | memoryview
+        self, k: int, kind: int, body: bytes | bytearray | memoryview, job: Job[Any]
     ) -> tuple[Any, BaseException | None]:
         try:
             if k == RESULT:
                 if not kind & SHARED:
-                    return loads(kind, body), None
+                    value, job.run_time = loads(kind, body)
+                    return value, None
                 assert self._regions is not None and self._page is not None
-                value = loads(kind, body, self._regions[1].view)
+                value, job.run_time = loads(kind, body, self._regions[1].view)
                 self._page.words[RESULTS_TAKEN] += 1  # copied out: the region is free
                 return value, None
-            exc, tb = loads(kind, body)
+            exc, tb, job.run_time = loads(kind, body)
         except Exception as decode_exc:
             what = "the result" if k == RESULT else "the exception"
             error = SerializationError(

@@ -1,0 +1,187 @@
+"""What a queue has been doing: each worker's load and the timings of recent calls.
+
+Recording is on the hot path, so it is a few subtractions and deque appends per call;
+percentiles are computed only when someone asks for ``stats()``. A call's time splits in
+three::
+
+    submitted ---- queue wait ---- handed to a worker ---- transfer + run ---- done
+                                                          run: inside the function
+
+``transfer`` is the rest: pickling, the pipes, and waiting in a prefetching worker's pipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import deque
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import psutil
+
+if TYPE_CHECKING:
+    from ._job import Job
+    from .workers._base import Worker
+
+# Timings of this many recent calls are kept for the percentiles: enough for a stable p99,
+# bounded so a long-running queue's memory does not grow.
+TIMINGS_KEPT = 10_000
+
+
+class Timings:
+    """The timings of the last ``TIMINGS_KEPT`` calls, and counts of all of them."""
+
+    __slots__ = ("calls", "failed", "run", "transfer", "wait")
+
+    def __init__(self) -> None:
+        self.wait: deque[float] = deque(maxlen=TIMINGS_KEPT)
+        self.transfer: deque[float] = deque(maxlen=TIMINGS_KEPT)
+        self.run: deque[float] = deque(maxlen=TIMINGS_KEPT)
+        self.calls = 0
+        self.failed = 0
+
+    def record(self, job: Job[Any], worker: Worker, now: float, failed: bool) -> None:
+        """Job ended on worker at ``now`` (perf_counter); its worker set ``run_time``."""
+        self.calls += 1
+        if failed:
+            self.failed += 1
+        sent = job.sent_at
+        self.wait.append(sent - job.submitted_at)
+        total = now - sent
+        run = job.run_time
+        if run is None:  # a worker kind that does not time its calls
+            run = total
+        else:
+            self.transfer.append(max(0.0, total - run))
+        self.run.append(run)
+        worker.busy_time += run
+
+
+@dataclasses.dataclass(frozen=True)
+class Percentiles:
+    """Percentiles of one timing, in seconds, over ``count`` recent calls."""
+
+    count: int
+    p50: float
+    p90: float
+    p99: float
+    max: float
+
+    @classmethod
+    def of(cls, samples: Iterable[float]) -> Percentiles:
+        ordered = sorted(samples)
+        n = len(ordered)
+        if not n:
+            return cls(0, 0.0, 0.0, 0.0, 0.0)
+
+        def rank(q: float) -> float:
+            return ordered[min(n - 1, int(q * n))]
+
+        return cls(n, rank(0.5), rank(0.9), rank(0.99), ordered[-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerStats:
+    """One worker as ``stats()`` saw it. Times in seconds, memory in bytes (None when
+    unknown: a thread or local worker shares the parent's memory, see ``QueueStats.rss``)."""
+
+    name: str
+    kind: str
+    pid: int | None
+    state: str
+    series: tuple[str, ...] | None
+    tasks_done: int
+    in_flight: int
+    busy: float
+    idle: float
+    rss: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueStats:
+    """A snapshot of a queue or pool: ``print(pool.stats())`` shows it as a table."""
+
+    workers: tuple[WorkerStats, ...]
+    queued: int
+    in_flight: int
+    calls: int
+    failed: int
+    wait: Percentiles
+    transfer: Percentiles
+    run: Percentiles
+    rss: int  # the parent process's resident memory
+
+    def __str__(self) -> str:
+        lines = [
+            f"{len(self.workers)} workers, {self.queued} queued, {self.in_flight} in flight, "
+            f"{self.calls:,} calls ({self.failed:,} failed), parent rss {_mib(self.rss)} MiB",
+            "",
+        ]
+        header = ("worker", "kind", "pid", "state", "done", "busy s", "idle s", "rss MiB")
+        rows = [
+            (
+                w.name,
+                w.kind,
+                "-" if w.pid is None else str(w.pid),
+                w.state,
+                f"{w.tasks_done:,}",
+                f"{w.busy:.3f}",
+                f"{w.idle:.3f}",
+                "-" if w.rss is None else _mib(w.rss),
+            )
+            for w in self.workers
+        ]
+        lines += _table(header, rows)
+        lines.append("")
+        timing = ("ms (last calls)", "p50", "p90", "p99", "max")
+        lines += _table(
+            timing,
+            [
+                (name, *(f"{v * 1000:.3f}" for v in (p.p50, p.p90, p.p99, p.max)))
+                for name, p in (
+                    ("queue wait", self.wait),
+                    ("transfer", self.transfer),
+                    ("run", self.run),
+                )
+            ],
+        )
+        return "\n".join(lines)
+
+
+def worker_stats(worker: Worker, state: str, in_flight: int, now: float) -> WorkerStats:
+    """A worker's line in the snapshot."""
+    alive_for = 0.0 if worker.ready_at is None else now - worker.ready_at
+    return WorkerStats(
+        name=worker.name,
+        kind=worker.kind,
+        pid=worker.pid,
+        state=state,
+        series=None if worker.series is None else tuple(sorted(worker.series)),
+        tasks_done=worker.tasks_done,
+        in_flight=in_flight,
+        busy=worker.busy_time,
+        idle=max(0.0, alive_for - worker.busy_time),
+        rss=worker.rss(),
+    )
+
+
+def parent_rss() -> int:
+    """This process's resident memory in bytes."""
+    return int(psutil.Process(os.getpid()).memory_info().rss)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        first, *rest = cells
+        return "  ".join(
+            [first.ljust(widths[0]), *(c.rjust(w) for c, w in zip(rest, widths[1:], strict=True))]
+        )
+
+    return [line(header), *(line(r) for r in rows)]

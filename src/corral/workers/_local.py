@@ -1,0 +1,298 @@
+"""``LocalWorker``: jobs run in the event loop itself.
+
+Why: a coroutine function (I/O, calls to other services) needs no process and no thread; it
+is best run where it already is, as a task of the loop, with no pickling at all. A short
+plain callable can run here too, and the same queue can then route heavier calls elsewhere
+by ``series``. The value and the exception reach the caller as they are, traceback intact.
+
+How it keeps the ``Worker`` contract (``corral.workers._base``)::
+
+    send(job)  ->  queued; one loop callback later the first job starts  (send never runs it)
+    plain callable     runs inline in that callback: it blocks the loop while it runs
+    awaitable result   becomes a task of the loop; the next job starts when it ends
+
+- One job at a time, in the order sent; ``job_started`` before the call, ``run_time`` set
+  before ``job_done`` (wall time from the call to the end of its task).
+- Soft time limit: a coroutine's task is cancelled at its limit. The coroutine sees
+  ``asyncio.CancelledError`` (the only exception that can be thrown into a task from
+  outside); unless it handles that and finishes otherwise, the caller gets
+  ``SoftTimeLimitExceeded``. A plain callable cannot be interrupted: the limit is not
+  enforced on it, and its value counts.
+- ``cancel``: a job not started never starts (``job_done`` with ``CancelledError`` frees its
+  slot). A running coroutine's task is cancelled; if it is still running ``grace`` seconds
+  later (it swallowed the cancellation), or at once when ``grace`` <= 0, the worker gives up:
+  it is dead, and reports ``worker_lost`` with that job as started and the rest as
+  unstarted. Nothing can stop a task that refuses cancellation, so it is left running in
+  the loop, abandoned, its outcome ignored; the host starts a new worker in its place.
+- ``stop`` finishes the jobs already sent. ``kill`` reports what it holds as lost at once
+  and cancels a running task without waiting for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import functools
+import inspect
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from .._errors import SoftTimeLimitExceeded, WorkerLostError, WorkerStartupError
+from .._job import JobState
+from ._base import Worker, WorkerHost
+
+if TYPE_CHECKING:
+    from .._job import Job
+
+# A cancelled coroutine still running this long after its task was cancelled is taken to
+# ignore cancellation and is abandoned: long enough for its clean-up (``finally`` blocks,
+# closing connections), short enough that the slot soon serves again.
+CANCEL_GRACE = 1.0
+
+
+class LocalState(enum.Enum):
+    """Life of a local worker."""
+
+    NEW = "new"
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    DEAD = "dead"
+
+
+class LocalWorker(Worker):
+    """Runs jobs in the event loop: coroutines as tasks, plain callables inline."""
+
+    kind = "local"
+
+    def __init__(
+        self,
+        *,
+        series: Iterable[str] | None = None,
+        name: str | None = None,
+        initializer: Callable[..., Any] | None = None,
+        initargs: Iterable[Any] = (),
+    ) -> None:
+        super().__init__(series=series, name=name)
+        if initializer is not None and not callable(initializer):
+            raise TypeError(f"initializer must be callable, not {initializer!r}")
+        self._initializer = initializer
+        self._initargs = tuple(initargs)
+        self.state = LocalState.NEW
+        self._host: WorkerHost | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: deque[Job[Any]] = deque()  # sent, not started, in order
+        self._skipped: list[Job[Any]] = []  # cancelled before they started; to report
+        self._wakeup: asyncio.Handle | None = None  # the scheduled _next
+        self._current: Job[Any] | None = None  # the job running now
+        self._task: asyncio.Future[Any] | None = None  # its task, for an awaitable
+        self._started_at = 0.0
+        self._why: str | None = None  # why its task was cancelled: "soft" or "cancel"
+        self._soft: asyncio.TimerHandle | None = None
+        self._overdue: asyncio.TimerHandle | None = None
+        self._gone: asyncio.Future[None] | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.state in (LocalState.STARTING, LocalState.READY, LocalState.STOPPING)
+
+    async def start(self, host: WorkerHost) -> None:
+        """Run the initializer in the loop (awaited if it returns an awaitable); raises
+        ``WorkerStartupError`` with its exception as the cause if it raises."""
+        if self.state is not LocalState.NEW:
+            raise RuntimeError(f"cannot start {self.name}: it is {self.state.value}")
+        loop = self._loop = asyncio.get_running_loop()
+        self._host = host
+        self._gone = loop.create_future()
+        self.state = LocalState.STARTING
+        try:
+            if self._initializer is not None:
+                result = self._initializer(*self._initargs)
+                if inspect.isawaitable(result):
+                    await result
+        except Exception as exc:
+            self._end()
+            raise WorkerStartupError(
+                1, f"the initializer raised {type(exc).__name__}: {exc}"
+            ) from exc
+        except BaseException:  # cancelled while awaiting it: nothing is left either
+            self._end()
+            raise
+        if self.state is not LocalState.STARTING:
+            raise WorkerStartupError(1, f"{self.name} was stopped before it started")
+        self.state = LocalState.READY
+
+    def send(self, job: Job[Any]) -> None:
+        if self.state is not LocalState.READY:
+            raise RuntimeError(f"cannot send to {self.name}: it is {self.state.value}")
+        if job.state is not JobState.CANCELLED:  # one already cancelled never starts
+            job.state = JobState.SENT
+        self.tasks_sent += 1
+        self._pending.append(job)
+        self._wake()
+
+    def cancel(self, job: Job[Any], *, grace: float = CANCEL_GRACE) -> None:
+        """Stop job: one not started never starts; a running coroutine's task is cancelled,
+        and the worker gives up on it if it still runs after grace seconds (0: at once)."""
+        if self._loop is None or self.state is LocalState.DEAD:
+            return
+        if job is self._current:
+            if grace > 0:
+                self._why = "cancel"
+                if self._task is not None:
+                    self._task.cancel()
+            if self._overdue is None:  # grace <= 0: given up on one loop turn from now
+                self._overdue = self._loop.call_later(
+                    max(grace, 0.0), self._still_running, job, grace
+                )
+        elif job in self._pending:
+            self._pending.remove(job)
+            self._skipped.append(job)  # reported from a loop callback, never from here
+            self._wake()
+
+    async def stop(self) -> None:
+        if self.state in (LocalState.NEW, LocalState.DEAD):
+            return
+        assert self._gone is not None
+        if self.state is not LocalState.STOPPING:
+            self.state = LocalState.STOPPING
+            self._wake()
+        await asyncio.shield(self._gone)
+
+    async def kill(self) -> None:
+        if self.state in (LocalState.NEW, LocalState.DEAD):
+            return
+        self._give_up("it was killed by its owner")
+
+    # -- running jobs ---------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        """Schedule the next step when idle with work to do; end a stopping idle worker."""
+        if self._current is not None or self.state is LocalState.DEAD:
+            return
+        if self._pending or self._skipped:
+            if self._wakeup is None:
+                assert self._loop is not None
+                self._wakeup = self._loop.call_soon(self._next)
+        elif self.state is LocalState.STOPPING:
+            self._end()
+
+    def _next(self) -> None:
+        self._wakeup = None
+        while self._skipped and self.state is not LocalState.DEAD:
+            self._report(self._skipped.pop(0), None, asyncio.CancelledError())
+        if self._current is not None or self.state is LocalState.DEAD:
+            return
+        if not self._pending:
+            self._wake()
+            return
+        job = self._pending.popleft()
+        if job.state is JobState.CANCELLED:  # cancelled by the host without a word to us
+            self._report(job, None, asyncio.CancelledError())
+            self._wake()
+            return
+        self._run(job)
+
+    def _run(self, job: Job[Any]) -> None:
+        assert self._host is not None and self._loop is not None
+        self._current = job
+        self._why = None
+        job.state = JobState.RUNNING
+        self._host.job_started(self, job)
+        self._started_at = time.perf_counter()
+        try:
+            result = job.fn(*job.args)
+        except BaseException as exc:
+            self._done(job, None, exc)
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise  # as an asyncio task does: the caller has it, and so does the loop
+            return
+        if not inspect.isawaitable(result):
+            self._done(job, result, None)
+            return
+        task = self._task = asyncio.ensure_future(result)
+        if job.soft_time_limit is not None:
+            self._soft = self._loop.call_later(job.soft_time_limit, self._soft_limit_passed, job)
+        task.add_done_callback(functools.partial(self._task_done, job))
+
+    def _soft_limit_passed(self, job: Job[Any]) -> None:
+        self._soft = None
+        if job is self._current and self._task is not None and self._why is None:
+            self._why = "soft"
+            self._task.cancel()
+
+    def _task_done(self, job: Job[Any], task: asyncio.Future[Any]) -> None:
+        if job is not self._current:  # given up on: its outcome is ignored
+            if not task.cancelled():
+                task.exception()  # retrieved, so asyncio does not log it
+            return
+        if not task.cancelled():
+            error = task.exception()
+            self._done(job, None if error is not None else task.result(), error)
+            return
+        try:
+            task.result()
+        except asyncio.CancelledError as cancelled:
+            if self._why == "soft":
+                assert job.soft_time_limit is not None
+                soft = SoftTimeLimitExceeded(job.soft_time_limit)
+                soft.__cause__ = cancelled  # its context shows where the coroutine was
+                self._done(job, None, soft)
+            else:
+                self._done(job, None, cancelled)
+
+    def _still_running(self, job: Job[Any], grace: float) -> None:
+        self._overdue = None
+        if job is self._current:
+            self._give_up(f"job {job.id} was still running {grace:g} s after it was cancelled")
+
+    def _done(self, job: Job[Any], value: Any, error: BaseException | None) -> None:
+        if job is not self._current:
+            return
+        job.run_time = time.perf_counter() - self._started_at
+        self._current = self._task = None
+        self._disarm()
+        self._report(job, value, error)
+        self._wake()
+
+    def _report(self, job: Job[Any], value: Any, error: BaseException | None) -> None:
+        assert self._host is not None
+        self.tasks_done += 1
+        self._host.job_done(self, job, value, error)
+
+    # -- the end --------------------------------------------------------------------------
+
+    def _give_up(self, reason: str) -> None:
+        """Die now: what was not started and what runs are reported lost; a running task is
+        cancelled (best effort) and left to the loop, its outcome ignored."""
+        if self.state is LocalState.DEAD:
+            return
+        running, task = self._current, self._task
+        unstarted = [*self._skipped, *self._pending]  # skipped: cancelled, never began
+        self._pending.clear()
+        self._skipped.clear()
+        self._current = self._task = None
+        self._end()
+        if task is not None and not task.done():
+            task.cancel()
+        started = [running] if running is not None else []
+        if self._host is not None and (unstarted or started):
+            error = WorkerLostError(self.name, None, None, reason)
+            self._host.worker_lost(self, error, unstarted, started)
+
+    def _disarm(self) -> None:
+        for timer in (self._soft, self._overdue):
+            if timer is not None:
+                timer.cancel()
+        self._soft = self._overdue = None
+
+    def _end(self) -> None:
+        self.state = LocalState.DEAD
+        self._disarm()
+        if self._wakeup is not None:
+            self._wakeup.cancel()
+            self._wakeup = None
+        if self._gone is not None and not self._gone.done():
+            self._gone.set_result(None)

@@ -1,0 +1,573 @@
+"""``ThreadWorker`` on its own, driven by a tiny host, and through a ``TaskQueue``: jobs run
+one at a time in a dedicated thread, are interrupted there by asynchronous exceptions, and
+a thread that will not stop is abandoned and reported lost."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import corral
+from corral import Job, JobState
+from corral.workers._base import Worker
+from corral.workers._thread import ThreadWorker
+
+BOUND = 10.0
+
+
+class Host:
+    """Records what a worker reports, in order; each job's outcome and the loss are
+    futures. Notes any callback made outside the loop's thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.thread = threading.get_ident()  # the loop's
+        self.events: list[tuple[str, int]] = []
+        self.outcomes: dict[int, asyncio.Future[tuple[Any, BaseException | None]]] = {}
+        self.states_at_start: dict[int, JobState] = {}
+        self.run_times: dict[int, float | None] = {}
+        self.lost: asyncio.Future[tuple[corral.CorralError, list[Job[Any]], list[Job[Any]]]]
+        self.lost = self.loop.create_future()
+        self.wrong_thread = False
+        self._ids = 0
+
+    def job(self, fn: Callable[..., Any], *args: Any, soft: float | None = None) -> Job[Any]:
+        """A new job for fn(*args), owned by this host."""
+        self._ids += 1
+        job: Job[Any] = Job(self, self._ids, fn, args, self.loop, soft_time_limit=soft)
+        self.outcomes[job.id] = self.loop.create_future()
+        return job
+
+    async def outcome(self, job: Job[Any]) -> tuple[Any, BaseException | None]:
+        """Wait (bounded) for job_done of job: (value, error)."""
+        async with asyncio.timeout(BOUND):
+            result = await self.outcomes[job.id]
+        assert not self.wrong_thread
+        return result
+
+    async def loss(self) -> tuple[corral.CorralError, list[Job[Any]], list[Job[Any]]]:
+        """Wait (bounded) for worker_lost: (error, unstarted, started)."""
+        async with asyncio.timeout(BOUND):
+            result = await asyncio.shield(self.lost)
+        assert not self.wrong_thread
+        return result
+
+    def _check_thread(self) -> None:
+        if threading.get_ident() != self.thread:
+            self.wrong_thread = True
+
+    # -- WorkerHost ----------------------------------------------------------------------
+
+    def job_started(self, worker: Worker, job: Job[Any]) -> None:
+        self._check_thread()
+        self.events.append(("started", job.id))
+        self.states_at_start[job.id] = job.state
+
+    def job_done(
+        self, worker: Worker, job: Job[Any], value: Any, error: BaseException | None
+    ) -> None:
+        self._check_thread()
+        self.events.append(("done", job.id))
+        self.run_times[job.id] = job.run_time
+        assert not self.outcomes[job.id].done(), f"job {job.id} reported twice"
+        self.outcomes[job.id].set_result((value, error))
+
+    def worker_lost(
+        self,
+        worker: Worker,
+        error: corral.CorralError,
+        unstarted: list[Job[Any]],
+        started: list[Job[Any]],
+    ) -> None:
+        self._check_thread()
+        self.events.append(("lost", 0))
+        assert not self.lost.done(), "worker_lost reported twice"
+        self.lost.set_result((error, unstarted, started))
+
+    # -- JobOwner ------------------------------------------------------------------------
+
+    def cancel_job(self, job: Job[Any]) -> None:
+        pass
+
+
+async def started(host: Host, name: str | None = None, **options: Any) -> ThreadWorker:
+    """A ThreadWorker started for host."""
+    worker = ThreadWorker(name=name, **options)
+    async with asyncio.timeout(BOUND):
+        await worker.start(host)
+    return worker
+
+
+async def wait_for(event: threading.Event) -> None:
+    """Wait (bounded) for a threading.Event without blocking the loop."""
+    assert await asyncio.to_thread(event.wait, BOUND)
+
+
+async def thread_gone(name: str) -> None:
+    """Wait (bounded) for the thread called name to end, then let the loop run what it
+    posted before it ended."""
+    for thread in threading.enumerate():
+        if thread.name == name:
+            await asyncio.to_thread(thread.join, BOUND)
+            assert not thread.is_alive()
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def thread_names() -> set[str]:
+    return {thread.name for thread in threading.enumerate()}
+
+
+# -- tasks -------------------------------------------------------------------------------
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def fail(message: str) -> None:
+    raise ValueError(message)
+
+
+def whoami() -> str:
+    return threading.current_thread().name
+
+
+def block(running: threading.Event, release: threading.Event) -> str:
+    running.set()
+    release.wait(BOUND)
+    return "released"
+
+
+def spin(running: threading.Event, release: threading.Event) -> str:
+    """Busy in Python bytecode (so an interrupt lands at once) until released."""
+    running.set()
+    while not release.is_set():
+        pass
+    return "released"
+
+
+def stubborn(running: threading.Event, release: threading.Event, caught: list[str]) -> str:
+    """Spins, swallowing every CancelledError, until released."""
+    while not release.is_set():
+        try:
+            running.set()
+            while not release.is_set():
+                pass
+        except asyncio.CancelledError:
+            caught.append("cancelled")
+    return "released"
+
+
+def catch_soft_limit(running: threading.Event) -> str:
+    running.set()
+    deadline = time.monotonic() + BOUND
+    try:
+        while time.monotonic() < deadline:
+            pass
+    except corral.SoftTimeLimitExceeded as exc:
+        return f"caught {exc.limit:g}"
+    return "no limit"
+
+
+async def coroutine_whoami(x: int) -> tuple[int, str, bool]:
+    await asyncio.sleep(0.01)
+    loop = asyncio.get_running_loop()
+    return x, threading.current_thread().name, loop.is_running()
+
+
+# -- tests -------------------------------------------------------------------------------
+
+
+async def test_runs_jobs_in_its_thread_and_reports_outcomes() -> None:
+    """A value and an exception come back through job_done, unwrapped, the exception with
+    its own traceback; job_started comes first with the job RUNNING; every callback is made
+    in the loop's thread; the calls run in the thread named corral-<name>."""
+    host = Host()
+    worker = await started(host, name="t1")
+    try:
+        assert worker.alive
+        assert worker.pid is None
+        ok, bad, who = host.job(add, 2, 3), host.job(fail, "boom"), host.job(whoami)
+        for job in (ok, bad, who):
+            worker.send(job)
+            assert job.state in (JobState.SENT, JobState.RUNNING)
+        assert await host.outcome(ok) == (5, None)
+        value, error = await host.outcome(bad)
+        assert value is None
+        assert isinstance(error, ValueError)
+        assert str(error) == "boom"
+        assert error.__cause__ is None
+        assert error.__traceback__ is not None
+        assert error.__traceback__.tb_next is not None  # the frame of fail() is there
+        assert await host.outcome(who) == ("corral-t1", None)
+        assert host.events == [(kind, i) for i in (1, 2, 3) for kind in ("started", "done")]
+        assert host.states_at_start == {1: JobState.RUNNING, 2: JobState.RUNNING, 3: JobState.RUNNING}
+        assert (worker.tasks_sent, worker.tasks_done) == (3, 3)
+    finally:
+        await worker.stop()
+    assert not worker.alive
+    assert "corral-t1" not in thread_names()
+
+
+async def test_send_never_blocks_and_jobs_run_one_at_a_time_in_order() -> None:
+    """send() returns while the thread is busy; the jobs sent run afterwards, in order,
+    never two at once."""
+    host = Host()
+    worker = await started(host)
+    running, release = threading.Event(), threading.Event()
+    log: list[tuple[str, int]] = []
+
+    def record(i: int) -> int:
+        log.append(("in", i))
+        time.sleep(0.002)
+        log.append(("out", i))
+        return i
+
+    try:
+        first = host.job(block, running, release)
+        worker.send(first)
+        await wait_for(running)
+        jobs = [host.job(record, i) for i in range(5)]
+        for job in jobs:
+            worker.send(job)
+        assert not log  # queued behind the busy call
+        release.set()
+        assert [(await host.outcome(job))[0] for job in jobs] == list(range(5))
+        assert log == [(step, i) for i in range(5) for step in ("in", "out")]
+    finally:
+        release.set()
+        await worker.stop()
+
+
+async def test_coroutine_functions_run_on_the_threads_own_loop() -> None:
+    """A coroutine function's coroutine runs to its end on an event loop of the worker's
+    thread, not the caller's."""
+    host = Host()
+    worker = await started(host, name="t-async")
+    try:
+        jobs = [host.job(coroutine_whoami, i) for i in range(3)]
+        for job in jobs:
+            worker.send(job)
+        for i, job in enumerate(jobs):
+            assert await host.outcome(job) == ((i, "corral-t-async", True), None)
+    finally:
+        await worker.stop()
+
+
+async def test_initializer_runs_in_the_thread_first() -> None:
+    """The initializer runs in the worker's thread before any job."""
+    seen: list[str] = []
+    host = Host()
+    worker = await started(host, name="t-init", initializer=lambda tag: seen.append(tag + whoami()), initargs=("x",))
+    try:
+        assert seen == ["xcorral-t-init"]
+        job = host.job(add, 1, 1)
+        worker.send(job)
+        assert await host.outcome(job) == (2, None)
+    finally:
+        await worker.stop()
+
+
+async def test_a_raising_initializer_fails_start_and_leaves_nothing() -> None:
+    """start() raises WorkerStartupError naming the initializer's error, which is its
+    cause; the thread has ended when it raises, and the worker cannot be started again."""
+    host = Host()
+    worker = ThreadWorker(name="t-badinit", initializer=fail, initargs=("no config",))
+    with pytest.raises(corral.WorkerStartupError, match="ValueError: no config") as caught:
+        async with asyncio.timeout(BOUND):
+            await worker.start(host)
+    assert isinstance(caught.value.__cause__, ValueError)
+    assert not worker.alive
+    assert "corral-t-badinit" not in thread_names()
+    with pytest.raises(RuntimeError, match="cannot start"):
+        await worker.start(host)
+    await worker.stop()  # nothing to do
+    assert not host.lost.done()
+
+
+async def test_bad_arguments_and_lifecycle_errors() -> None:
+    """A non-callable initializer is refused at the call; a worker starts once; stop and
+    kill on a worker never started return; stop is idempotent."""
+    with pytest.raises(TypeError, match="initializer must be callable"):
+        ThreadWorker(initializer=42)  # type: ignore[arg-type]
+    await ThreadWorker().stop()
+    await ThreadWorker().kill()
+    host = Host()
+    worker = await started(host)
+    with pytest.raises(RuntimeError, match="cannot start"):
+        await worker.start(host)
+    await worker.stop()
+    await worker.stop()
+    with pytest.raises(RuntimeError, match="cannot send"):
+        worker.send(host.job(add, 1, 2))
+
+
+async def test_soft_limit_raises_inside_a_plain_call() -> None:
+    """At its soft limit a running call gets SoftTimeLimitExceeded raised inside it: it
+    may catch it; if not, the caller gets a plain SoftTimeLimitExceeded with the limit."""
+    host = Host()
+    worker = await started(host)
+    release = threading.Event()
+    try:
+        running = threading.Event()
+        caught = host.job(catch_soft_limit, running, soft=0.1)
+        worker.send(caught)
+        assert await host.outcome(caught) == ("caught 0.1", None)
+        running.clear()
+        uncaught = host.job(spin, running, release, soft=0.1)
+        worker.send(uncaught)
+        value, error = await host.outcome(uncaught)
+        assert value is None
+        assert type(error) is corral.SoftTimeLimitExceeded
+        assert error.limit == 0.1
+        assert error.__traceback__ is not None
+        assert 0.1 <= (host.run_times[uncaught.id] or 0) < BOUND
+        after = host.job(add, 2, 2)  # the worker serves on
+        worker.send(after)
+        assert await host.outcome(after) == (4, None)
+    finally:
+        release.set()
+        await worker.stop()
+
+
+async def test_soft_limit_cancels_a_coroutine() -> None:
+    """A coroutine past its soft limit is cancelled in the thread's loop; the caller gets
+    SoftTimeLimitExceeded, caused by the cancellation."""
+    host = Host()
+    worker = await started(host)
+    try:
+        job = host.job(asyncio.sleep, BOUND, soft=0.1)
+        worker.send(job)
+        _, error = await host.outcome(job)
+        assert type(error) is corral.SoftTimeLimitExceeded
+        assert isinstance(error.__cause__, asyncio.CancelledError)
+    finally:
+        await worker.stop()
+
+
+async def test_cancel_a_job_not_started_or_already_cancelled() -> None:
+    """A job cancelled while queued, or one whose state is CANCELLED when its turn comes,
+    never runs; each is reported through job_done with CancelledError, freeing its slot."""
+    host = Host()
+    worker = await started(host)
+    running, release = threading.Event(), threading.Event()
+    ran: list[str] = []
+    try:
+        busy = host.job(block, running, release)
+        queued = host.job(ran.append, "queued")
+        marked = host.job(ran.append, "marked")
+        last = host.job(ran.append, "last")
+        for job in (busy, queued, marked, last):
+            worker.send(job)
+        await wait_for(running)
+        worker.cancel(queued)
+        value, error = await host.outcome(queued)
+        assert (value, type(error)) == (None, asyncio.CancelledError)
+        assert ("started", queued.id) not in host.events
+        marked.state = JobState.CANCELLED
+        release.set()
+        _, error = await host.outcome(marked)
+        assert isinstance(error, asyncio.CancelledError)
+        assert await host.outcome(last) == (None, None)
+        assert ran == ["last"]
+    finally:
+        release.set()
+        await worker.stop()
+
+
+async def test_cancel_interrupts_a_running_call_and_the_worker_serves_on() -> None:
+    """Cancelling a running plain call raises CancelledError inside it; it stops, job_done
+    reports it, and the same thread serves the next job (no loss)."""
+    host = Host()
+    worker = await started(host)
+    running, release = threading.Event(), threading.Event()
+    try:
+        job = host.job(spin, running, release)
+        worker.send(job)
+        await wait_for(running)
+        worker.cancel(job, grace=BOUND)
+        _, error = await host.outcome(job)
+        assert isinstance(error, asyncio.CancelledError)
+        coro = host.job(asyncio.sleep, BOUND)
+        worker.send(coro)
+        while ("started", coro.id) not in host.events:
+            await asyncio.sleep(0.01)
+        worker.cancel(coro, grace=BOUND)
+        _, error = await host.outcome(coro)
+        assert isinstance(error, asyncio.CancelledError)
+        after = host.job(add, 1, 2)
+        worker.send(after)
+        assert await host.outcome(after) == (3, None)
+        assert worker.alive
+        assert not host.lost.done()
+    finally:
+        release.set()
+        await worker.stop()
+
+
+async def test_a_call_ignoring_cancel_is_abandoned_after_grace() -> None:
+    """A call that swallows CancelledError is still running after the grace period: the
+    worker gives up, is dead, and reports the call as started and the queued job as
+    unstarted; the abandoned thread's outcome is never reported."""
+    host = Host()
+    worker = await started(host, name="t-stubborn")
+    running, release = threading.Event(), threading.Event()
+    caught: list[str] = []
+    try:
+        job = host.job(stubborn, running, release, caught)
+        queued = host.job(add, 1, 1)
+        worker.send(job)
+        worker.send(queued)
+        await wait_for(running)
+        began = time.monotonic()
+        worker.cancel(job, grace=0.2)
+        error, unstarted, lost = await host.loss()
+        assert time.monotonic() - began >= 0.2
+        assert isinstance(error, corral.WorkerLostError)
+        assert "still running 0.2 s after it was cancelled" in str(error)
+        assert (unstarted, lost) == ([queued], [job])
+        assert not worker.alive
+        assert caught == ["cancelled"]
+    finally:
+        release.set()
+    await thread_gone("corral-t-stubborn")
+    assert not host.outcomes[job.id].done()
+    assert not host.outcomes[queued.id].done()
+    await worker.stop()  # dead already: returns
+
+
+async def test_grace_zero_gives_up_at_once() -> None:
+    """cancel(grace=0) on a running call abandons the worker without waiting, even for a
+    call that would have stopped; the call then gets CancelledError and its thread ends."""
+    host = Host()
+    worker = await started(host, name="t-grace0")
+    running, release = threading.Event(), threading.Event()
+    try:
+        job = host.job(spin, running, release)
+        worker.send(job)
+        await wait_for(running)
+        worker.cancel(job, grace=0)
+        _, unstarted, lost = await host.loss()
+        assert (unstarted, lost) == ([], [job])
+        assert not worker.alive
+        await thread_gone("corral-t-grace0")  # interrupted, without being released
+    finally:
+        release.set()
+    assert not host.outcomes[job.id].done()
+
+
+async def test_stop_finishes_the_jobs_already_sent() -> None:
+    """stop() lets every job already sent run, then the thread exits and is joined; no
+    loss is reported."""
+    host = Host()
+    worker = await started(host, name="t-stop")
+    jobs = [host.job(time.sleep, 0.01) for _ in range(5)]
+    for job in jobs:
+        worker.send(job)
+    async with asyncio.timeout(BOUND):
+        await worker.stop()
+    assert all(host.outcomes[job.id].result() == (None, None) for job in jobs)
+    assert "corral-t-stop" not in thread_names()
+    assert not worker.alive
+    assert not host.lost.done()
+
+
+async def test_kill_reports_what_it_held() -> None:
+    """kill() reports the running job as started and the queued ones as unstarted, in
+    order, and returns without waiting for the running call; the call's later outcome is
+    ignored."""
+    host = Host()
+    worker = await started(host, name="t-kill")
+    running, release = threading.Event(), threading.Event()
+    try:
+        busy = host.job(block, running, release)
+        queued = [host.job(add, i, i) for i in range(3)]
+        for job in (busy, *queued):
+            worker.send(job)
+        await wait_for(running)
+        async with asyncio.timeout(BOUND):
+            await worker.kill()
+        error, unstarted, lost = await host.loss()
+        assert isinstance(error, corral.WorkerLostError)
+        assert "killed" in str(error)
+        assert (unstarted, lost) == (queued, [busy])
+        assert not worker.alive
+    finally:
+        release.set()
+    await thread_gone("corral-t-kill")
+    assert not any(host.outcomes[job.id].done() for job in (busy, *queued))
+
+
+async def test_kill_when_idle_ends_the_thread_and_reports_nothing() -> None:
+    """An idle worker killed on purpose reports no loss, and its thread is gone when kill()
+    returns."""
+    host = Host()
+    worker = await started(host, name="t-idle")
+    async with asyncio.timeout(BOUND):
+        await worker.kill()
+    assert "corral-t-idle" not in thread_names()
+    assert not host.lost.done()
+
+
+async def test_run_time_is_the_time_in_the_call() -> None:
+    """run_time, set before job_done, is the time spent in the call (0.2 s sleep: within
+    10%)."""
+    host = Host()
+    worker = await started(host)
+    try:
+        job = host.job(time.sleep, 0.2)
+        worker.send(job)
+        await host.outcome(job)
+        run_time = host.run_times[job.id]
+        assert run_time is not None
+        assert 0.2 <= run_time < 0.22
+        skipped = host.job(add, 1, 1)
+        skipped.state = JobState.CANCELLED
+        worker.send(skipped)
+        await host.outcome(skipped)
+        assert host.run_times[skipped.id] is None  # it never ran
+    finally:
+        await worker.stop()
+
+
+# -- through a TaskQueue ---------------------------------------------------------------
+
+
+async def test_task_queue_runs_calls_on_thread_workers() -> None:
+    """Through a TaskQueue: values, exceptions, coroutines and soft limits as from the
+    worker itself."""
+    async with corral.TaskQueue() as queue:
+        async with asyncio.timeout(BOUND):
+            await queue.attach(ThreadWorker())
+            assert await queue.run(add, 2, 40) == 42
+            with pytest.raises(ValueError, match="boom"):
+                await queue.run(fail, "boom")
+            assert (await queue.run(coroutine_whoami, 7))[0] == 7
+            with pytest.raises(corral.SoftTimeLimitExceeded):
+                await queue.run(asyncio.sleep, BOUND, soft_time_limit=0.05)
+
+
+async def test_task_queue_cancel_and_hard_limit() -> None:
+    """Cancelling a running job interrupts it in its thread and the worker serves on; a
+    hard limit fails the call with TimeLimitExceeded."""
+    running, release = threading.Event(), threading.Event()
+    try:
+        async with corral.TaskQueue() as queue:
+            async with asyncio.timeout(BOUND):
+                await queue.attach(ThreadWorker())
+                job = queue.submit(spin, running, release)
+                await wait_for(running)
+                job.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await job
+                assert await queue.run(add, 1, 1) == 2
+                with pytest.raises(corral.TimeLimitExceeded):
+                    await queue.run(spin, threading.Event(), release, time_limit=0.1)
+    finally:
+        release.set()
