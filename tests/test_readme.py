@@ -33,3 +33,21 @@ def test_quick_start_runs(tmp_path: Path) -> None:
     assert lines[2] == str([sum(i * i for i in range(n)) for n in range(1000)])
     assert lines[3] == "42"
     assert done.stderr == ""
+
+
+@pytest.mark.timeout(120)
+def test_queue_example_runs(tmp_path: Path) -> None:
+    """The task queue example runs as a script and prints what its comments say."""
+    script = tmp_path / "queue_example.py"
+    (example,) = [block for block in python_blocks() if "corral.TaskQueue()" in block]
+    script.write_text(example)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=100, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "got example.org"
+    assert lines[1] == "144"
+    assert lines[2].startswith("refused: no worker of this queue serves series='gpu'")
+    assert lines[3:] == ["True", "3 workers", "0 pending"]
+    assert done.stderr == ""

@@ -63,6 +63,13 @@ async def test_coroutine_functions_run_on_every_kind(kind: str) -> None:
         assert await bounded(queue.run(tasks.async_square, 7)) == 49
 
 
+async def test_map_of_a_coroutine_function_in_processes() -> None:
+    async with corral.Pool(2, start_method="fork") as pool:
+        assert await bounded(pool.map(tasks.async_square, range(40))) == [
+            i * i for i in range(40)
+        ]
+
+
 async def test_attach_twice_or_a_started_worker_is_refused() -> None:
     async with corral.TaskQueue() as queue:
         worker = LocalWorker()
@@ -217,6 +224,8 @@ async def test_pool_of_kind(kind: str) -> None:
         assert [w.kind for w in pool.workers] == [kind] * 3
         assert await bounded(pool.map(tasks.square, range(100))) == [i * i for i in range(100)]
         assert await bounded(pool.run(tasks.async_square, 3)) == 9
+        squares = await bounded(pool.map(tasks.async_square, range(50)))  # chunked
+        assert squares == [i * i for i in range(50)]
         runs = await bounded(asyncio.gather(*(pool.run(tasks.where) for _ in range(10))))
         assert {pid for pid, _ in runs} == {os.getpid()}
 

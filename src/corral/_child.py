@@ -25,7 +25,6 @@ import multiprocessing.forkserver
 import os
 import signal
 import time
-from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._errors import SerializationError, SoftTimeLimitExceeded
@@ -54,11 +53,6 @@ from ._wire import (
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
-
-
-def call_each(fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
-    """Run fn on each item of a chunk: one job, one pickle and one frame for many calls."""
-    return [fn(item) for item in items]
 
 
 class Channels(NamedTuple):

@@ -12,12 +12,10 @@ import asyncio
 import copy
 import enum
 import itertools
-import math
 import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, TypeVarTuple, Unpack
 
-from ._child import call_each
 from ._errors import (
     CorralError,
     PoolClosedError,
@@ -26,6 +24,7 @@ from ._errors import (
     WorkerStartupError,
 )
 from ._job import Job, JobState
+from ._mapping import auto_chunksize, check_chunksize, map_jobs
 from ._queue import Dispatcher
 from ._stats import Percentiles, QueueStats, Timings, parent_rss, worker_stats
 from ._wire import describe
@@ -40,10 +39,6 @@ Ts = TypeVarTuple("Ts")
 # culprit is the job itself (an argument whose unpickling kills the process), and retrying
 # it forever would kill workers forever.
 MAX_DELIVERIES = 3
-
-# map() cuts its input into about this many chunks per worker: enough for the workers to
-# balance uneven chunks, few enough that per-job overhead vanishes for tiny calls.
-CHUNKS_PER_WORKER = 4
 
 Strategy = Literal["fair", "prefetch"]
 
@@ -287,30 +282,15 @@ class TaskQueue:
         ``chunksize`` overrides the automatic size. The first exception raised by a call is
         raised here and the rest of the map is cancelled.
         """
-        if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
-            raise ValueError(f"chunksize must be a positive int, not {chunksize!r}")
+        check_chunksize(chunksize)
         items = list(iterable)
         if not items:
             return []
-        size = chunksize or self._auto_chunksize(len(items))
-        options: dict[str, Any] = {"priority": priority, "series": series, "retries": retries}
-        jobs: list[Job[Any]]
-        if size == 1:
-            jobs = [self.submit(fn, x, **options) for x in items]
-        else:
-            jobs = [
-                self.submit(call_each, fn, items[i : i + size], **options)
-                for i in range(0, len(items), size)
-            ]
-        try:
-            parts = await asyncio.gather(*(job.future for job in jobs))
-        except BaseException:
-            for job in jobs:
-                job.cancel()
-            raise
-        if size == 1:
-            return parts
-        return [value for part in parts for value in part]
+        size = chunksize or auto_chunksize(
+            len(items), len(self._workers) or self._expected_workers()
+        )
+        options = {"priority": priority, "series": series, "retries": retries}
+        return await map_jobs(self.submit, fn, items, size, options)
 
     async def broadcast(self, fn: Callable[..., T], /, *args: Any) -> list[T]:
         """Run fn(*args) once on every worker serving now; return their values in the
@@ -319,7 +299,9 @@ class TaskQueue:
         Meant for state a worker keeps (load a model, open a connection): the call is
         remembered and replayed on every worker that starts later (replacements, recycled
         workers, ``resize``, ``attach``) before it takes a job. If fn raises on any
-        worker, the first exception is raised here and the call is not remembered.
+        worker, the first exception is raised here and the call is not remembered. If a
+        worker is lost or leaves before running it, ``WorkerLostError`` is raised, and the
+        call stays remembered: its replacement runs it.
         """
         self._check_open("broadcast")
         if not callable(fn):
@@ -405,10 +387,6 @@ class TaskQueue:
             run=Percentiles.of(timings.run),
             rss=parent_rss(),
         )
-
-    def _auto_chunksize(self, n: int) -> int:
-        workers = max(1, len(self._workers) or self._expected_workers())
-        return max(1, math.ceil(n / (workers * CHUNKS_PER_WORKER)))
 
     def _expected_workers(self) -> int:
         """How many workers the queue will have; a pool knows before they are up."""
