@@ -22,7 +22,9 @@ from ._errors import WorkerStartupError as WorkerStartupError
 from ._job import Job as Job
 from ._job import JobState as JobState
 from ._pool import Pool as Pool
+from ._report import report as report
 from ._stats import QueueStats as QueueStats
+from ._stream import StreamIterator as StreamIterator
 from ._taskqueue import TaskQueue as TaskQueue
 from ._tracker import Tracker as Tracker
 
@@ -38,11 +40,13 @@ __all__ = [
     "RemoteTraceback",
     "SerializationError",
     "SoftTimeLimitExceeded",
+    "StreamIterator",
     "TaskQueue",
     "TimeLimitExceeded",
     "Tracker",
     "WorkerLostError",
     "WorkerStartupError",
+    "report",
 ]
 
 for _name in __all__:

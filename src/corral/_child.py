@@ -23,18 +23,25 @@ import ctypes
 import inspect
 import multiprocessing.forkserver
 import os
+import select
 import signal
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._errors import SerializationError, SoftTimeLimitExceeded
+from ._report import set_reporter
 from ._shared import ARGS_TAKEN, RESULTS_TAKEN, STARTED, SharedPage, SharedRegion
 from ._wire import (
     ACK,
     CALL,
+    CLOSE,
+    CREDIT,
     ERROR,
     INIT_FAILED,
+    ITEMS,
     KIND_MASK,
+    REPORT,
     RESULT,
     SHARED,
     UP,
@@ -144,6 +151,29 @@ def _let_go_of_the_forkserver() -> None:
         server._forkserver_alive_fd = None  # type: ignore[union-attr]
 
 
+# A stream's batch ends after this many items or this many seconds of producing them,
+# whichever comes first: large enough to share a frame's cost among many small items, short
+# enough that a slow generator's items reach the consumer soon and streams take turns.
+BATCH_ITEMS = 1024
+BATCH_SECONDS = 0.01
+
+
+class _Stream:
+    """A live iterator a worker holds for ``iterate``, and what it may still send."""
+
+    __slots__ = ("credit", "iterator", "run_time")
+
+    def __init__(self, iterator: Iterator[Any], credit: int, run_time: float) -> None:
+        self.iterator = iterator
+        self.credit = credit
+        self.run_time = run_time
+
+    def close(self) -> None:
+        close = getattr(self.iterator, "close", None)
+        if close is not None:
+            close()
+
+
 class _Worker:
     """The child's side of the pipes: blocking reads in, blocking writes out."""
 
@@ -164,9 +194,26 @@ class _Worker:
         self._page = page
         self._soft_limit = 0.0  # the soft limit of the call running now, while armed
         self._running = 0  # the job running now, while it may be interrupted
+        self._streams: dict[int, _Stream] = {}  # open streams, served in turn
         self._decoder = FrameDecoder()
+        self._poll = select.poll()
+        self._poll.register(in_fd, select.POLLIN)
         signal.signal(signal.SIGALRM, self._soft_limit_passed)
         signal.signal(INTERRUPT, self._interrupted)
+        set_reporter(self._report)
+
+    def _report(self, obj: Any) -> None:
+        """``corral.report(obj)`` in a call: the parent gets it at once, before the result."""
+        job = self._running
+        if not job:
+            raise RuntimeError("corral.report() was called outside a running task")
+        try:
+            payload = dumps(obj)
+        except Exception as exc:
+            raise SerializationError(
+                f"the report {describe(obj)}", "in the worker", f"{type(exc).__name__}: {exc}"
+            ) from exc
+        self._send(frame(REPORT, job, payload))
 
     def _interrupted(self, signum: int, frame: object) -> None:
         """The parent cancelled a job: if it is the one running, raise inside it."""
@@ -192,27 +239,112 @@ class _Worker:
             self._send(frame(INIT_FAILED, 0, dumps_error(exc)))
             raise SystemExit(1) from None
         self._send(frame(UP, 0, dumps(os.getpid())))
-        while True:
-            frames = self._read()
-            if frames is None:
-                return
-            while frames:
-                f = frames.pop()
-                if f.kind & KIND_MASK == CALL:
-                    job = f.job
-                    try:
-                        self._call(f)
-                    except (SoftTimeLimitExceeded, asyncio.CancelledError) as exc:
-                        # the signal fell just as the call ended
-                        self._send(frame(ERROR, job, dumps_error(exc)))
-                del f  # drop the body, so the decoder may reuse a big buffer
+        try:
+            while True:
+                frames = self._read(block=not self._ready_stream())
+                if frames is None:
+                    return
+                while frames:
+                    f = frames.pop()
+                    kind = f.kind & KIND_MASK
+                    if kind == CALL:
+                        job = f.job
+                        try:
+                            self._call(f)
+                        except (SoftTimeLimitExceeded, asyncio.CancelledError) as exc:
+                            # the signal fell just as the call ended
+                            self._send(frame(ERROR, job, dumps_error(exc)))
+                    elif kind == CREDIT:
+                        stream = self._streams.get(f.job)
+                        if stream is not None:
+                            stream.credit += loads(f.kind, f.body)
+                    elif kind == CLOSE:
+                        self._close_stream(f.job)
+                    del f  # drop the body, so the decoder may reuse a big buffer
+                ready = self._ready_stream()
+                if ready is not None:
+                    self._pump(ready)
+        finally:
+            for job in list(self._streams):  # the parent left: run the generators' finally
+                with contextlib.suppress(BaseException):
+                    self._streams.pop(job).close()
+
+    # -- streams ----------------------------------------------------------------------------
+
+    def _ready_stream(self) -> int | None:
+        """The next stream with credit, in turn; None when every stream waits for credit."""
+        for job, stream in self._streams.items():
+            if stream.credit > 0:
+                return job
+        return None
+
+    def _pump(self, job: int) -> None:
+        """Send the next batch of a stream: as many items as its credit allows, up to
+        ``BATCH_ITEMS``, or what ``BATCH_SECONDS`` of producing gave; then its turn ends."""
+        stream = self._streams.pop(job)
+        items: list[Any] = []
+        limit = min(stream.credit, BATCH_ITEMS)
+        ended = False
+        failure: BaseException | None = None
+        self._words[STARTED] = job
+        self._running = job
+        start = time.perf_counter()
+        deadline = start + BATCH_SECONDS
+        try:
+            produce = stream.iterator.__next__
+            while len(items) < limit:
+                try:
+                    items.append(produce())
+                except StopIteration:
+                    ended = True
+                    break
+                if time.perf_counter() > deadline:
+                    break
+        except BaseException as exc:
+            failure = exc
+        finally:
+            self._running = 0
+        stream.run_time += time.perf_counter() - start
+        if items:
+            try:
+                payload = dumps(items)
+            except Exception as exc:
+                failure = SerializationError(
+                    f"an item of the stream ({describe(items[0])})",
+                    "in the worker",
+                    f"{type(exc).__name__}: {exc}",
+                )
+                ended = False
+            else:
+                stream.credit -= len(items)
+                self._send(frame(ITEMS, job, payload))
+        if failure is not None:
+            with contextlib.suppress(BaseException):
+                stream.close()
+            self._send(frame(ERROR, job, dumps_error(failure, stream.run_time)))
+        elif ended:
+            self._send(frame(RESULT, job, dumps((None, stream.run_time))))
+        else:
+            self._streams[job] = stream  # back of the line: streams take turns
+
+    def _close_stream(self, job: int) -> None:
+        """The consumer left: close the generator (its ``finally`` runs) and end the job."""
+        stream = self._streams.pop(job, None)
+        if stream is None:
+            return
+        try:
+            stream.close()
+            error: BaseException = asyncio.CancelledError(f"the stream of job {job} was closed")
+        except BaseException as exc:  # its finally raised
+            error = exc
+        self._send(frame(ERROR, job, dumps_error(error, stream.run_time)))
 
     def _call(self, f: Frame) -> None:
         job = f.job
         try:
             call = loads(f.kind, f.body, self._args_region.view)
             reference, args = call[0], call[1]
-            soft_limit, ack = (call[2], call[3]) if len(call) > 2 else (None, False)
+            soft_limit, ack, credit = call[2:] if len(call) > 2 else (None, False, 0)
             fn = load_function(reference, self._functions)
             if f.kind & SHARED:
                 self._words[ARGS_TAKEN] += 1  # copied out: the parent may reuse the region
@@ -249,6 +381,12 @@ class _Worker:
             if soft_limit:
                 signal.setitimer(signal.ITIMER_REAL, 0)
         run_time = time.perf_counter() - start
+        if failure is None and credit:
+            try:
+                self._streams[job] = _Stream(iter(value), credit, run_time)
+                return  # the serve loop sends its items as credit allows
+            except TypeError as exc:
+                failure = TypeError(f"iterate() needs {describe(fn)} to return an iterable: {exc}")
         if failure is not None:
             self._send(frame(ERROR, job, dumps_error(failure, run_time)))
             return
@@ -267,10 +405,13 @@ class _Worker:
         taken = self._words[RESULTS_TAKEN]
         self._send(framed(RESULT, job, payload, self._results_region, taken))
 
-    def _read(self) -> list[Frame] | None:
-        """Block until at least one whole frame is in; None at EOF."""
+    def _read(self, block: bool = True) -> list[Frame] | None:
+        """Block until at least one whole frame is in; None at EOF. Without ``block``,
+        return [] at once when nothing is waiting (a stream has items to send)."""
         decoder = self._decoder
         while True:
+            if not block and not self._poll.poll(0):
+                return []
             try:
                 n = os.readv(self._in, [decoder.get_buffer()])
             except OSError:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Callable, Generator
+from collections.abc import AsyncIterator, Callable, Generator
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
+from ._stream import ItemStream, Reports
 from ._wire import dumps_call
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ class Job(Generic[T]):
     __slots__ = (
         "__weakref__",
         "_owner",
+        "_reports",
         "args",
         "deliveries",
         "fn",
@@ -78,6 +80,7 @@ class Job(Generic[T]):
         "series",
         "soft_time_limit",
         "state",
+        "stream",
         "submitted_at",
         "time_limit",
         "worker",
@@ -117,6 +120,8 @@ class Job(Generic[T]):
         self.submitted_at = 0.0
         self.sent_at = 0.0
         self.run_time: float | None = None
+        self.stream: ItemStream | None = None  # set for ``iterate``: the items in transit
+        self._reports: Reports | None = None
 
     def encode(self) -> Encoded:
         """The pickled call, made once (a requeued job is not pickled again); raises
@@ -127,6 +132,7 @@ class Job(Generic[T]):
                 self.args,
                 soft_time_limit=self.soft_time_limit,
                 ack=self.time_limit is not None,  # a hard limit counts from the ACK
+                credit=0 if self.stream is None else self.stream.window,
             )
         return self.payload
 
@@ -159,6 +165,25 @@ class Job(Generic[T]):
     def exception(self) -> BaseException | None:
         """The exception of a finished job, or None."""
         return self.future.exception()
+
+    def reports(self) -> AsyncIterator[Any]:
+        """The objects the task sends with ``corral.report(obj)``, in order; the iteration
+        ends once the job is done (reports come before the result). Those sent before
+        this was called are kept for it."""
+        return self._report_buffer().read(self.future.done)
+
+    def on_report(self, fn: Callable[[Any], object]) -> None:
+        """Call fn(obj) for each report from now on, in the event loop, as it arrives."""
+        self._report_buffer().callbacks.append(fn)
+
+    def _report_buffer(self) -> Reports:
+        if self._reports is None:
+            reports = self._reports = Reports()
+            self.future.add_done_callback(lambda _: reports.wake())  # the reading ends
+        return self._reports
+
+    def _reported(self, obj: Any) -> None:
+        self._report_buffer().add(obj)
 
     def add_done_callback(self, fn: Callable[[Job[T]], object]) -> None:
         """Call fn(job) once the job is done (in the event loop)."""

@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import inspect
 import math
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._job import Job
+    from ._taskqueue import TaskQueue
 
 # map() cuts its input into about this many chunks per worker: enough for the workers to
 # balance uneven chunks, few enough that per-job overhead vanishes for tiny calls.
@@ -41,6 +42,38 @@ def check_chunksize(chunksize: object) -> None:
 def auto_chunksize(n: int, workers: int) -> int:
     """Chunk size for n calls over workers: about ``CHUNKS_PER_WORKER`` chunks each."""
     return max(1, math.ceil(n / (max(1, workers) * CHUNKS_PER_WORKER)))
+
+
+async def map_list(
+    queue: TaskQueue,
+    fn: Callable[[Any], Any],
+    iterable: Iterable[Any],
+    *,
+    chunksize: int | None,
+    options: dict[str, Any],
+    progress: bool | str,
+) -> list[Any]:
+    """``TaskQueue.map``."""
+    check_chunksize(chunksize)
+    items = list(iterable)
+    if not items:
+        return []
+    size = chunksize or auto_chunksize(len(items), queue._worker_count())
+    return await map_jobs(queue.submit, fn, items, size, options)
+
+
+def imap_items(
+    queue: TaskQueue,
+    fn: Callable[[Any], Any],
+    iterable: Iterable[Any] | AsyncIterable[Any],
+    *,
+    ordered: bool,
+    chunksize: int | None,
+    options: dict[str, Any],
+    progress: bool | str,
+) -> AsyncIterator[Any]:
+    """``TaskQueue.imap``."""
+    raise NotImplementedError("imap: being written")
 
 
 async def map_jobs(

@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import copy
 import enum
+import functools
 import itertools
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, TypeVarTuple, Unpack
 
 from ._errors import (
@@ -24,9 +25,10 @@ from ._errors import (
     WorkerStartupError,
 )
 from ._job import Job, JobState
-from ._mapping import auto_chunksize, check_chunksize, map_jobs
+from ._mapping import imap_items, map_list
 from ._queue import Dispatcher
 from ._stats import Percentiles, QueueStats, Timings, parent_rss, worker_stats
+from ._stream import WINDOW, ItemStream, StreamIterator
 from ._wire import describe
 
 if TYPE_CHECKING:
@@ -212,6 +214,28 @@ class TaskQueue:
         sooner; ``series`` restricts the job to workers serving it; ``retries`` reruns a job
         whose worker died while running it.
         """
+        return self._submit(
+            fn,
+            args,
+            priority=priority,
+            series=series,
+            retries=retries,
+            time_limit=time_limit,
+            soft_time_limit=soft_time_limit,
+        )
+
+    def _submit(
+        self,
+        fn: Callable[..., T],
+        args: tuple[Any, ...],
+        *,
+        priority: float,
+        series: str | None,
+        retries: int,
+        time_limit: float | None,
+        soft_time_limit: float | None,
+        stream: ItemStream | None = None,
+    ) -> Job[T]:
         if self._broken is not None:  # more telling than "closed": why it cannot serve
             raise self._broken_error()
         if self._state is not QueueState.OPEN:
@@ -237,10 +261,43 @@ class TaskQueue:
             time_limit=time_limit,
             soft_time_limit=soft_time_limit,
         )
+        job.stream = stream
         self._admit(job)
         job.submitted_at = time.perf_counter()
         self._dispatch(self._dispatcher.push(job))
         return job
+
+    def iterate(
+        self,
+        fn: Callable[..., Iterable[T]],
+        /,
+        *args: Any,
+        priority: float = 0,
+        series: str | None = None,
+        window: int = WINDOW,
+    ) -> StreamIterator[T]:
+        """Run fn(*args) in a worker and stream the items of the iterable it returns:
+        ``async for item in queue.iterate(read_rows, path)``.
+
+        The worker holds the live iterator and sends items in batches, at most ``window``
+        ahead of the consumer, and serves other jobs while the consumer is slow. Breaking
+        out of the loop (or ``aclose()``, or cancelling) closes the generator in the
+        worker, so its ``finally`` runs. An exception in the generator is raised at the
+        item where it happened; a worker lost mid-stream ends it with ``WorkerLostError``.
+        """
+        if not isinstance(window, int) or isinstance(window, bool) or window < 2:
+            raise ValueError(f"window must be an int of at least 2, not {window!r}")
+        job = self._submit(
+            fn,
+            args,
+            priority=priority,
+            series=series,
+            retries=0,
+            time_limit=None,
+            soft_time_limit=None,
+            stream=ItemStream(window),
+        )
+        return StreamIterator(job)
 
     async def run(
         self,
@@ -275,22 +332,57 @@ class TaskQueue:
         priority: float = 0,
         series: str | None = None,
         retries: int = 0,
+        progress: bool | str = False,
     ) -> list[T]:
         """Return ``[fn(x) for x in iterable]`` computed by the workers, in input order.
 
         Small calls are grouped into chunks (one job each) so their overhead is shared;
         ``chunksize`` overrides the automatic size. The first exception raised by a call is
-        raised here and the rest of the map is cancelled.
+        raised here and the rest of the map is cancelled. ``progress`` shows a progress bar
+        (see ``imap``).
         """
-        check_chunksize(chunksize)
-        items = list(iterable)
-        if not items:
-            return []
-        size = chunksize or auto_chunksize(
-            len(items), len(self._workers) or self._expected_workers()
-        )
         options = {"priority": priority, "series": series, "retries": retries}
-        return await map_jobs(self.submit, fn, items, size, options)
+        return await map_list(
+            self, fn, iterable, chunksize=chunksize, options=options, progress=progress
+        )
+
+    def imap(
+        self,
+        fn: Callable[[Any], T],
+        iterable: Iterable[Any] | AsyncIterable[Any],
+        /,
+        *,
+        ordered: bool = True,
+        chunksize: int | None = None,
+        priority: float = 0,
+        series: str | None = None,
+        retries: int = 0,
+        progress: bool | str = False,
+    ) -> AsyncIterator[T]:
+        """Yield ``fn(x)`` for each x of iterable as the workers compute them: in input
+        order, or as they finish with ``ordered=False``.
+
+        The input is read lazily (an endless generator works) and a bounded number of jobs
+        is kept in flight; small calls are grouped into chunks automatically unless
+        ``chunksize`` is given. Breaking out of the loop cancels the jobs in flight. The
+        first exception raised by a call is raised here. ``progress=True`` shows a
+        progress bar with rate and ETA when stderr is a terminal; ``"always"`` shows it
+        anyway.
+        """
+        options = {"priority": priority, "series": series, "retries": retries}
+        return imap_items(
+            self,
+            fn,
+            iterable,
+            ordered=ordered,
+            chunksize=chunksize,
+            options=options,
+            progress=progress,
+        )
+
+    def _worker_count(self) -> int:
+        """Workers serving now, or those a pool is about to start (for chunk sizes)."""
+        return len(self._workers) or self._expected_workers()
 
     async def broadcast(self, fn: Callable[..., T], /, *args: Any) -> list[T]:
         """Run fn(*args) once on every worker serving now; return their values in the
@@ -441,16 +533,45 @@ class TaskQueue:
         self._settle(job, None, TimeLimitExceeded(job.time_limit))
         worker.cancel(job, grace=0)
 
+    def job_items(self, worker: Worker, job: Job[Any], items: list[Any]) -> None:
+        """Worker callback: the next items of a stream. The first ones free the worker's
+        slot: the stream goes on beside the worker's other jobs."""
+        stream = job.stream
+        if stream is None or job.done():
+            return
+        if not stream.released:
+            stream.released = True
+            stream.grant = functools.partial(self._grant, job)
+            if job in self._in_flight:
+                self._dispatch(self._dispatcher.finished(worker))
+        stream.feed(items)
+
+    def _grant(self, job: Job[Any], n: int) -> None:
+        worker = self._in_flight.get(job)
+        if worker is not None:
+            worker.credit(job, n)
+
+    def job_report(self, worker: Worker, job: Job[Any], obj: Any) -> None:
+        """Worker callback: the running job called ``corral.report(obj)``."""
+        if not job.done():
+            job._reported(obj)
+
     def job_done(
         self, worker: Worker, job: Job[Any], value: Any, error: BaseException | None
     ) -> None:
         """Worker callback: job finished; the worker's slot goes to the next job first."""
         if self._deadlines:
             self._disarm(job)
-        self._timings.record(job, worker, time.perf_counter(), error is not None)
+        self._timings.record(
+            job,
+            worker,
+            time.perf_counter(),
+            error is not None and job.state is not JobState.CANCELLED,
+        )
         if self._in_flight.pop(job, None) is not None:
             self._after_job(worker)
-            self._dispatch(self._dispatcher.finished(worker))
+            if job.stream is None or not job.stream.released:
+                self._dispatch(self._dispatcher.finished(worker))
             if self._retiring:
                 self._stop_if_idle(worker)
         self._settle(job, value, error)
@@ -476,8 +597,8 @@ class TaskQueue:
             self._in_flight.pop(job, None)
             if job.state is JobState.CANCELLED or job.done():
                 continue
-            if job.worker is not None:  # a broadcast is for that worker only
-                self._settle(job, None, error)
+            if job.worker is not None or (job.stream is not None and job.stream.released):
+                self._settle(job, None, error)  # a broadcast, or a stream already under way
             elif job.retries > 0:
                 job.retries -= 1
                 job.state = JobState.PENDING

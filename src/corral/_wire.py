@@ -36,13 +36,17 @@ if TYPE_CHECKING:
     from ._shared import SharedRegion
 
 # Message kinds. Parent to worker:
-CALL = 1  # body: pickle of (function, args) or (function, args, soft limit, ack wanted)
+CALL = 1  # body: pickle of (function, args) or (function, args, soft limit, ack, credit)
+CREDIT = 2  # a stream's consumer took items: body: pickle of how many more may be sent
+CLOSE = 3  # close a stream (its consumer left); no body
 # Worker to parent (acknowledgements go through shared memory, see _shared.py):
 UP = 10  # the worker is ready (its initializer ran); body: pickle of its pid
 ACK = 11  # the job started; sent only when the call asked (a hard time limit counts from it)
 RESULT = 12  # body: pickle of (return value, seconds the call ran)
 ERROR = 13  # body: pickle of (exception, traceback text, seconds the call ran or None)
 INIT_FAILED = 14  # the initializer raised; body as ERROR; the worker then exits
+ITEMS = 15  # the next items of a stream; body: pickle of a list; RESULT or ERROR ends it
+REPORT = 16  # corral.report(obj) in a running call; body: pickle of obj
 
 OUT_OF_BAND = 0x80  # flag on kind: the body starts with a table of out-of-band buffers
 SHARED = 0x40  # flag on kind: those buffers lie in the sender's shared region, not the body
@@ -230,11 +234,14 @@ def dumps_call(
     *,
     soft_time_limit: float | None = None,
     ack: bool = False,
+    credit: int = 0,
 ) -> Encoded:
     """Pickle a call, raising ``SerializationError`` that names the part that failed.
 
     ``soft_time_limit`` is armed in the worker; ``ack`` asks the worker to say when the call
-    starts (for a hard time limit, which the parent keeps).
+    starts (for a hard time limit, which the parent keeps); ``credit`` > 0 makes it a
+    stream: the worker iterates what fn returns and may send that many items before the
+    parent grants more.
 
     A function passed as an argument (``map`` passes the user's function to the chunk
     runner) decides by-value pickling as much as the called function does.
@@ -251,8 +258,8 @@ def dumps_call(
         elif callable(arg) and _by_value(arg):
             by_value = True
     call: tuple[Any, ...] = (reference or fn, sent)
-    if soft_time_limit is not None or ack:
-        call = (*call, soft_time_limit, ack)
+    if soft_time_limit is not None or ack or credit:
+        call = (*call, soft_time_limit, ack, credit)
     try:
         return dumps(call, by_value=by_value, wrapped=wrapped)
     except Exception as exc:

@@ -41,6 +41,13 @@ class WorkerHost(Protocol):
     ) -> None:
         """Job finished: with value when error is None, else with error."""
 
+    def job_items(self, worker: Worker, job: Job[Any], items: list[Any]) -> None:
+        """The next items of job's stream (``iterate``), in order. The first batch frees
+        the worker's slot: the stream goes on while the worker takes other jobs."""
+
+    def job_report(self, worker: Worker, job: Job[Any], obj: Any) -> None:
+        """The running job called ``corral.report(obj)``."""
+
     def worker_lost(
         self,
         worker: Worker,
@@ -103,6 +110,14 @@ class Worker(abc.ABC):
         Jobs run in the order sent. Before ``job_done`` the worker sets ``job.run_time``
         to the seconds spent inside the call (stats split it from transfer time).
         """
+
+    def credit(self, job: Job[Any], n: int) -> None:
+        """The consumer of job's stream took n items, so the worker may produce n more.
+        A job is a stream when ``job.stream`` is set: the worker iterates what the call
+        returns, sends items through ``job_items`` no further ahead than its credit (the
+        first ``job.stream.window`` items are granted), and ends it through ``job_done``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot stream (iterate)")
 
     @abc.abstractmethod
     def cancel(self, job: Job[Any], *, grace: float = 1.0) -> None:

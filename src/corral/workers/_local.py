@@ -169,14 +169,15 @@ class LocalWorker(Worker):
     # -- running jobs ---------------------------------------------------------------------
 
     def _wake(self) -> None:
-        """Schedule the next step when idle with work to do; end a stopping idle worker."""
-        if self._current is not None or self.state is LocalState.DEAD:
+        """Schedule the next step when there is one (a skipped job is reported even while
+        another runs); end a stopping worker that has nothing left."""
+        if self.state is LocalState.DEAD:
             return
-        if self._pending or self._skipped:
+        if self._skipped or (self._current is None and self._pending):
             if self._wakeup is None:
                 assert self._loop is not None
                 self._wakeup = self._loop.call_soon(self._next)
-        elif self.state is LocalState.STOPPING:
+        elif self._current is None and self.state is LocalState.STOPPING:
             self._end()
 
     def _next(self) -> None:

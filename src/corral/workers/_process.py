@@ -39,9 +39,13 @@ from .._shared import ARGS_TAKEN, RESULTS_TAKEN, SharedPage, SharedRegion
 from .._wire import (
     ACK,
     CALL,
+    CLOSE,
+    CREDIT,
     ERROR,
     INIT_FAILED,
+    ITEMS,
     KIND_MASK,
+    REPORT,
     RESULT,
     SHARED,
     UP,
@@ -197,6 +201,7 @@ class ProcessWorker(Worker):
         self._overdue: dict[int, asyncio.TimerHandle] = {}  # cancelled jobs given grace
         self._pid: int | None = None
         self._sent: dict[int, tuple[Job[Any], int]] = {}  # job id -> (job, frame end offset)
+        self._streaming: set[int] = set()  # jobs whose stream has sent items: started
         self._up: asyncio.Future[int] | None = None
         self._gone: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -323,13 +328,21 @@ class ProcessWorker(Worker):
         self.tasks_sent += 1
         job.state = JobState.SENT
 
+    def credit(self, job: Job[Any], n: int) -> None:
+        """The consumer of job's stream took n items: the worker may send n more."""
+        if job.id in self._sent and self._writer is not None and self.state is ProcessState.READY:
+            self._writer.write(frame(CREDIT, job.id, dumps(n)))
+
     def cancel(self, job: Job[Any], *, grace: float = CANCEL_GRACE) -> None:
         """Stop job: one not started yet is skipped by the worker; a running one is
         interrupted (``asyncio.CancelledError`` is raised inside it), and if it is still
-        running after grace seconds, the process is killed (0: kill at once)."""
+        running after grace seconds, the process is killed (0: kill at once). A stream
+        waiting for credit is closed (its generator's ``finally`` runs)."""
         page = self._page
         if job.id not in self._sent or page is None or self._loop is None:
             return
+        if job.stream is not None and self._writer is not None and grace > 0:
+            self._writer.write(frame(CLOSE, job.id))
         page.cancel(job.id)
         if page.started != job.id:
             return  # the worker will skip it when it comes to it
@@ -415,11 +428,22 @@ class ProcessWorker(Worker):
                 if entry is None:
                     continue
                 job = entry[0]
+                if self._streaming:
+                    self._streaming.discard(job_id)
                 self.tasks_done += 1
                 if self._overdue and (overdue := self._overdue.pop(job_id, None)):
                     overdue.cancel()
                 value, error = self._decode_outcome(k, kind, body, job)
                 host.job_done(self, job, value, error)
+            elif k == ITEMS:
+                entry = sent.get(job_id)
+                if entry is not None:
+                    self._streaming.add(job_id)
+                    host.job_items(self, entry[0], loads(kind, body))
+            elif k == REPORT:
+                entry = sent.get(job_id)
+                if entry is not None:
+                    host.job_report(self, entry[0], loads(kind, body))
             elif k == ACK:  # asked for by calls with a hard time limit
                 entry = sent.get(job_id)
                 if entry is not None:
@@ -510,7 +534,7 @@ class ProcessWorker(Worker):
         started_id = self._page.started if self._page is not None else 0
         self._release()
         for job, _ in self._sent.values():
-            if job.id == started_id:
+            if job.id == started_id or job.id in self._streaming:
                 if job.state is JobState.SENT:
                     job.state = JobState.RUNNING
                 started.append(job)
@@ -523,6 +547,7 @@ class ProcessWorker(Worker):
             if end <= written:
                 job.deliveries += 1
         self._sent.clear()
+        self._streaming.clear()
         if self._gone is not None and not self._gone.done():
             self._gone.set_result(None)
         if (

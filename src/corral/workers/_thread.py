@@ -157,7 +157,7 @@ class ThreadWorker(Worker):
         self._coroutine_fn = False  # the current job's task will be cancelled, not raised in
         self._task: asyncio.Future[Any] | None = None  # its task on the thread's loop
         # The thread's own:
-        self._private_loop: asyncio.AbstractEventLoop | None = None
+        self._runner: asyncio.Runner | None = None  # its event loop, for awaitables
         self._started_at = 0.0
         self._stray: BaseException | None = None
 
@@ -260,9 +260,9 @@ class ThreadWorker(Worker):
         self._fired.add(kind)
         if self._why != "cancel":
             self._why = kind
-        task, private = self._task, self._private_loop
-        if task is not None and private is not None:
-            private.call_soon_threadsafe(task.cancel)
+        task = self._task
+        if task is not None:  # the thread's loop is open while it runs the task
+            task.get_loop().call_soon_threadsafe(task.cancel)
         elif not self._coroutine_fn:  # a coroutine function's task is cancelled at birth
             _raise_in(
                 self._ident, asyncio.CancelledError if kind == "cancel" else _SoftLimitInterrupt
@@ -363,7 +363,8 @@ class ThreadWorker(Worker):
             if self._initialize():
                 self._serve()
         finally:
-            self._close_private_loop()
+            if self._runner is not None:
+                self._runner.close()  # cancels what is left, shuts generators down
             self._call_loop(self._thread_exited)
 
     def _initialize(self) -> bool:
@@ -371,7 +372,7 @@ class ThreadWorker(Worker):
             if self._initializer is not None:
                 result = self._initializer(*self._initargs)
                 if inspect.isawaitable(result):
-                    self._get_private_loop().run_until_complete(result)
+                    self._private_loop().run_until_complete(result)
         except BaseException as exc:
             self._call_loop(self._started_up, exc)
             return False
@@ -443,7 +444,7 @@ class ThreadWorker(Worker):
             # thread's event loop); one fired at the call that made it is taken back here.
             _raise_in(self._ident, None)
             self._coroutine_fn = True
-        loop = self._get_private_loop()
+        loop = self._private_loop()
         task = asyncio.ensure_future(awaitable, loop=loop)
         with self._lock:
             self._task = task
@@ -493,24 +494,7 @@ class ThreadWorker(Worker):
         with contextlib.suppress(RuntimeError):  # the loop is closed: no one is left to tell
             loop.call_soon_threadsafe(fn, *args)
 
-    def _get_private_loop(self) -> asyncio.AbstractEventLoop:
-        if self._private_loop is None:
-            self._private_loop = asyncio.new_event_loop()
-        return self._private_loop
-
-    def _close_private_loop(self) -> None:
-        loop = self._private_loop
-        if loop is None:
-            return
-        try:
-            tasks = asyncio.all_tasks(loop)
-            for task in tasks:
-                task.cancel()
-            if tasks:
-                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.run_until_complete(loop.shutdown_default_executor())
-        finally:
-            with self._lock:
-                self._private_loop = None
-            loop.close()
+    def _private_loop(self) -> asyncio.AbstractEventLoop:
+        if self._runner is None:
+            self._runner = asyncio.Runner()
+        return self._runner.get_loop()

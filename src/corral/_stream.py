@@ -1,0 +1,136 @@
+"""What flows to the caller while a job runs: a stream's items (``iterate``) and the
+task's reports (``corral.report``). Both are buffers in the event loop that one consumer
+reads in order; neither does I/O.
+
+A stream is bounded by credit: the worker may send only ``window`` items beyond those the
+consumer has taken, and the consumer grants more as it takes them, half a window at a
+time, so neither side ever holds more than about a window of items however slow the
+consumer is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from ._job import Job
+
+T = TypeVar("T")
+
+# Items a stream may run ahead of its consumer: enough to keep a fast consumer fed across a
+# round trip, few enough that the buffered items stay small.
+WINDOW = 4096
+
+
+class _Waitable:
+    """A buffer whose single consumer can wait for more."""
+
+    def __init__(self) -> None:
+        self._waiter: asyncio.Future[None] | None = None
+
+    def wake(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        await self._waiter
+
+
+class ItemStream(_Waitable):
+    """The items of one stream that the consumer has not taken yet."""
+
+    def __init__(self, window: int = WINDOW) -> None:
+        super().__init__()
+        self.window = window
+        self.items: deque[Any] = deque()
+        self.released = False  # the worker's slot was freed at the first items
+        self.grant: Callable[[int], None] | None = None  # tells the worker: n more
+
+    def feed(self, items: list[Any]) -> None:
+        self.items.extend(items)
+        self.wake()
+
+
+class Reports(_Waitable):
+    """The reports of one job, kept for ``job.reports()``, and its report callbacks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.items: deque[Any] = deque()
+        self.callbacks: list[Callable[[Any], object]] = []
+
+    def add(self, obj: Any) -> None:
+        for callback in self.callbacks:
+            callback(obj)
+        self.items.append(obj)
+        self.wake()
+
+    async def read(self, done: Callable[[], bool]) -> AsyncIterator[Any]:
+        """Yield reports in order, then end once the job is done."""
+        items = self.items
+        while True:
+            while items:
+                yield items.popleft()
+            if done():
+                return
+            await self._wait()
+
+
+class StreamIterator(Generic[T]):
+    """What ``iterate`` returns: the async iterator of a stream job's items.
+
+    Dropping it (breaking out of ``async for``), ``aclose()`` or leaving ``async with``
+    cancels the job, which closes the generator in the worker.
+    """
+
+    def __init__(self, job: Job[Any]) -> None:
+        stream = job.stream
+        assert stream is not None
+        self.job = job
+        self._stream = stream
+        self._taken = 0
+        # The stream, not self: the job must not keep this iterator alive, since dropping
+        # it is what closes an abandoned stream.
+        job.future.add_done_callback(lambda _: stream.wake())
+
+    def __aiter__(self) -> StreamIterator[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        stream = self._stream
+        items = stream.items
+        while not items:
+            if self.job.done():
+                if items:
+                    break
+                self.job.result()  # raises the stream's error, or CancelledError
+                raise StopAsyncIteration
+            await stream._wait()
+        self._taken += 1
+        if self._taken >= stream.window // 2 and stream.grant is not None:
+            stream.grant(self._taken)
+            self._taken = 0
+        item: T = items.popleft()
+        return item
+
+    async def aclose(self) -> None:
+        """Stop the stream: the generator in the worker is closed."""
+        self.close()
+
+    def close(self) -> None:
+        if not self.job.done():
+            self.job.cancel()
+
+    async def __aenter__(self) -> StreamIterator[T]:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
