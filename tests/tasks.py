@@ -299,3 +299,52 @@ async def async_sleep(seconds: float) -> float:
 
     await asyncio.sleep(seconds)
     return seconds
+
+
+# -- added for streams and reports -------------------------------------------------------------
+
+
+def count_up(n: int | None = None, marker: str | None = None) -> Any:
+    """Yield 0, 1, 2, ... (n items, or forever); write 'closed' to marker when it ends."""
+    import itertools
+
+    try:
+        yield from (range(n) if n is not None else itertools.count())
+    finally:
+        if marker is not None:
+            with open(marker, "a") as f:
+                f.write(f"closed {os.getpid()}\n")
+
+
+def count_then_fail(n: int) -> Any:
+    yield from range(n)
+    raise TaskError(f"failed after {n} items")
+
+
+def count_then_die(n: int) -> Any:
+    yield from range(n)
+    os._exit(3)
+
+
+def not_iterable() -> int:
+    return 42
+
+
+def report_each(n: int) -> str:
+    from corral import report
+
+    for i in range(n):
+        report({"step": i})
+    return "finished"
+
+
+def report_unpicklable() -> str:
+    import threading
+
+    from corral import report
+
+    try:
+        report(threading.Lock())
+    except Exception as exc:
+        return type(exc).__name__
+    return "no error"

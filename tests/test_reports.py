@@ -1,0 +1,60 @@
+"""``corral.report``: what a running task sends its caller arrives in order, before the
+result, through ``job.reports()`` or a callback."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+import pytest
+
+import corral
+from tests import tasks
+
+T = TypeVar("T")
+BOUND = 60.0
+
+
+async def bounded(awaitable: Awaitable[T], timeout: float = BOUND) -> T:
+    return await asyncio.wait_for(awaitable, timeout)
+
+
+async def collect(job: corral.Job[Any]) -> list[Any]:
+    return [obj async for obj in job.reports()]
+
+
+async def test_reports_arrive_in_order_and_before_the_result() -> None:
+    async with corral.Pool(1) as pool:
+        job = pool.submit(tasks.report_each, 500)
+        order: list[str] = []
+        job.on_report(lambda obj: order.append(f"report {obj['step']}"))
+        job.add_done_callback(lambda _: order.append("result"))
+        reports = await bounded(collect(job))
+        assert reports == [{"step": i} for i in range(500)]
+        assert await job == "finished"
+        assert order == [*(f"report {i}" for i in range(500)), "result"]
+
+
+async def test_reports_sent_before_reading_are_kept() -> None:
+    async with corral.Pool(1) as pool:
+        job = pool.submit(tasks.report_each, 3)
+        assert await bounded(job) == "finished"
+        assert await bounded(collect(job)) == [{"step": 0}, {"step": 1}, {"step": 2}]
+
+
+async def test_a_job_without_reports_ends_its_reading_when_done() -> None:
+    async with corral.Pool(1) as pool:
+        job = pool.submit(tasks.add, 1, 2)
+        assert await bounded(collect(job)) == []
+        assert job.result() == 3
+
+
+async def test_a_report_that_will_not_pickle_raises_in_the_task() -> None:
+    async with corral.Pool(1) as pool:
+        assert await bounded(pool.run(tasks.report_unpicklable)) == "SerializationError"
+
+
+def test_report_outside_a_task_is_an_error() -> None:
+    with pytest.raises(RuntimeError, match="outside a task run by corral"):
+        corral.report("x")
