@@ -5,6 +5,7 @@ a thread that will not stop is abandoned and reported lost."""
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -207,7 +208,11 @@ async def test_runs_jobs_in_its_thread_and_reports_outcomes() -> None:
         assert error.__traceback__.tb_next is not None  # the frame of fail() is there
         assert await host.outcome(who) == ("corral-t1", None)
         assert host.events == [(kind, i) for i in (1, 2, 3) for kind in ("started", "done")]
-        assert host.states_at_start == {1: JobState.RUNNING, 2: JobState.RUNNING, 3: JobState.RUNNING}
+        assert host.states_at_start == {
+            1: JobState.RUNNING,
+            2: JobState.RUNNING,
+            3: JobState.RUNNING,
+        }
         assert (worker.tasks_sent, worker.tasks_done) == (3, 3)
     finally:
         await worker.stop()
@@ -264,7 +269,9 @@ async def test_initializer_runs_in_the_thread_first() -> None:
     """The initializer runs in the worker's thread before any job."""
     seen: list[str] = []
     host = Host()
-    worker = await started(host, name="t-init", initializer=lambda tag: seen.append(tag + whoami()), initargs=("x",))
+    worker = await started(
+        host, name="t-init", initializer=lambda tag: seen.append(tag + whoami()), initargs=("x",)
+    )
     try:
         assert seen == ["xcorral-t-init"]
         job = host.job(add, 1, 1)
@@ -571,3 +578,35 @@ async def test_task_queue_cancel_and_hard_limit() -> None:
                     await queue.run(spin, threading.Event(), release, time_limit=0.1)
     finally:
         release.set()
+
+
+async def test_interrupts_racing_the_end_of_calls_lose_nothing() -> None:
+    """Soft limits and cancellations that fall just as calls begin or end (the host's
+    timers race the thread) still give every job exactly one outcome, and the thread keeps
+    serving."""
+    host = Host()
+    worker = await started(host)
+    rng = random.Random(7)
+
+    def busy(seconds: float) -> float:
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            pass
+        return seconds
+
+    try:
+        errors: set[type[BaseException] | None] = set()
+        for i in range(100):
+            job = host.job(busy, rng.random() * 0.01, soft=0.003)
+            worker.send(job)
+            if i % 2:
+                await asyncio.sleep(rng.random() * 0.01)
+                worker.cancel(job, grace=BOUND)
+            _, error = await host.outcome(job)
+            errors.add(None if error is None else type(error))
+        assert errors <= {None, asyncio.CancelledError, corral.SoftTimeLimitExceeded}
+        assert None in errors
+        assert worker.alive
+        assert not host.lost.done()
+    finally:
+        await worker.stop()

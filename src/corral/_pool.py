@@ -34,7 +34,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, Self
 
 from ._errors import CorralError, WorkerLostError, WorkerStartupError
-from ._taskqueue import Strategy, TaskQueue, check_limit
+from ._queuecore import Strategy, check_limit
+from ._taskqueue import TaskQueue
 from ._wire import dumps_call
 from .workers._local import LocalWorker
 from .workers._process import STARTUP_TIMEOUT, ProcessWorker

@@ -1,46 +1,42 @@
 """``ThreadWorker``: jobs run in one dedicated daemon thread.
 
-Why: a call that blocks (a C library that releases the GIL, a synchronous client, file I/O)
-must not block the event loop, and needs no process: nothing is pickled, the value and the
-exception come back as they are, traceback intact. Each worker owns one thread, so a queue
-controls exactly how many run at once, and any worker kind can serve the same queue.
+Why: a call that blocks (a synchronous client, file I/O, a C library that releases the GIL)
+must not block the event loop, and needs no process: nothing is pickled, and the value or
+the exception comes back as it is, traceback intact. One thread per worker, so a queue
+decides how many calls run at once.
 
-The thread and the loop meet in three places, each under one lock::
+The loop and the thread meet under one lock, in three places::
 
-    loop thread                               worker thread
-      send()    -- _pending (deque) ------->  _take(): pops a job, marks it current
-      _flush()  <-- _outbox, one wake-up ---  started / done events, batched
-      _interrupt() -- async exception ----->  raised inside the running call
+    loop thread                                worker thread
+      send()       -- _pending ------------->  _take(): pops a job, makes it current
+      _flush()     <-- _outbox, one wake-up --  started / done events, batched
+      _interrupt() -- async exception ------>  raised inside the running call
 
-- One job at a time, in the order sent. The host's callbacks are all made in the loop's
-  thread; ``run_time`` (seconds in the call) is set before ``job_done``.
-- An awaitable result runs to its end on an event loop owned by the thread (made on first
-  use, closed when the thread ends). Tasks a coroutine leaves behind run only while a later
-  coroutine of this worker runs, and are cancelled when the thread ends.
-- Soft time limit, armed by a timer of the loop when the job starts: a plain call gets
-  ``SoftTimeLimitExceeded`` raised inside it (``PyThreadState_SetAsyncExc``), and may catch
+- One job at a time, in the order sent; every host callback is made in the loop's thread;
+  ``run_time`` (seconds in the call) is set before ``job_done``. An awaitable result runs
+  to its end on the thread's own event loop (made on first use, closed with the thread).
+- Soft time limit (a timer of the loop, armed when the job starts): a plain call gets
+  ``SoftTimeLimitExceeded`` raised inside it (``PyThreadState_SetAsyncExc``) and may catch
   it. A coroutine's task is cancelled instead (an asynchronous exception would land in the
-  thread's event loop, not in the coroutine): the coroutine sees ``CancelledError`` and the
-  caller gets ``SoftTimeLimitExceeded``.
+  thread's event loop, not in the coroutine): it sees ``CancelledError``, and the caller
+  gets ``SoftTimeLimitExceeded``.
 - ``cancel``: a job not started never starts (``job_done`` with ``CancelledError``). A
-  running one is interrupted the same way, with ``asyncio.CancelledError``. An asynchronous
-  exception only lands between Python bytecodes: a call blocked in C (``time.sleep``, a
-  socket read) or one that catches it keeps running. If it is still running ``grace`` seconds
-  later, or at once when ``grace`` <= 0, the worker gives up: a thread cannot be killed, so it
-  is abandoned (a daemon, left to finish; its outcome is ignored), the worker is dead and
-  reports ``worker_lost`` with that job as started and the rest as unstarted. The host starts
-  a new worker in its place; the abandoned thread ends when its call returns.
-- ``stop`` finishes the jobs already sent, then the thread exits; it tells the loop so as
-  its last act, and is joined then, so no one waits on it blocking the loop. ``kill`` reports
-  what it holds as lost at once, interrupts a running call (best effort) and does not wait
-  for it; an idle thread is waited for, briefly.
+  running one is interrupted the same way with ``asyncio.CancelledError``. An asynchronous
+  exception lands only between bytecodes, so a call blocked in C (``time.sleep``, a socket
+  read) or one that catches it runs on. If it is still running ``grace`` seconds later (at
+  once when ``grace`` <= 0) the worker gives up: a thread cannot be killed, so it is
+  abandoned (a daemon left to finish; its outcome is ignored), the worker is dead, and it
+  reports ``worker_lost`` with the job as started and the rest as unstarted. The host puts a
+  new worker in its place.
+- ``stop`` finishes the jobs already sent; the thread's last act tells the loop, which then
+  joins it without blocking. ``kill`` reports what it holds as lost at once, interrupts a
+  running call (best effort) and does not wait for it (an idle thread exits at once).
 
-Races, and why none of them loses or doubles an outcome: the loop interrupts only while
-holding the lock and only while the job it means is current. After a call, the thread takes
-the lock, drops any interrupt still on its way, and clears the current job, so no interrupt
-reaches a later step. One that lands outside the call (just before or after it) escapes to
-the serve loop, which reports it as that job's outcome; each kind fires at most once per job,
-so two levels of handler in the serve loop absorb every one.
+Races: the loop interrupts only under the lock, and only the job still current. After a
+call the thread takes the lock, withdraws any interrupt not yet raised, and clears the
+current job, so none reaches a later step. One landing just outside the call escapes to the
+serve loop, which reports it as that job's outcome; each kind fires at most once per job, so
+two levels of handler there absorb every one.
 """
 
 from __future__ import annotations
