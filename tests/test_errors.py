@@ -56,6 +56,11 @@ CASES: list[tuple[CorralError, dict[str, object], str]] = [
         "worker w6 was lost for an unknown reason",
     ),
     (
+        WorkerLostError("w8", detail="its thread ignored a cancellation"),
+        {"exitcode": None, "signal": None},
+        "worker w8 was lost: its thread ignored a cancellation",
+    ),
+    (
         WorkerLostError("w7", exitcode=0, detail="it held 2 jobs"),
         {"exitcode": 0, "detail": "it held 2 jobs"},
         "worker w7 exited with code 0 while running the job; the task or a library it uses "

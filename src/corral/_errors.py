@@ -58,6 +58,8 @@ class WorkerLostError(CorralError):
         elif self.exitcode is not None:
             how = f"exited with code {self.exitcode} while running the job"
             how += "; the task or a library it uses called exit()"
+        elif self.detail:
+            return f"worker {self.worker} was lost: {self.detail}"
         else:
             how = "was lost for an unknown reason"
         text = f"worker {self.worker} {how}"
