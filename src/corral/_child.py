@@ -27,6 +27,7 @@ import select
 import signal
 import time
 from collections.abc import Iterator
+from itertools import islice
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._errors import SerializationError, SoftTimeLimitExceeded
@@ -151,9 +152,9 @@ def _let_go_of_the_forkserver() -> None:
         server._forkserver_alive_fd = None  # type: ignore[union-attr]
 
 
-# A stream's batch ends after this many items or this many seconds of producing them,
-# whichever comes first: large enough to share a frame's cost among many small items, short
-# enough that a slow generator's items reach the consumer soon and streams take turns.
+# A stream's batches grow to this many items while producing one takes under a quarter of
+# BATCH_SECONDS: large enough to share a frame's cost among many small items, short enough
+# that a slow generator's items reach the consumer soon and streams take turns.
 BATCH_ITEMS = 1024
 BATCH_SECONDS = 0.01
 
@@ -161,12 +162,13 @@ BATCH_SECONDS = 0.01
 class _Stream:
     """A live iterator a worker holds for ``iterate``, and what it may still send."""
 
-    __slots__ = ("credit", "iterator", "run_time")
+    __slots__ = ("credit", "iterator", "run_time", "size")
 
     def __init__(self, iterator: Iterator[Any], credit: int, run_time: float) -> None:
         self.iterator = iterator
         self.credit = credit
         self.run_time = run_time
+        self.size = 1  # items per batch: grows while the generator is fast
 
     def close(self) -> None:
         close = getattr(self.iterator, "close", None)
@@ -279,32 +281,32 @@ class _Worker:
         return None
 
     def _pump(self, job: int) -> None:
-        """Send the next batch of a stream: as many items as its credit allows, up to
-        ``BATCH_ITEMS``, or what ``BATCH_SECONDS`` of producing gave; then its turn ends."""
+        """Send the next batch of a stream, then its turn ends. A batch is as many items as
+        the stream's credit allows, up to its batch size, which adapts: it doubles (to
+        ``BATCH_ITEMS``) while batches take less than ``BATCH_SECONDS`` to produce and
+        halves when they take longer, so a fast generator's items travel a thousand to a
+        frame and a slow one's are sent as they come."""
         stream = self._streams.pop(job)
         items: list[Any] = []
-        limit = min(stream.credit, BATCH_ITEMS)
+        limit = min(stream.credit, stream.size)
         ended = False
         failure: BaseException | None = None
         self._words[STARTED] = job
         self._running = job
         start = time.perf_counter()
-        deadline = start + BATCH_SECONDS
         try:
-            produce = stream.iterator.__next__
-            while len(items) < limit:
-                try:
-                    items.append(produce())
-                except StopIteration:
-                    ended = True
-                    break
-                if time.perf_counter() > deadline:
-                    break
+            items.extend(islice(stream.iterator, limit))  # keeps the items before a raise
+            ended = len(items) < limit
         except BaseException as exc:
             failure = exc
         finally:
             self._running = 0
-        stream.run_time += time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        if elapsed < BATCH_SECONDS / 4:
+            stream.size = min(BATCH_ITEMS, stream.size * 2)
+        elif elapsed > BATCH_SECONDS:
+            stream.size = max(1, stream.size // 2)
+        stream.run_time += elapsed
         if items:
             try:
                 payload = dumps(items)

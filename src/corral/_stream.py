@@ -93,6 +93,8 @@ class StreamIterator(Generic[T]):
         assert stream is not None
         self.job = job
         self._stream = stream
+        self._items = stream.items
+        self._half = max(1, stream.window // 2)  # items taken between two grants
         self._taken = 0
         # The stream, not self: the job must not keep this iterator alive, since dropping
         # it is what closes an abandoned stream.
@@ -102,21 +104,28 @@ class StreamIterator(Generic[T]):
         return self
 
     async def __anext__(self) -> T:
-        stream = self._stream
-        items = stream.items
-        while not items:
-            if self.job.done():
-                if items:
-                    break
-                self.job.result()  # raises the stream's error, or CancelledError
-                raise StopAsyncIteration
-            await stream._wait()
+        items = self._items
+        if not items:
+            await self._more()
         self._taken += 1
-        if self._taken >= stream.window // 2 and stream.grant is not None:
-            stream.grant(self._taken)
-            self._taken = 0
+        if self._taken >= self._half:
+            self._grant()
         item: T = items.popleft()
         return item
+
+    async def _more(self) -> None:
+        """Wait until items arrive; at the end, raise the stream's error or stop."""
+        while not self._items:
+            if self.job.done():
+                self.job.result()  # raises the stream's error, or CancelledError
+                raise StopAsyncIteration
+            await self._stream._wait()
+
+    def _grant(self) -> None:
+        grant = self._stream.grant
+        if grant is not None:
+            grant(self._taken)
+            self._taken = 0
 
     async def aclose(self) -> None:
         """Stop the stream: the generator in the worker is closed."""
