@@ -95,8 +95,8 @@ def run_queue(n: int, batched: bool) -> float:
 
 
 WAYS = {
-    "corral.iterate": lambda n: run_corral(n),
-    "mp.Pool.imap": lambda n: run_pool_imap(n),
+    "corral.iterate": run_corral,
+    "mp.Pool.imap": run_pool_imap,
     "mp.Process+Queue": lambda n: run_queue(n, batched=False),
     "mp.Process+Queue batched": lambda n: run_queue(n, batched=True),
 }
