@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from . import _tasks
@@ -65,6 +66,8 @@ class Adapter(abc.ABC):
     recovery: ClassVar[str] = ""  # what recover() does, in words, for the notes
     # The library can give one call a hard time limit (submit_limited).
     time_limits: ClassVar[bool] = False
+    # The git revision measured (``corral@REV``, see _revisions); None: what is installed.
+    revision: ClassVar[str | None] = None
 
     @classmethod
     def available(cls) -> bool:
@@ -221,6 +224,14 @@ class Corral(AsyncAdapter):
     dist = "corral"
     time_limits = True
     options: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def version(cls) -> str:
+        if cls.revision is None:
+            return super().version()
+        import corral  # from the revision's checkout, which the report should show
+
+        return f"{corral.__version__} at {cls.revision}, from {Path(corral.__file__).parent}"
 
     async def start(self, workers: int = WORKERS) -> None:
         import corral
@@ -558,3 +569,22 @@ ADAPTERS: dict[str, type[Adapter]] = {
     )
 }
 DEFAULT_LIBS = [key for key in ADAPTERS if key not in ("corral-prefetch", "billiard")]
+
+
+def adapter(name: str) -> type[Adapter]:
+    """The adapter a library name on the command line stands for.
+
+    ``KEY@REV`` is a corral adapter (``corral@f045384``, ``corral-prefetch@HEAD~2``) that
+    measures corral as of git revision REV instead of the working tree. Raises ValueError
+    for a name that is not a library.
+    """
+    key, _, revision = name.partition("@")
+    if key not in ADAPTERS:
+        raise ValueError(f"unknown library {key!r}; choose from {','.join(ADAPTERS)}")
+    base = ADAPTERS[key]
+    if not revision:
+        return base
+    if not issubclass(base, Corral):
+        raise ValueError(f"only corral can be measured at a git revision, not {key!r}")
+    attrs = {"key": name, "title": f"{base.title}@{revision}", "revision": revision}
+    return type(f"{base.__name__}AtRevision", (base,), attrs)

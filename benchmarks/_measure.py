@@ -20,10 +20,12 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from . import _tasks
-from ._libs import ADAPTERS, WORKERS, Adapter, Outcome
+from ._libs import WORKERS, Adapter, Outcome, adapter
+from ._revisions import import_corral_from
 
 MiB = 1 << 20
 
@@ -421,10 +423,18 @@ MEASUREMENTS: dict[str, Callable[[Adapter, Sizes], Awaitable[Result]]] = {
 LIMITED = ("limit", "replace")
 
 
-async def _run(lib: Adapter, name: str, sizes: Sizes) -> None:
+async def _run(lib: Adapter, name: str, sizes: Sizes, src: Path | None) -> None:
+    """Measure, print the JSON line, stop. ``src``: where a pinned corral must come from."""
     result = await MEASUREMENTS[name](lib, sizes)
     if "metrics" not in result:
         result = {"metrics": result, "notes": []}
+    if src is not None:
+        # A number said to be corral@REV's must be REV's code, in the parent and a worker.
+        worker = await lib.call(_tasks.module_file, "corral")  # not a str if wires differ
+        files = [str(sys.modules["corral"].__file__), str(worker)]
+        strays = [f for f in files if not Path(f).is_relative_to(src)]
+        if strays:
+            raise RuntimeError(f"{lib.title}: corral came from {strays}, not from {src}")
     result["start_method"] = lib.start_method
     result["version"] = lib.version()
     print(json.dumps(result), flush=True)
@@ -436,19 +446,21 @@ async def _run(lib: Adapter, name: str, sizes: Sizes) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("lib", choices=list(ADAPTERS))
+    parser.add_argument("lib", type=adapter, help="a library, or corral@REV")
     parser.add_argument("measurement", choices=list(MEASUREMENTS))
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     args = parser.parse_args(argv)
-    lib = ADAPTERS[args.lib]()
+    lib = args.lib()
+    # Before anything imports corral: nothing above does.
+    src = import_corral_from(lib.revision) if lib.revision else None
     sizes = QUICK if args.quick else FULL
     if args.loop == "uvloop":
         import uvloop
 
-        uvloop.run(_run(lib, args.measurement, sizes))
+        uvloop.run(_run(lib, args.measurement, sizes, src))
     else:
-        asyncio.run(_run(lib, args.measurement, sizes))
+        asyncio.run(_run(lib, args.measurement, sizes, src))
     sys.stdout.flush()
     # Skip interpreter clean-up: some libraries join their workers at exit.
     os._exit(0)

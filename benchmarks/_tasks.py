@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -81,6 +82,11 @@ def stall(fifo: str, seconds: float) -> None:
 def getpid() -> int:
     """The worker's process id: which process served a call."""
     return os.getpid()
+
+
+def module_file(name: str) -> str:
+    """Where the worker's module ``name`` came from: proves which corral a worker runs."""
+    return str(sys.modules[name].__file__)
 
 
 async def anoop(x: Any = None) -> Any:

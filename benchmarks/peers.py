@@ -4,6 +4,7 @@
     python -m benchmarks.peers --quick            # a smoke run (well under a minute)
     python -m benchmarks.peers --only latency,submit --libs corral,ppe
     python -m benchmarks.peers --only limit,replace    # time limits: corral, pebble, billiard
+    python -m benchmarks.peers --baseline f045384 --only latency,submit,map --libs corral
 
 Every (library, measurement) runs in a fresh process (``benchmarks._measure``) under a
 time limit, in a process group of its own that is killed afterwards, so no library's
@@ -14,6 +15,11 @@ run down. Every pool has 2 workers and its library's default start method.
 ``limit`` and ``replace`` (issue #4) are not in the default run; they are measured only for
 the libraries with a per-call hard time limit (corral, pebble, billiard), and billiard, not
 a default library, joins when they are asked for without ``--libs``.
+
+``--baseline REV`` also measures ``corral@REV``, corral as committed at REV (see
+``_revisions``), next to the working tree's, and reports what changed between them. The
+runs of one measurement are interleaved across libraries (A, B, A, B, ...), so a slow spell
+of the machine falls on all of them.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import json
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,8 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._libs import ADAPTERS, DEFAULT_LIBS, WORKERS
+from ._libs import ADAPTERS, DEFAULT_LIBS, WORKERS, adapter
 from ._measure import FULL, LIMITED, MEASUREMENTS, QUICK
+from ._revisions import short_commit, worktree
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -100,15 +108,17 @@ def rows(quick: bool) -> list[Row]:
 
 def applies(measurement: str, lib: str) -> bool:
     """Whether a measurement is run for a library: the time-limit ones need the feature."""
-    return measurement not in LIMITED or ADAPTERS[lib].time_limits
+    return measurement not in LIMITED or adapter(lib).time_limits
 
 
 @dataclass
 class Cell:
     """What the runs of one (library, measurement) produced."""
 
-    metrics: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)  # the best run of each number
+    runs: dict[str, list[float]] = field(default_factory=dict)  # every run, in order
     notes: list[str] = field(default_factory=list)
+    failed_runs: int = 0
     problem: str | None = None  # "timeout (>60 s)", "crashed: ...": no numbers
     start_method: str | None = None
     version: str | None = None
@@ -152,29 +162,44 @@ def best(values: list[float], higher_is_better: bool) -> float:
     return max(values) if higher_is_better else min(values)
 
 
-def measure(lib: str, measurement: str, args: argparse.Namespace) -> Cell:
-    """All runs of one (library, measurement), reduced to the best value of each number."""
+def measure(libs: list[str], measurement: str, args: argparse.Namespace) -> dict[str, Cell]:
+    """All runs of one measurement for the libraries, reduced to the best of each number.
+
+    The runs are interleaved (each library's first run, then each one's second, ...), so
+    that a slow spell of the shared machine does not fall on one library's runs alone.
+    """
     repeats = args.repeats or (1 if args.quick else REPEATS[measurement])
     timeout = QUICK_TIMEOUT if args.quick else TIMEOUT[measurement]
     direction = {
         r.metric: r.higher_is_better for r in rows(args.quick) if r.measurement == measurement
     }
-    cell = Cell()
-    started = time.perf_counter()
-    runs: list[dict[str, Any]] = []
+    cells = {lib: Cell() for lib in libs}
+    runs: dict[str, list[dict[str, Any]]] = {lib: [] for lib in libs}
     for _ in range(repeats):
-        result = run_one(lib, measurement, args.quick, args.loop, timeout)
-        if "problem" in result:
-            cell.notes.append(f"a run failed: {result['problem']}")
-            if not runs:  # the first run is already lost: do not wait for more of them
-                cell.problem = result["problem"]
-                break
-            continue
-        runs.append(result)
-    cell.seconds = time.perf_counter() - started
+        for lib in libs:
+            cell = cells[lib]
+            if cell.problem:  # its first run is lost already: do not wait for more of them
+                continue
+            started = time.perf_counter()
+            result = run_one(lib, measurement, args.quick, args.loop, timeout)
+            cell.seconds += time.perf_counter() - started
+            if "problem" in result:
+                cell.failed_runs += 1
+                cell.notes.append(f"a run failed: {result['problem']}")
+                if not runs[lib]:
+                    cell.problem = result["problem"]
+                continue
+            runs[lib].append(result)
+    for lib in libs:
+        reduce(cells[lib], runs[lib], direction)
+    return cells
+
+
+def reduce(cell: Cell, runs: list[dict[str, Any]], direction: dict[str, bool]) -> None:
+    """Fill a cell from its runs: every number's best, and the numbers of every run."""
     if not runs:
         cell.notes.clear()
-        return cell
+        return
     cell.start_method = runs[0]["start_method"]
     cell.version = runs[0]["version"]
     for run in runs:
@@ -184,9 +209,9 @@ def measure(lib: str, measurement: str, args: argparse.Namespace) -> Cell:
         numbers = [v for v in values if isinstance(v, int | float)]
         if key in direction and len(numbers) == len(values):
             cell.metrics[key] = best(numbers, direction[key])
+            cell.runs[key] = numbers
         else:
             cell.metrics[key] = value
-    return cell
 
 
 # -- the report --------------------------------------------------------------------------
@@ -224,7 +249,7 @@ def render_cell(row: Row, cell: Cell | None, base: Cell | None, is_base: bool) -
 
 def table(results: dict[str, dict[str, Cell]], libs: list[str], quick: bool) -> str:
     base_key = libs[0] if libs[0].startswith("corral") else None
-    head = ["measurement", "better"] + [ADAPTERS[k].title for k in libs]
+    head = ["measurement", "better"] + [adapter(k).title for k in libs]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows(quick):
         if row.measurement not in results:
@@ -235,6 +260,57 @@ def table(results: dict[str, dict[str, Cell]], libs: list[str], quick: bool) -> 
         better = "higher" if row.higher_is_better else "lower"
         lines.append("| " + " | ".join([row.label, better, *shown]) + " |")
     return "\n".join(lines)
+
+
+def change(new: float, old: float, higher_is_better: bool) -> str:
+    """How much worse or better ``new`` is than ``old``: the share of throughput lost, or
+    the share by which a time grew."""
+    loss = 1 - new / old if higher_is_better else new / old - 1
+    return f"{abs(loss):.1%} {'worse' if loss > 0 else 'better'}"
+
+
+def comparison(
+    results: dict[str, dict[str, Cell]], pairs: list[tuple[str, str]], quick: bool
+) -> str:
+    """Each corral against an earlier revision of itself measured beside it, and every run.
+
+    Three views of the change, since the machine is noisy: between the best runs, between
+    the median runs, and the median of the changes between the two runs of each round (run
+    i of one against run i of the other, made one after the other, so in about the same
+    state of the machine).
+    """
+    tables = []
+    for new, old in pairs:
+        this = new if "@" in new else f"{new} (the working tree)"
+        lines = [
+            f"{this} against {old}: best (median) of the runs, and how much worse or better"
+            f" {new} is.",
+            "",
+            f"| measurement | better | {old} | {new} | change, best | change, median"
+            f" | change, round by round | {old}, every run | {new}, every run |",
+            "|" + "---|" * 9,
+        ]
+        for row in rows(quick):
+            before = results.get(row.measurement, {}).get(old)
+            after = results.get(row.measurement, {}).get(new)
+            if not (before and after and row.metric in before.runs and row.metric in after.runs):
+                continue
+            a, b = before.runs[row.metric], after.runs[row.metric]
+            up = row.higher_is_better
+            ma, mb = statistics.median(a), statistics.median(b)
+            by_round = "—"  # unless every run of both worked: else the rounds do not line up
+            if before.failed_runs == after.failed_runs == 0 and len(a) == len(b):
+                ratios = [y / x for x, y in zip(a, b, strict=True)]
+                by_round = change(statistics.median(ratios), 1.0, up)
+            d = row.digits
+            lines.append(
+                f"| {row.label} | {'higher' if up else 'lower'}"
+                f" | {fmt(best(a, up), d)} ({fmt(ma, d)}) | {fmt(best(b, up), d)} ({fmt(mb, d)})"
+                f" | {change(best(b, up), best(a, up), up)} | {change(mb, ma, up)} | {by_round}"
+                f" | {', '.join(fmt(v, d) for v in a)} | {', '.join(fmt(v, d) for v in b)} |"
+            )
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
 
 
 def library_notes(results: dict[str, dict[str, Cell]], libs: list[str]) -> str:
@@ -266,7 +342,7 @@ def library_notes(results: dict[str, dict[str, Cell]], libs: list[str]) -> str:
                     f" {m['served_max_ms']:.1f} ms"
                 )
             notes += [f"{measurement}: {n}" for n in cell.notes]
-        lines.append(f"| {ADAPTERS[key].title} | {version} | {method} | {'; '.join(notes)} |")
+        lines.append(f"| {adapter(key).title} | {version} | {method} | {'; '.join(notes)} |")
     return "\n".join(lines)
 
 
@@ -280,7 +356,8 @@ def _value(
 
 def targets(results: dict[str, dict[str, Cell]], libs: list[str]) -> str:
     """corral's goals, each checked against this run: met or missed, and by how much."""
-    if "corral" not in libs:
+    peers = [k for k in libs if not k.startswith("corral")]
+    if "corral" not in libs or not peers:
         return ""
     lines = []
 
@@ -298,14 +375,13 @@ def targets(results: dict[str, dict[str, Cell]], libs: list[str]) -> str:
             f" → {rel:.2f}x (needs {factor:g}x)"
         )
 
-    peers = [k for k in libs if k != "corral" and not k.startswith("corral")]
     medians = [
         (v, k) for k in peers if (v := _value(results, "latency", k, "median_us")) is not None
     ]
     if medians:
         v, k = min(medians)
         check(
-            f"median latency no worse than the best peer's ({ADAPTERS[k].title}), µs",
+            f"median latency no worse than the best peer's ({adapter(k).title}), µs",
             _value(results, "latency", "corral", "median_us"),
             v,
             1,
@@ -403,6 +479,35 @@ def corral_revision() -> str:
     return f"corral at {head}{dirty}"
 
 
+def pin(name: str) -> str:
+    """A library name with its git revision (if any) as a short commit hash, and that
+    revision's checkout made now rather than by the first process that measures it."""
+    revision = adapter(name).revision
+    if not revision:
+        return name
+    try:
+        worktree(revision)
+        return f"{name.partition('@')[0]}@{short_commit(revision)}"
+    except RuntimeError as exc:
+        raise RuntimeError(f"{name}: {exc}") from None
+
+
+def ab_pairs(libs: list[str], baseline: str | None) -> list[tuple[str, str]]:
+    """The (library, the same library at an earlier revision) pairs that the report compares.
+
+    With ``--baseline REV``: each corral library named against itself at REV. Without: the
+    working tree's corral against each ``corral@REV`` named beside it.
+    """
+    pairs = []
+    for lib in libs:
+        key, _, revision = lib.partition("@")
+        if baseline and key.startswith("corral") and revision != baseline:
+            pairs.append((lib, f"{key}@{baseline}"))
+        elif not baseline and revision and key in libs:
+            pairs.append((key, lib))
+    return pairs
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.peers",
@@ -414,7 +519,17 @@ def main(argv: list[str] | None = None) -> None:
         help=f"measurements, comma-separated: {','.join(MEASUREMENTS)}"
         f" (default: all but {','.join(LIMITED)})",
     )
-    parser.add_argument("--libs", help=f"libraries, comma-separated: {','.join(ADAPTERS)}")
+    parser.add_argument(
+        "--libs",
+        help=f"libraries, comma-separated: {','.join(ADAPTERS)}; corral@REV is corral as"
+        " committed at git revision REV",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also measure each corral library as committed at git revision REV (corral@REV),"
+        " and compare each with it",
+    )
     parser.add_argument(
         "--loop",
         choices=["asyncio", "uvloop"],
@@ -434,16 +549,22 @@ def main(argv: list[str] | None = None) -> None:
     for name in measurements:
         if name not in MEASUREMENTS:
             parser.error(f"unknown measurement {name!r}; choose from {','.join(MEASUREMENTS)}")
-    for key in libs:
-        if key not in ADAPTERS:
-            parser.error(f"unknown library {key!r}; choose from {','.join(ADAPTERS)}")
-    skipped = [k for k in libs if not ADAPTERS[k].available()]
+    try:
+        libs = list(dict.fromkeys(pin(k) for k in libs))
+        baseline = pin(f"corral@{args.baseline}").partition("@")[2] if args.baseline else None
+    except (ValueError, RuntimeError) as exc:
+        parser.error(str(exc))
+    pairs = ab_pairs(libs, baseline)
+    if baseline and not pairs:
+        parser.error("--baseline compares corral with an earlier corral: --libs must name one")
+    libs = list(dict.fromkeys([*libs, *(old for _, old in pairs)]))
+    skipped = [k for k in libs if not adapter(k).available()]
     libs = [k for k in libs if k not in skipped]
     unmeasured = [k for k in libs if not any(applies(m, k) for m in measurements)]
     libs = [k for k in libs if k not in unmeasured]
     if not libs:
         parser.error("no library left to measure")
-    libs.sort(key=lambda k: (not k.startswith("corral"), list(ADAPTERS).index(k)))
+    libs.sort(key=lambda k: (not k.startswith("corral"), list(ADAPTERS).index(k.split("@")[0])))
 
     revision = corral_revision()  # now: the tree may change while the run goes on
     say = sys.stderr.write
@@ -452,23 +573,21 @@ def main(argv: list[str] | None = None) -> None:
         f"{'quick' if args.quick else 'full'} run\n"
     )
     for key in skipped:
-        say(f"skipping {ADAPTERS[key].title}: not installed\n")
+        say(f"skipping {adapter(key).title}: not installed\n")
     for key in unmeasured:
-        say(f"skipping {ADAPTERS[key].title}: no per-call time limit\n")
+        say(f"skipping {adapter(key).title}: no per-call time limit\n")
     started = time.perf_counter()
     results: dict[str, dict[str, Cell]] = {}
     for measurement in measurements:
-        results[measurement] = {}
-        for key in libs:
-            if not applies(measurement, key):
-                continue
-            cell = measure(key, measurement, args)
-            results[measurement][key] = cell
+        results[measurement] = measure(
+            [k for k in libs if applies(measurement, k)], measurement, args
+        )
+        for key, cell in results[measurement].items():
             shown = cell.problem or ", ".join(
                 f"{k}={v:,.1f}" if isinstance(v, float) else f"{k}={v}"
                 for k, v in cell.metrics.items()
             )
-            say(f"  {measurement:<10} {ADAPTERS[key].title:<22} {cell.seconds:6.1f} s  {shown}\n")
+            say(f"  {measurement:<10} {adapter(key).title:<22} {cell.seconds:6.1f} s  {shown}\n")
     elapsed = time.perf_counter() - started
 
     print(f"\n{machine()}; {revision}")
@@ -477,7 +596,9 @@ def main(argv: list[str] | None = None) -> None:
         f" in {elapsed:.0f} s."
     )
     if not args.quick:
-        runs = ", ".join(f"{m} {n}" for m, n in REPEATS.items() if m in measurements)
+        runs = ", ".join(
+            f"{m} {args.repeats or n}" for m, n in REPEATS.items() if m in measurements
+        )
         print(f"Each number is the best of its runs (fresh processes): {runs}.")
     sizes = QUICK if args.quick else FULL
     medians = [
@@ -491,12 +612,15 @@ def main(argv: list[str] | None = None) -> None:
     print("a ratio above 1 means corral is faster; for 'higher', below 1 means it is.\n")
     print(table(results, libs, args.quick))
     print()
+    ab = comparison(results, pairs, args.quick)
+    if ab:
+        print(ab + "\n")
     print(library_notes(results, libs))
     checks = targets(results, libs)
     if checks:
         print("\nTargets:\n" + checks)
     if skipped:
-        print("\nNot installed, skipped: " + ", ".join(ADAPTERS[k].title for k in skipped))
+        print("\nNot installed, skipped: " + ", ".join(adapter(k).title for k in skipped))
     if args.json:
         raw = {m: {k: vars(c) for k, c in cells.items()} for m, cells in results.items()}
         args.json.write_text(

@@ -20,14 +20,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import inspect
 import multiprocessing.forkserver
 import os
 import select
 import signal
-import time
 from collections.abc import Iterator
 from itertools import islice
+from time import perf_counter
+from types import CoroutineType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._errors import SerializationError, SoftTimeLimitExceeded
@@ -293,7 +293,7 @@ class _Worker:
         failure: BaseException | None = None
         self._words[STARTED] = job
         self._running = job
-        start = time.perf_counter()
+        start = perf_counter()
         try:
             items.extend(islice(stream.iterator, limit))  # keeps the items before a raise
             ended = len(items) < limit
@@ -301,7 +301,7 @@ class _Worker:
             failure = exc
         finally:
             self._running = 0
-        elapsed = time.perf_counter() - start
+        elapsed = perf_counter() - start
         if elapsed < BATCH_SECONDS / 4:
             stream.size = min(BATCH_ITEMS, stream.size * 2)
         elif elapsed > BATCH_SECONDS:
@@ -368,10 +368,10 @@ class _Worker:
             signal.setitimer(signal.ITIMER_REAL, soft_limit)
         self._running = job
         failure: BaseException | None = None
-        start = time.perf_counter()
+        start = perf_counter()
         try:
             value = fn(*args)
-            if inspect.iscoroutine(value):  # a coroutine function runs on a loop of its own
+            if isinstance(value, CoroutineType):  # a coroutine function: on a loop of its own
                 value = asyncio.run(value)
         except BaseException as exc:
             failure = exc
@@ -382,7 +382,7 @@ class _Worker:
             self._running = 0
             if soft_limit:
                 signal.setitimer(signal.ITIMER_REAL, 0)
-        run_time = time.perf_counter() - start
+        run_time = perf_counter() - start
         if failure is None and credit:
             try:
                 self._streams[job] = _Stream(iter(value), credit, run_time)

@@ -16,12 +16,11 @@ import dataclasses
 import os
 from collections import deque
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import psutil
 
 if TYPE_CHECKING:
-    from ._job import Job
     from .workers._base import Worker
 
 # Timings of this many recent calls are kept for the percentiles: enough for a stable p99,
@@ -30,32 +29,31 @@ TIMINGS_KEPT = 10_000
 
 
 class Timings:
-    """The timings of the last ``TIMINGS_KEPT`` calls, and counts of all of them."""
+    """The timestamps of the last ``TIMINGS_KEPT`` calls, and counts of all of them.
 
-    __slots__ = ("calls", "failed", "run", "transfer", "wait")
+    The queue appends one tuple per call, (submitted, handed over, done, run time or
+    None), on perf_counter's clock; splitting them into durations waits for ``stats()``.
+    """
+
+    __slots__ = ("calls", "failed", "samples")
 
     def __init__(self) -> None:
-        self.wait: deque[float] = deque(maxlen=TIMINGS_KEPT)
-        self.transfer: deque[float] = deque(maxlen=TIMINGS_KEPT)
-        self.run: deque[float] = deque(maxlen=TIMINGS_KEPT)
+        self.samples: deque[tuple[float, float, float, float | None]] = deque(maxlen=TIMINGS_KEPT)
         self.calls = 0
         self.failed = 0
 
-    def record(self, job: Job[Any], worker: Worker, now: float, failed: bool) -> None:
-        """Job ended on worker at ``now`` (perf_counter); its worker set ``run_time``."""
-        self.calls += 1
-        if failed:
-            self.failed += 1
-        sent = job.sent_at
-        self.wait.append(sent - job.submitted_at)
-        total = now - sent
-        run = job.run_time
-        if run is None:  # a worker kind that does not time its calls
-            run = total
-        else:
-            self.transfer.append(max(0.0, total - run))
-        self.run.append(run)
-        worker.busy_time += run
+    def split(self) -> tuple[list[float], list[float], list[float]]:
+        """Queue wait, transfer and run time of the kept calls (no transfer for calls
+        whose worker kind does not time them)."""
+        wait, transfer, run = [], [], []
+        for submitted, sent, done, ran in self.samples:
+            wait.append(sent - submitted)
+            if ran is None:
+                run.append(done - sent)
+            else:
+                run.append(ran)
+                transfer.append(max(0.0, done - sent - ran))
+        return wait, transfer, run
 
 
 @dataclasses.dataclass(frozen=True)

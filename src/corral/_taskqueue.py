@@ -8,8 +8,8 @@ serves them by are ``QueueCore``'s. ``Pool`` adds keeping its own workers alive.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, TypeVar, TypeVarTuple, Unpack
 
 from ._errors import PoolClosedError, WorkerLostError
@@ -181,7 +181,7 @@ class TaskQueue(QueueCore):
         )
         job.stream = stream
         self._admit(job)
-        job.submitted_at = time.perf_counter()
+        job.submitted_at = perf_counter()
         self._dispatch(self._dispatcher.push(job))
         return job
 
@@ -337,7 +337,7 @@ class TaskQueue(QueueCore):
 
     def stats(self) -> QueueStats:
         """A snapshot of the workers and of recent calls' timings (``print`` it)."""
-        now = time.perf_counter()
+        now = perf_counter()
         workers = []
         for worker in [*self._workers, *self._starting]:
             load = self._dispatcher.load(worker)
@@ -348,15 +348,15 @@ class TaskQueue(QueueCore):
             else:
                 state = "busy" if load else "idle"
             workers.append(worker_stats(worker, state, load, now))
-        timings = self._timings
+        wait, transfer, run = self._timings.split()
         return QueueStats(
             workers=tuple(workers),
             queued=len(self._dispatcher),
             in_flight=len(self._in_flight),
-            calls=timings.calls,
-            failed=timings.failed,
-            wait=Percentiles.of(timings.wait),
-            transfer=Percentiles.of(timings.transfer),
-            run=Percentiles.of(timings.run),
+            calls=self._timings.calls,
+            failed=self._timings.failed,
+            wait=Percentiles.of(wait),
+            transfer=Percentiles.of(transfer),
+            run=Percentiles.of(run),
             rss=parent_rss(),
         )
