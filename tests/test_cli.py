@@ -141,6 +141,58 @@ def test_missing_or_unknown_command(tmp_path: Path, args: list[str]) -> None:
     assert "error" in done.stderr
 
 
+def test_unknown_option_of_mandelbrot_is_a_usage_error(tmp_path: Path) -> None:
+    done = corral_cmd("mandelbrot", "--bogus", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.startswith("corral: error: unrecognized arguments: --bogus")
+
+
+# -- corral bench ----------------------------------------------------------------------------
+
+CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_help_lists_it_with_examples(tmp_path: Path) -> None:
+    done = corral_cmd("--help", cwd=tmp_path)
+    assert "bench" in done.stdout
+    assert "corral bench --quick" in done.stdout
+    done = corral_cmd("bench", "--help", cwd=tmp_path)
+    assert done.returncode == 0
+    assert "--checkout" in done.stdout
+
+
+def test_bench_without_a_checkout_says_what_it_needs(tmp_path: Path) -> None:
+    done = corral_cmd("bench", "--checkout", str(tmp_path), cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert f"{tmp_path} has no benchmarks/peers.py" in done.stderr
+    assert "--checkout PATH" in done.stderr
+
+
+def test_bench_passes_the_runners_options_on(tmp_path: Path) -> None:
+    done = corral_cmd("bench", "--checkout", str(CHECKOUT), "--help-runner", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "--only" in done.stdout
+    assert "--libs" in done.stdout
+
+
+@pytest.mark.timeout(240)
+def test_bench_runs_and_prints_the_table(tmp_path: Path) -> None:
+    """A quick run of one measurement against ProcessPoolExecutor, from the checkout."""
+    args = ["bench", "--quick", "--only", "latency", "--libs", "corral,ppe"]
+    done = subprocess.run(
+        [sys.executable, "-m", "corral", *args],
+        cwd=CHECKOUT,
+        capture_output=True,
+        text=True,
+        timeout=200,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "| ProcessPoolExecutor |" in done.stdout
+    assert "median latency" in done.stdout
+
+
 def test_unwritable_output_fails_before_rendering(tmp_path: Path) -> None:
     """An output path in a missing directory is reported at once (exit 1, no traceback),
     not after the render it would have wasted."""

@@ -2,6 +2,8 @@
 
     corral mandelbrot       render mandelbrot.png on every core and say how much faster
                             that was than one worker
+    corral bench            run the benchmark of corral against its peers on this
+                            machine and print its table
 
 Each job is a subcommand with its own options; ``main`` parses, runs it, and turns the
 failures a user can cause (a bad option, an unwritable path, Ctrl-C) into one line on
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -54,6 +57,10 @@ examples:
       no progress bar when stdout is not a terminal: a clean summary
   python -m corral mandelbrot
       the same command, where the corral script is not on PATH
+  corral bench --quick
+      corral and its peers side by side, small workloads (about a minute)
+  corral bench --only latency,submit --libs corral,ppe,mp
+      two measurements, against ProcessPoolExecutor and multiprocessing.Pool
 """
 
 
@@ -158,6 +165,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mandel.set_defaults(run=_mandelbrot)
 
+    bench = command(
+        "bench",
+        "run corral and its peers side by side on this machine, print the table",
+        "Run the benchmark of a corral source checkout (benchmarks/peers.py): corral,\n"
+        "ProcessPoolExecutor, multiprocessing.Pool and the peers installed (pebble, loky,\n"
+        "aiomultiprocess, mpire: pip install -e '.[bench]'), each measurement in a fresh\n"
+        "process, and print the markdown table with ratios to corral. Options after\n"
+        "'bench' go to the runner: 'corral bench --help-runner' lists them.",
+    )
+    bench.add_argument(
+        "--checkout",
+        type=Path,
+        default=None,
+        help="the corral source checkout to run it from (default: the current directory, "
+        "else the checkout this corral was installed from)",
+    )
+    bench.add_argument(
+        "--help-runner", action="store_true", help="show the runner's own options and exit"
+    )
+    bench.set_defaults(run=_bench)
+
     width = max(map(len, summaries))
     parser.description = "corral: an asyncio-native process pool, and commands to see it work.\n"
     parser.description += "\ncommands:\n" + "".join(
@@ -170,9 +198,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``corral`` command with argv (default: ``sys.argv[1:]``); the exit status."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if extra and args.command != "bench":  # only bench passes options on
+        print(
+            f"corral: error: unrecognized arguments: {' '.join(extra)}\n"
+            "Try 'corral --help' for more information.",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    args.extra = extra
     if args.command is None:
         parser.print_usage(sys.stderr)
         print("corral: error: name a command, e.g. 'corral mandelbrot'", file=sys.stderr)
@@ -190,6 +226,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (corral.CorralError, OSError) as exc:
         print(f"corral: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+
+
+# -- corral bench ---------------------------------------------------------------------------
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """Run the checkout's benchmark runner in a child interpreter, its output passed on."""
+    checkout = args.checkout or _find_checkout()
+    if checkout is None or not (checkout / "benchmarks" / "peers.py").is_file():
+        where = f"{checkout} has no benchmarks/peers.py" if checkout else "no checkout found"
+        print(
+            f"corral: error: {where}. corral bench runs the benchmarks of a corral source "
+            "checkout: run it from the checkout's root, or pass --checkout PATH",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    runner = [sys.executable, "-m", "benchmarks.peers"]
+    extra = ["--help"] if args.help_runner else args.extra
+    return subprocess.run([*runner, *extra], cwd=checkout, check=False).returncode
+
+
+def _find_checkout() -> Path | None:
+    """The current directory if it is a corral checkout, else the checkout an editable
+    install of corral points to."""
+    for candidate in (Path.cwd(), Path(corral.__file__).resolve().parents[2]):
+        if (candidate / "benchmarks" / "peers.py").is_file():
+            return candidate
+    return None
 
 
 # -- corral mandelbrot ----------------------------------------------------------------------
