@@ -169,3 +169,15 @@ async def test_bad_window_is_refused_at_the_call() -> None:
         for bad in (0, 1, 2.5, True):
             with pytest.raises(ValueError, match="window"):
                 pool.iterate(tasks.count_up, 10, window=bad)  # type: ignore[arg-type]
+
+
+async def test_a_recycled_worker_finishes_its_open_stream_first() -> None:
+    """A worker holding an open stream runs its last job under max_tasks_per_child and is
+    retired, but it is stopped only after the stream ends: every item arrives."""
+    async with corral.Pool(1, max_tasks_per_child=2) as pool:
+        (worker,) = pool.workers
+        stream = pool.iterate(tasks.count_up, 30_000, window=64)
+        first = await bounded(anext(stream))
+        assert await bounded(pool.run(tasks.pid)) == worker.pid  # its last job: retired
+        rest = [x async for x in stream]
+        assert [first, *rest] == list(range(30_000))

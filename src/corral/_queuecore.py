@@ -300,7 +300,13 @@ class QueueCore:
         self._stop_if_idle(worker)
 
     def _stop_if_idle(self, worker: Worker) -> None:
-        if worker in self._retiring and not self._dispatcher.load(worker):
+        """Stop a retiring worker once it holds nothing: no job, and no open stream (a
+        stream frees its slot but lives in the worker until its consumer is done)."""
+        if (
+            worker in self._retiring
+            and not self._dispatcher.load(worker)
+            and all(w is not worker for w in self._in_flight.values())
+        ):
             self._retiring.discard(worker)
             self._forget(worker)
             self._spawn_task(worker.stop())
