@@ -5,15 +5,17 @@ interrupt, and a task that ignores cancellation is abandoned and reported lost."
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 import corral
 from corral import Job, JobState
+from corral._stream import ItemStream
 from corral.workers._base import Worker
 from corral.workers._local import LocalWorker
 
@@ -31,17 +33,35 @@ class Host:
         self.outcomes: dict[int, asyncio.Future[tuple[Any, BaseException | None]]] = {}
         self.states_at_start: dict[int, JobState] = {}
         self.run_times: dict[int, float | None] = {}
+        self.items: dict[int, list[Any]] = {}  # what each stream sent, in order
+        self.reports: dict[int, list[Any]] = {}
         self.lost: asyncio.Future[tuple[corral.CorralError, list[Job[Any]], list[Job[Any]]]]
         self.lost = self.loop.create_future()
         self.wrong_thread = False
         self._ids = 0
 
-    def job(self, fn: Callable[..., Any], *args: Any, soft: float | None = None) -> Job[Any]:
-        """A new job for fn(*args), owned by this host."""
+    def job(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        soft: float | None = None,
+        window: int | None = None,
+    ) -> Job[Any]:
+        """A new job for fn(*args), owned by this host; with a window, a stream."""
         self._ids += 1
         job: Job[Any] = Job(self, self._ids, fn, args, self.loop, soft_time_limit=soft)
+        if window is not None:
+            job.stream = ItemStream(window)
         self.outcomes[job.id] = self.loop.create_future()
         return job
+
+    async def until_items(self, job: Job[Any], n: int) -> list[Any]:
+        """Wait (bounded) until job's stream has sent at least n items; all it sent."""
+        async with asyncio.timeout(BOUND):
+            while len(self.items.get(job.id, ())) < n:
+                await asyncio.sleep(0.001)
+        assert not self.wrong_thread
+        return self.items[job.id]
 
     async def outcome(self, job: Job[Any]) -> tuple[Any, BaseException | None]:
         """Wait (bounded) for job_done of job: (value, error)."""
@@ -76,6 +96,18 @@ class Host:
         self.run_times[job.id] = job.run_time
         assert not self.outcomes[job.id].done(), f"job {job.id} reported twice"
         self.outcomes[job.id].set_result((value, error))
+
+    def job_items(self, worker: Worker, job: Job[Any], items: list[Any]) -> None:
+        self._check_thread()
+        assert not self.outcomes[job.id].done(), f"items of job {job.id} after its end"
+        self.events.append(("items", job.id))
+        self.items.setdefault(job.id, []).extend(items)
+
+    def job_report(self, worker: Worker, job: Job[Any], obj: Any) -> None:
+        self._check_thread()
+        assert not self.outcomes[job.id].done(), f"a report of job {job.id} after its end"
+        self.events.append(("report", job.id))
+        self.reports.setdefault(job.id, []).append(obj)
 
     def worker_lost(
         self,
@@ -148,6 +180,40 @@ async def handle_cancel(running: asyncio.Event) -> str:
     except asyncio.CancelledError:
         return "handled"
     return "slept"
+
+
+def counting(produced: list[int], closed: list[str]) -> Iterator[int]:
+    """Yield 0, 1, 2, ... forever, counting in produced[0]; note the thread it ends in."""
+    try:
+        for i in itertools.count():
+            produced[0] += 1
+            yield i
+    finally:
+        closed.append(threading.current_thread().name)
+
+
+def reporting(n: int) -> Iterator[int]:
+    for i in range(n):
+        corral.report(f"before {i}")
+        yield i
+
+
+def report_each(n: int) -> str:
+    for i in range(n):
+        corral.report(i)
+    return "finished"
+
+
+async def async_report_each(n: int) -> str:
+    for i in range(n):
+        corral.report(i)
+        await asyncio.sleep(0)
+    return "finished"
+
+
+def send(worker: LocalWorker, job: Job[Any]) -> Job[Any]:
+    worker.send(job)
+    return job
 
 
 # -- tests -------------------------------------------------------------------------------
@@ -454,6 +520,80 @@ async def test_run_time_is_the_time_in_the_call() -> None:
             assert 0.2 <= run_time < 0.22
     finally:
         await worker.stop()
+
+
+# -- streams and reports -----------------------------------------------------------------
+
+
+async def test_a_stream_runs_ahead_only_as_far_as_its_credit() -> None:
+    """A stream makes exactly its credit of items, then waits for more while the worker
+    serves other jobs; credit(n) lets it make n more; cancel closes the generator in the
+    loop's thread and ends the job with CancelledError, after its items."""
+    host = Host()
+    worker = await started(host)
+    produced, closed = [0], list[str]()
+    job = send(worker, host.job(counting, produced, closed, window=10))
+    try:
+        assert await host.until_items(job, 10) == list(range(10))
+        assert await host.outcome(send(worker, host.job(async_add, 1, 2))) == (3, None)
+        assert produced == [10]  # it waited for credit while the call ran
+        worker.credit(job, 5)
+        assert await host.until_items(job, 15) == list(range(15))
+        assert await host.outcome(send(worker, host.job(add, 2, 2))) == (4, None)
+        assert produced == [15]
+        worker.cancel(job)
+        _, error = await host.outcome(job)
+        assert isinstance(error, asyncio.CancelledError)
+        assert closed == [threading.current_thread().name]
+        assert host.run_times[job.id] is not None
+        assert host.items[job.id] == list(range(15))
+        assert worker.alive and not host.lost.done()
+    finally:
+        await worker.stop()
+
+
+async def test_reports_and_items_come_in_order_before_done() -> None:
+    """corral.report from a plain call, a coroutine and a generator reaches job_report in
+    order before job_done (a generator's before the items made after it); the reporter
+    is set only while the job runs."""
+    host = Host()
+    worker = await started(host)
+    try:
+        for fn in (report_each, async_report_each):
+            job = send(worker, host.job(fn, 3))
+            assert await host.outcome(job) == ("finished", None)
+            assert host.reports[job.id] == [0, 1, 2]
+            mine = [event for event in host.events if event[1] == job.id]
+            assert mine == [("started", job.id), *[("report", job.id)] * 3, ("done", job.id)]
+        job = send(worker, host.job(reporting, 3, window=100))
+        assert await host.outcome(job) == (None, None)
+        assert host.reports[job.id] == ["before 0", "before 1", "before 2"]
+        assert host.items[job.id] == [0, 1, 2]
+        mine = [event for event in host.events if event[1] == job.id]
+        assert mine[-2:] == [("items", job.id), ("done", job.id)]
+    finally:
+        await worker.stop()
+    with pytest.raises(RuntimeError, match="outside a task"):
+        corral.report("after")
+
+
+@pytest.mark.parametrize("end", ["stop", "kill"])
+async def test_stop_and_kill_close_open_streams_and_report_them_lost(end: str) -> None:
+    """A worker stopped or killed with a stream open closes its generator (finally runs
+    before stop or kill returns), as a process child does at EOF, and reports the stream
+    as started in worker_lost."""
+    host = Host()
+    worker = await started(host)
+    produced, closed = [0], list[str]()
+    job = send(worker, host.job(counting, produced, closed, window=2))
+    await host.until_items(job, 2)
+    async with asyncio.timeout(BOUND):
+        await (worker.stop() if end == "stop" else worker.kill())
+    assert closed == [threading.current_thread().name]
+    error, unstarted, lost = await host.loss()
+    assert isinstance(error, corral.WorkerLostError)
+    assert (unstarted, lost) == ([], [job])
+    assert not worker.alive
 
 
 # -- through a TaskQueue ---------------------------------------------------------------

@@ -5,16 +5,19 @@ a thread that will not stop is abandoned and reported lost."""
 from __future__ import annotations
 
 import asyncio
+import inspect
+import itertools
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import pytest
 
 import corral
 from corral import Job, JobState
+from corral._stream import ItemStream
 from corral.workers._base import Worker
 from corral.workers._thread import ThreadWorker
 
@@ -32,17 +35,35 @@ class Host:
         self.outcomes: dict[int, asyncio.Future[tuple[Any, BaseException | None]]] = {}
         self.states_at_start: dict[int, JobState] = {}
         self.run_times: dict[int, float | None] = {}
+        self.items: dict[int, list[Any]] = {}  # what each stream sent, in order
+        self.reports: dict[int, list[Any]] = {}
         self.lost: asyncio.Future[tuple[corral.CorralError, list[Job[Any]], list[Job[Any]]]]
         self.lost = self.loop.create_future()
         self.wrong_thread = False
         self._ids = 0
 
-    def job(self, fn: Callable[..., Any], *args: Any, soft: float | None = None) -> Job[Any]:
-        """A new job for fn(*args), owned by this host."""
+    def job(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        soft: float | None = None,
+        window: int | None = None,
+    ) -> Job[Any]:
+        """A new job for fn(*args), owned by this host; with a window, a stream."""
         self._ids += 1
         job: Job[Any] = Job(self, self._ids, fn, args, self.loop, soft_time_limit=soft)
+        if window is not None:
+            job.stream = ItemStream(window)
         self.outcomes[job.id] = self.loop.create_future()
         return job
+
+    async def until_items(self, job: Job[Any], n: int) -> list[Any]:
+        """Wait (bounded) until job's stream has sent at least n items; all it sent."""
+        async with asyncio.timeout(BOUND):
+            while len(self.items.get(job.id, ())) < n:
+                await asyncio.sleep(0.001)
+        assert not self.wrong_thread
+        return self.items[job.id]
 
     async def outcome(self, job: Job[Any]) -> tuple[Any, BaseException | None]:
         """Wait (bounded) for job_done of job: (value, error)."""
@@ -77,6 +98,18 @@ class Host:
         self.run_times[job.id] = job.run_time
         assert not self.outcomes[job.id].done(), f"job {job.id} reported twice"
         self.outcomes[job.id].set_result((value, error))
+
+    def job_items(self, worker: Worker, job: Job[Any], items: list[Any]) -> None:
+        self._check_thread()
+        assert not self.outcomes[job.id].done(), f"items of job {job.id} after its end"
+        self.events.append(("items", job.id))
+        self.items.setdefault(job.id, []).extend(items)
+
+    def job_report(self, worker: Worker, job: Job[Any], obj: Any) -> None:
+        self._check_thread()
+        assert not self.outcomes[job.id].done(), f"a report of job {job.id} after its end"
+        self.events.append(("report", job.id))
+        self.reports.setdefault(job.id, []).append(obj)
 
     def worker_lost(
         self,
@@ -174,6 +207,47 @@ def catch_soft_limit(running: threading.Event) -> str:
     except corral.SoftTimeLimitExceeded as exc:
         return f"caught {exc.limit:g}"
     return "no limit"
+
+
+def counting(produced: list[int], closed: threading.Event, where: list[str]) -> Iterator[int]:
+    """Yield 0, 1, 2, ... forever, counting in produced[0]; note the thread it ends in."""
+    try:
+        for i in itertools.count():
+            produced[0] += 1
+            yield i
+    finally:
+        where.append(threading.current_thread().name)
+        closed.set()
+
+
+def stuck_after_first(running: threading.Event, closed: threading.Event) -> Iterator[int]:
+    """Yield 0, then spin in Python bytecode (so an interrupt lands at once) for ever."""
+    try:
+        yield 0
+        running.set()
+        while True:
+            pass
+    finally:
+        closed.set()
+
+
+def reporting(n: int) -> Iterator[int]:
+    for i in range(n):
+        corral.report(f"before {i}")
+        yield i
+
+
+def report_each(n: int) -> str:
+    for i in range(n):
+        corral.report(i)
+    return "finished"
+
+
+async def coroutine_report_each(n: int) -> str:
+    for i in range(n):
+        corral.report(i)
+        await asyncio.sleep(0)
+    return "finished"
 
 
 async def coroutine_whoami(x: int) -> tuple[int, str, bool]:
@@ -539,6 +613,142 @@ async def test_run_time_is_the_time_in_the_call() -> None:
         worker.send(skipped)
         await host.outcome(skipped)
         assert host.run_times[skipped.id] is None  # it never ran
+    finally:
+        await worker.stop()
+
+
+# -- streams and reports -----------------------------------------------------------------
+
+
+async def test_a_stream_runs_ahead_only_as_far_as_its_credit() -> None:
+    """A stream makes exactly its credit of items, then waits for more while the worker
+    serves other jobs; credit(n) lets it make n more; cancel closes the generator in the
+    worker's thread and ends the job with CancelledError, after its items."""
+    host = Host()
+    worker = await started(host, name="streamer")
+    produced, closed, where = [0], threading.Event(), list[str]()
+    job = host.job(counting, produced, closed, where, window=10)
+    worker.send(job)
+    try:
+        assert await host.until_items(job, 10) == list(range(10))
+        other = host.job(add, 1, 2)
+        worker.send(other)
+        assert await host.outcome(other) == (3, None)  # served while the stream waits
+        assert produced == [10]
+        worker.credit(job, 5)
+        assert await host.until_items(job, 15) == list(range(15))
+        other = host.job(add, 2, 2)
+        worker.send(other)
+        assert await host.outcome(other) == (4, None)
+        assert produced == [15]
+        worker.cancel(job)
+        _, error = await host.outcome(job)
+        assert isinstance(error, asyncio.CancelledError)
+        assert closed.is_set() and where == ["corral-streamer"]
+        assert host.run_times[job.id] is not None
+        assert host.items[job.id] == list(range(15))
+        assert worker.alive and not host.lost.done()
+    finally:
+        await worker.stop()
+
+
+async def test_cancel_interrupts_a_stream_making_its_batch() -> None:
+    """A stream cancelled while its generator runs gets CancelledError raised inside it:
+    its finally runs, the items made before arrive, then the job ends cancelled."""
+    host = Host()
+    worker = await started(host)
+    running, closed = threading.Event(), threading.Event()
+    job = host.job(stuck_after_first, running, closed, window=100)
+    worker.send(job)
+    try:
+        await wait_for(running)
+        worker.cancel(job, grace=BOUND)
+        _, error = await host.outcome(job)
+        assert isinstance(error, asyncio.CancelledError)
+        assert closed.is_set()
+        assert host.items[job.id] == [0]
+        assert await host.outcome(send(worker, host.job(add, 1, 1))) == (2, None)
+    finally:
+        await worker.stop()
+
+
+def send(worker: ThreadWorker, job: Job[Any]) -> Job[Any]:
+    worker.send(job)
+    return job
+
+
+async def test_reports_and_items_come_in_order_before_done() -> None:
+    """corral.report from a plain call, a coroutine and a generator reaches job_report in
+    order, in the loop's thread, before job_done (a generator's before the items made
+    after it)."""
+    host = Host()
+    worker = await started(host)
+    try:
+        for fn in (report_each, coroutine_report_each):
+            job = send(worker, host.job(fn, 3))
+            assert await host.outcome(job) == ("finished", None)
+            assert host.reports[job.id] == [0, 1, 2]
+            mine = [event for event in host.events if event[1] == job.id]
+            assert mine == [("started", job.id), *[("report", job.id)] * 3, ("done", job.id)]
+        job = send(worker, host.job(reporting, 3, window=100))
+        assert await host.outcome(job) == (None, None)
+        assert host.reports[job.id] == ["before 0", "before 1", "before 2"]
+        assert host.items[job.id] == [0, 1, 2]
+        mine = [event for event in host.events if event[1] == job.id]
+        assert mine[-2:] == [("items", job.id), ("done", job.id)]
+    finally:
+        await worker.stop()
+
+
+@pytest.mark.parametrize("end", ["stop", "kill"])
+async def test_stop_and_kill_close_open_streams_and_report_them_lost(end: str) -> None:
+    """A worker stopped or killed with a stream open closes its generator in its thread
+    (finally runs), as a process child does at EOF, and reports the stream as started in
+    worker_lost."""
+    host = Host()
+    name = f"ending-{end}"
+    worker = await started(host, name=name)
+    produced, closed, where = [0], threading.Event(), list[str]()
+    job = send(worker, host.job(counting, produced, closed, where, window=2))
+    await host.until_items(job, 2)
+    async with asyncio.timeout(BOUND):
+        await (worker.stop() if end == "stop" else worker.kill())
+    error, unstarted, lost = await host.loss()
+    assert isinstance(error, corral.WorkerLostError)
+    assert (unstarted, lost) == ([], [job])
+    await wait_for(closed)
+    assert where == [f"corral-{name}"]
+    await thread_gone(f"corral-{name}")
+    assert not worker.alive
+
+
+async def test_cancels_racing_stream_batches_lose_nothing() -> None:
+    """Streams cancelled at random moments (before their call, between batches, while a
+    batch is made) each end exactly once, with their items or CancelledError, and leave no
+    generator open; the thread keeps serving."""
+    host = Host()
+    worker = await started(host)
+    rng = random.Random(11)
+    made: list[Generator[int, None, None]] = []
+
+    def tracked(n: int) -> Generator[int, None, None]:
+        generator = (i for i in range(n) if sum(range(20)) >= 0)  # ~1 us an item
+        made.append(generator)
+        return generator
+
+    try:
+        for _ in range(60):
+            job = send(worker, host.job(tracked, 3000, window=rng.choice([5, 500, 5000])))
+            await asyncio.sleep(rng.random() * 0.002)
+            worker.cancel(job, grace=BOUND)
+            _, error = await host.outcome(job)
+            assert error is None or isinstance(error, asyncio.CancelledError)
+            if error is None:
+                assert host.items[job.id] == list(range(3000))
+            # Finished or closed; or never begun (cancelled as its call returned).
+            assert all(inspect.getgeneratorstate(g) != inspect.GEN_SUSPENDED for g in made)
+        assert await host.outcome(send(worker, host.job(add, 1, 1))) == (2, None)
+        assert worker.alive and not host.lost.done()
     finally:
         await worker.stop()
 

@@ -13,6 +13,15 @@ How it keeps the ``Worker`` contract (``corral.workers._base``)::
 
 - One job at a time, in the order sent; ``job_started`` before the call, ``run_time`` set
   before ``job_done`` (wall time from the call to the end of its task).
+- Streams (``iterate``): the worker keeps the iterator the call returned (see ``_pump``)
+  and makes its items in batches, each a loop callback of its own, never more than its
+  credit ahead of the consumer. A batch of a stream with credit alternates with the next
+  waiting job, as in a process child, so a stream never holds the worker, and the loop
+  runs the consumer between batches. ``cancel`` closes the generator (its ``finally``
+  runs) at its next turn.
+- ``corral.report`` in a call reaches ``job_report`` at once, hence before ``job_done``:
+  the reporter is set in the context the call runs in, for a plain callable (or a batch
+  of a stream) around that call only, for a coroutine in its task's context.
 - Soft time limit: a coroutine's task is cancelled at its limit. The coroutine sees
   ``asyncio.CancelledError`` (the only exception that can be thrown into a task from
   outside); unless it handles that and finishes otherwise, the caller gets
@@ -24,8 +33,10 @@ How it keeps the ``Worker`` contract (``corral.workers._base``)::
   it is dead, and reports ``worker_lost`` with that job as started and the rest as
   unstarted. Nothing can stop a task that refuses cancellation, so it is left running in
   the loop, abandoned, its outcome ignored; the host starts a new worker in its place.
-- ``stop`` finishes the jobs already sent. ``kill`` reports what it holds as lost at once
-  and cancels a running task without waiting for it.
+- ``stop`` finishes the jobs already sent, then, as a process child at EOF, closes the open
+  streams and reports them lost. ``kill`` reports what it holds (its open streams as
+  started) as lost at once, closes the streams and cancels a running task without waiting
+  for it.
 """
 
 from __future__ import annotations
@@ -41,7 +52,9 @@ from typing import TYPE_CHECKING, Any
 
 from .._errors import SoftTimeLimitExceeded, WorkerLostError, WorkerStartupError
 from .._job import JobState
+from .._report import set_reporter
 from ._base import Worker, WorkerHost
+from ._pump import Batch, Stream, Streams, open_iterator
 
 if TYPE_CHECKING:
     from .._job import Job
@@ -88,6 +101,8 @@ class LocalWorker(Worker):
         self._wakeup: asyncio.Handle | None = None  # the scheduled _next
         self._current: Job[Any] | None = None  # the job running now
         self._task: asyncio.Future[Any] | None = None  # its task, for an awaitable
+        self._streams = Streams()  # open streams, served in turns between jobs
+        self._turn: Job[Any] | None = None  # the stream making a batch now
         self._started_at = 0.0
         self._why: str | None = None  # why its task was cancelled: "soft" or "cancel"
         self._soft: asyncio.TimerHandle | None = None
@@ -151,6 +166,16 @@ class LocalWorker(Worker):
             self._pending.remove(job)
             self._skipped.append(job)  # reported from a loop callback, never from here
             self._wake()
+        elif (stream := self._streams.get(job)) is not None:
+            stream.closing = True  # closed at its next turn, from a loop callback
+            self._wake()
+
+    def credit(self, job: Job[Any], n: int) -> None:
+        """The consumer of job's stream took n items: the worker may make n more."""
+        stream = self._streams.get(job)
+        if stream is not None:
+            stream.credit += n
+            self._wake()
 
     async def stop(self) -> None:
         if self.state in (LocalState.NEW, LocalState.DEAD):
@@ -173,25 +198,38 @@ class LocalWorker(Worker):
         another runs); end a stopping worker that has nothing left."""
         if self.state is LocalState.DEAD:
             return
-        if self._skipped or (self._current is None and self._pending):
+        idle = self._current is None
+        stopping = self.state is LocalState.STOPPING
+        if self._skipped or (
+            idle and (self._pending or self._streams.waiting() or (stopping and self._streams))
+        ):
             if self._wakeup is None:
                 assert self._loop is not None
                 self._wakeup = self._loop.call_soon(self._next)
-        elif self._current is None and self.state is LocalState.STOPPING:
+        elif idle and stopping:
             self._end()
 
     def _next(self) -> None:
         self._wakeup = None
         while self._skipped and self.state is not LocalState.DEAD:
-            self._report(self._skipped.pop(0), None, asyncio.CancelledError())
+            self._job_done(self._skipped.pop(0), None, asyncio.CancelledError())
         if self._current is not None or self.state is LocalState.DEAD:
+            return
+        stream = self._streams.choose(bool(self._pending))
+        ending = self.state is LocalState.STOPPING and not self._pending and self._streams
+        if ending and (stream is None or not stream.closing):  # cancelled ones close first
+            self._shut()
+            return
+        if stream is not None:
+            self._take_turn(stream)
+            self._wake()
             return
         if not self._pending:
             self._wake()
             return
         job = self._pending.popleft()
         if job.state is JobState.CANCELLED:  # cancelled by the host without a word to us
-            self._report(job, None, asyncio.CancelledError())
+            self._job_done(job, None, asyncio.CancelledError())
             self._wake()
             return
         self._run(job)
@@ -203,20 +241,63 @@ class LocalWorker(Worker):
         job.state = JobState.RUNNING
         self._host.job_started(self, job)
         self._started_at = time.perf_counter()
+        token = set_reporter(functools.partial(self._reported, job))
         try:
             result = job.fn(*job.args)
+            # A task copies the context now: its coroutine keeps the reporter.
+            task = asyncio.ensure_future(result) if inspect.isawaitable(result) else None
         except BaseException as exc:
+            token.var.reset(token)
             self._done(job, None, exc)
             if isinstance(exc, KeyboardInterrupt | SystemExit):
                 raise  # as an asyncio task does: the caller has it, and so does the loop
             return
-        if not inspect.isawaitable(result):
+        token.var.reset(token)
+        if task is None:
             self._done(job, result, None)
             return
-        task = self._task = asyncio.ensure_future(result)
+        self._task = task
         if job.soft_time_limit is not None:
             self._soft = self._loop.call_later(job.soft_time_limit, self._soft_limit_passed, job)
         task.add_done_callback(functools.partial(self._task_done, job))
+
+    def _reported(self, job: Job[Any], obj: Any) -> None:
+        """``corral.report(obj)`` in job's call: straight to the host."""
+        if job is not self._current and job is not self._turn:
+            raise RuntimeError("corral.report() was called outside a running task")
+        assert self._host is not None
+        self._host.job_report(self, job, obj)
+
+    def _take_turn(self, stream: Stream) -> None:
+        """One batch of stream's items (or its closing, once cancelled), to the host."""
+        assert self._host is not None
+        job = stream.job
+        self._turn = job
+        token = set_reporter(functools.partial(self._reported, job))
+        try:
+            if stream.closing:
+                batch = Batch([], False, stream.shut())
+            else:
+                batch = stream.produce(stream.limit())
+        finally:
+            token.var.reset(token)
+            self._turn = None
+        items, ended, error = batch
+        stream.credit -= len(items)
+        if error is None and not ended:
+            self._streams.requeue(job)  # back of the line: streams take turns
+            if items:
+                self._host.job_items(self, job, items)
+            return
+        self._streams.remove(job)
+        if error is not None:
+            stream.discard()  # a generator that raised is closed already; an iterator not
+        job.run_time = stream.run_time
+        if items:
+            self._host.job_items(self, job, items)
+        self._job_done(job, None, error)
+        if isinstance(error, KeyboardInterrupt | SystemExit):
+            raise error
 
     def _soft_limit_passed(self, job: Job[Any]) -> None:
         self._soft = None
@@ -250,15 +331,26 @@ class LocalWorker(Worker):
             self._give_up(f"job {job.id} was still running {grace:g} s after it was cancelled")
 
     def _done(self, job: Job[Any], value: Any, error: BaseException | None) -> None:
+        """The call ended: report its outcome, or open the stream it returned."""
         if job is not self._current:
             return
         job.run_time = time.perf_counter() - self._started_at
         self._current = self._task = None
         self._disarm()
-        self._report(job, value, error)
+        if job.stream is not None and error is None:
+            try:
+                stream = Stream(job, open_iterator(job.fn, value), job.run_time)
+            except TypeError as exc:
+                error = exc
+            else:
+                stream.closing = self._why == "cancel"  # cancelled, yet it returned
+                self._streams.add(stream)
+                self._wake()
+                return
+        self._job_done(job, value, error)
         self._wake()
 
-    def _report(self, job: Job[Any], value: Any, error: BaseException | None) -> None:
+    def _job_done(self, job: Job[Any], value: Any, error: BaseException | None) -> None:
         assert self._host is not None
         self.tasks_done += 1
         self._host.job_done(self, job, value, error)
@@ -275,13 +367,29 @@ class LocalWorker(Worker):
         self._pending.clear()
         self._skipped.clear()
         self._current = self._task = None
+        streams = self._streams.drain()
         self._end()
         if task is not None and not task.done():
             task.cancel()
+        for stream in streams:
+            stream.discard()  # their finally runs now, not whenever they are collected
         started = [running] if running is not None else []
+        started += [stream.job for stream in streams]
         if self._host is not None and (unstarted or started):
             error = WorkerLostError(self.name, None, None, reason)
             self._host.worker_lost(self, error, unstarted, started)
+
+    def _shut(self) -> None:
+        """Stopping, with no job left: close the open streams (their ``finally`` runs), as
+        a process child does at EOF, and report them lost: their consumers still read."""
+        lost: list[Job[Any]] = []
+        for stream in self._streams.drain():
+            stream.discard()
+            lost.append(stream.job)
+        self._end()
+        if self._host is not None and lost:
+            reason = "it was stopped with streams open; they were closed"
+            self._host.worker_lost(self, WorkerLostError(self.name, None, None, reason), [], lost)
 
     def _disarm(self) -> None:
         for timer in (self._soft, self._overdue):

@@ -5,16 +5,26 @@ must not block the event loop, and needs no process: nothing is pickled, and the
 the exception comes back as it is, traceback intact. One thread per worker, so a queue
 decides how many calls run at once.
 
-The loop and the thread meet under one lock, in three places::
+The loop and the thread meet under one lock, in four places::
 
     loop thread                                worker thread
-      send()       -- _pending ------------->  _take(): pops a job, makes it current
-      _flush()     <-- _outbox, one wake-up --  started / done events, batched
+      send()       -- _pending ------------->  _take(): a job, or a stream's turn
+      credit()     -- Stream.credit -------->  (the consumer took items: more may be made)
+      _flush()     <-- _outbox, one wake-up --  started, items, reports, done: batched, in order
       _interrupt() -- async exception ------>  raised inside the running call
 
 - One job at a time, in the order sent; every host callback is made in the loop's thread;
   ``run_time`` (seconds in the call) is set before ``job_done``. An awaitable result runs
   to its end on the thread's own event loop (made on first use, closed with the thread).
+- Streams (``iterate``): the thread keeps the iterator the call returned (see ``_pump``)
+  and makes its items in batches, never more than its credit ahead of the consumer; a turn
+  of a stream with credit alternates with the next waiting job, as in a process child, so a
+  stream never holds the worker. Items go through the same outbox as every other event, so
+  they reach the host before the stream's ``job_done``. ``cancel`` closes the generator in
+  this thread (its ``finally`` runs): at its next turn if it waits for credit, or after
+  interrupting the batch it is making.
+- ``corral.report`` in a call posts the object to the outbox too: it reaches
+  ``job_report`` in order, before the job's ``job_done``.
 - Soft time limit (a timer of the loop, armed when the job starts): a plain call gets
   ``SoftTimeLimitExceeded`` raised inside it (``PyThreadState_SetAsyncExc``) and may catch
   it. A coroutine's task is cancelled instead (an asynchronous exception would land in the
@@ -26,17 +36,19 @@ The loop and the thread meet under one lock, in three places::
   read) or one that catches it runs on. If it is still running ``grace`` seconds later (at
   once when ``grace`` <= 0) the worker gives up: a thread cannot be killed, so it is
   abandoned (a daemon left to finish; its outcome is ignored), the worker is dead, and it
-  reports ``worker_lost`` with the job as started and the rest as unstarted. The host puts a
-  new worker in its place.
-- ``stop`` finishes the jobs already sent; the thread's last act tells the loop, which then
-  joins it without blocking. ``kill`` reports what it holds as lost at once, interrupts a
-  running call (best effort) and does not wait for it (an idle thread exits at once).
+  reports ``worker_lost`` with the job and its open streams as started and the rest as
+  unstarted. The host puts a new worker in its place.
+- ``stop`` finishes the jobs already sent, then, as a process child at EOF, closes the open
+  streams (their ``finally`` runs) and reports them lost; the thread's last act tells the
+  loop, which then joins it without blocking. ``kill`` reports what it holds as lost at
+  once, interrupts a running call (best effort) and waits only for an idle thread with no
+  open streams (it exits at once; one with streams exits once it has closed them).
 
 Races: the loop interrupts only under the lock, and only the job still current. After a
-call the thread takes the lock, withdraws any interrupt not yet raised, and clears the
-current job, so none reaches a later step. One landing just outside the call escapes to the
-serve loop, which reports it as that job's outcome; each kind fires at most once per job, so
-two levels of handler there absorb every one.
+call (or a stream's turn) the thread takes the lock, withdraws any interrupt not yet raised,
+and clears the current job, so none reaches a later step. One landing just outside the call
+escapes to the serve loop, which reports it as that job's outcome (a stream's: it is closed);
+each kind fires at most once per turn, so two levels of handler there absorb every one.
 """
 
 from __future__ import annotations
@@ -54,7 +66,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .._errors import SoftTimeLimitExceeded, WorkerLostError, WorkerStartupError
 from .._job import JobState
+from .._report import set_reporter
 from ._base import Worker, WorkerHost
+from ._pump import Stream, Streams, open_iterator
 
 if TYPE_CHECKING:
     from .._job import Job
@@ -91,11 +105,16 @@ class _SoftLimitInterrupt(SoftTimeLimitExceeded):
 _INTERRUPTS = (asyncio.CancelledError, SoftTimeLimitExceeded)
 
 
-class _Event(NamedTuple):
-    """What the thread tells the loop: a job started, or ended with value or error."""
+# What an event tells the loop about its job.
+_STARTED, _ITEMS, _REPORT, _DONE = range(4)
 
+
+class _Event(NamedTuple):
+    """What the thread tells the loop: a job started, sent items (value) or a report
+    (value), or ended with value or error."""
+
+    kind: int
     job: Job[Any]
-    done: bool
     value: Any = None
     error: BaseException | None = None
     run_time: float | None = None
@@ -147,7 +166,8 @@ class ThreadWorker(Worker):
         self._flush_scheduled = False
         self._closing = False  # exit once _pending is empty
         self._abandoned = False  # take nothing more, report nothing more
-        self._current: Job[Any] | None = None
+        self._current: Job[Any] | None = None  # the job running now, or taking its turn
+        self._streams = Streams()  # open streams; the thread alone runs their iterators
         self._fired: set[str] = set()  # interrupts sent to the current job
         self._why: str | None = None  # "soft" or "cancel": what the current job was told
         self._coroutine_fn = False  # the current job's task will be cancelled, not raised in
@@ -156,6 +176,8 @@ class ThreadWorker(Worker):
         self._runner: asyncio.Runner | None = None  # its event loop, for awaitables
         self._started_at = 0.0
         self._stray: BaseException | None = None
+        self._turn: Stream | None = None  # the stream taking its turn (set under _lock)
+        self._limit = 0  # items that turn may make; 0: it closes the stream
 
     @property
     def alive(self) -> bool:
@@ -214,14 +236,26 @@ class ThreadWorker(Worker):
         with self._lock:
             if job in self._pending:
                 self._pending.remove(job)
-                self._post(_Event(job, True, None, asyncio.CancelledError()), loop.call_soon)
+                self._post(_Event(_DONE, job, None, asyncio.CancelledError()), loop.call_soon)
                 return
+            stream = self._streams.get(job)
+            if stream is not None:  # closed at its next turn, or after this one
+                stream.closing = True
+                self._wakeup.notify()
             if job is not self._current:
-                return  # done, or not ours
+                return  # done, not ours, or a stream waiting for its turn
             if grace > 0:
                 self._interrupt_locked("cancel")
         if job not in self._overdue:  # grace <= 0: given up on one loop turn from now
             self._overdue[job] = loop.call_later(max(grace, 0.0), self._still_running, job, grace)
+
+    def credit(self, job: Job[Any], n: int) -> None:
+        """The consumer of job's stream took n items: the thread may make n more."""
+        with self._lock:
+            stream = self._streams.get(job)
+            if stream is not None:
+                stream.credit += n
+                self._wakeup.notify()
 
     async def stop(self) -> None:
         if self.state in (ThreadState.NEW, ThreadState.DEAD):
@@ -238,6 +272,7 @@ class ThreadWorker(Worker):
         assert self._exited is not None
         with self._lock:
             idle = self._current is None and self.state is not ThreadState.STARTING
+            idle = idle and not self._streams  # else it exits once it has closed them
         self._give_up(None, "it was killed by its owner")
         if idle:  # it is waiting for work, and exits at once
             await asyncio.shield(self._exited)
@@ -279,8 +314,14 @@ class ThreadWorker(Worker):
         host, loop = self._host, self._loop
         assert host is not None and loop is not None
         for event in events:
-            job = event.job
-            if not event.done:
+            kind, job = event.kind, event.job
+            if kind == _ITEMS:
+                host.job_items(self, job, event.value)
+                continue
+            if kind == _REPORT:
+                host.job_report(self, job, event.value)
+                continue
+            if kind == _STARTED:
                 if job.state is JobState.SENT:
                     job.state = JobState.RUNNING
                 host.job_started(self, job)
@@ -313,12 +354,14 @@ class ThreadWorker(Worker):
             if running is not None:
                 self._interrupt_locked("cancel")  # best effort, to let the thread end
             events, self._outbox = self._outbox, []
+            # Streams stay registered: the thread closes them as it exits.
+            streams = [s for s in self._streams.jobs() if s is not running]
         self._deliver(events)  # the host may send more: they join _pending, collected next
         with self._lock:
             unstarted = list(self._pending)
             self._pending.clear()
         self._end()
-        started = [running] if running is not None else []
+        started = [running, *streams] if running is not None else streams
         if self._host is not None and (unstarted or started):
             error = WorkerLostError(self.name, None, None, reason)
             self._host.worker_lost(self, error, unstarted, started)
@@ -338,7 +381,9 @@ class ThreadWorker(Worker):
         self._thread.join()  # it is returning: this was its last act
         if self._exited is not None and not self._exited.done():
             self._exited.set_result(None)
-        if self.state is not ThreadState.DEAD:
+        if self.state is ThreadState.STOPPING:  # reports nothing without open streams
+            self._give_up(None, "it was stopped with streams open; they were closed")
+        elif self.state is not ThreadState.DEAD:
             self._give_up(None, "its thread ended unexpectedly")  # reports nothing if idle
         self._end()
 
@@ -356,9 +401,11 @@ class ThreadWorker(Worker):
 
     def _main(self) -> None:
         try:
+            set_reporter(self._report)  # this thread's context, inherited by its tasks
             if self._initialize():
                 self._serve()
         finally:
+            self._close_streams()
             if self._runner is not None:
                 self._runner.close()  # cancels what is left, shuts generators down
             self._call_loop(self._thread_exited)
@@ -392,42 +439,69 @@ class ThreadWorker(Worker):
     def _step(self) -> bool:
         stray, self._stray = self._stray, None
         if stray is not None:
-            self._finish(None, stray)
+            if self._turn is None:
+                self._finish(None, stray)
+            else:
+                self._end_turn(self._turn, [], False, stray)
         job = self._take()
         if job is None:
             return False
-        value, error = self._call(job)
-        self._finish(value, error)
+        stream = self._turn
+        if stream is None:
+            value, error = self._call(job)
+            self._finish(value, error)
+        elif self._limit:
+            self._end_turn(stream, *stream.produce(self._limit))
+        else:
+            self._end_turn(stream, [], False, stream.shut())
         return True
 
     def _take(self) -> Job[Any] | None:
+        """The next job to call, or the job of the stream whose turn it is (``_turn``);
+        None once the thread is to exit."""
         with self._lock:
             while True:
-                while not (self._pending or self._closing):
-                    self._wakeup.wait()
-                if self._abandoned or not self._pending:
+                if self._abandoned:
                     return None
-                job = self._pending.popleft()
-                if job.state is not JobState.CANCELLED:
+                ending = self._closing and not self._pending
+                stream = self._streams.choose(bool(self._pending))
+                if stream is not None and not (ending and not stream.closing):
+                    # At the end only cancelled streams take a turn; the rest are closed
+                    # as the thread exits.
+                    job = stream.job
+                    self._limit = 0 if stream.closing else stream.limit()
                     break
-                # cancelled by the host without a word to us: never started
-                self._post(_Event(job, True, None, asyncio.CancelledError()))
+                if self._pending:
+                    job = self._pending.popleft()
+                    if job.state is JobState.CANCELLED:
+                        # cancelled by the host without a word to us: never started
+                        self._post(_Event(_DONE, job, None, asyncio.CancelledError()))
+                        continue
+                    stream = None
+                    _running.soft_time_limit = job.soft_time_limit or 0.0
+                    self._post(_Event(_STARTED, job))
+                    break
+                if self._closing:
+                    return None
+                self._wakeup.wait()
             self._current = job
+            self._turn = stream
             self._fired = set()
             self._why = None
-            self._coroutine_fn = inspect.iscoroutinefunction(job.fn)
+            self._coroutine_fn = stream is None and inspect.iscoroutinefunction(job.fn)
             self._started_at = time.perf_counter()
-            _running.soft_time_limit = job.soft_time_limit or 0.0
-            self._post(_Event(job, False))
         return job
 
     def _call(self, job: Job[Any]) -> tuple[Any, BaseException | None]:
+        """fn(*args), awaited if awaitable; for a stream, the iterator over what it gave."""
         result: Any = None
         try:
             self._started_at = time.perf_counter()
             result = job.fn(*job.args)
             if inspect.isawaitable(result):
-                return self._await(result), None
+                result = self._await(result)
+            if job.stream is not None:
+                return open_iterator(job.fn, result), None
             return result, None
         except BaseException as exc:
             if inspect.iscoroutine(result):
@@ -449,6 +523,7 @@ class ThreadWorker(Worker):
         return loop.run_until_complete(task)
 
     def _finish(self, value: Any, error: BaseException | None) -> None:
+        """A call ended: post its outcome, or open the stream it returned."""
         run_time = time.perf_counter() - self._started_at
         with self._lock:
             _raise_in(self._ident, None)  # none is sent while we hold the lock: none is left
@@ -457,8 +532,53 @@ class ThreadWorker(Worker):
                 return
             self._current = None
             self._task = None
+            if self._abandoned:
+                return
+            if job.stream is not None and error is None:
+                stream = Stream(job, value, run_time)
+                stream.closing = "cancel" in self._fired  # the interrupt came too late
+                self._streams.add(stream)
+                return
+            self._post(_Event(_DONE, job, value, self._translate(job, error), run_time))
+
+    def _end_turn(
+        self, stream: Stream, items: list[Any], ended: bool, error: BaseException | None
+    ) -> None:
+        """A stream's turn ended: post its items, then its end if it ended or failed."""
+        if error is not None:
+            stream.discard()  # a generator that raised is closed already; an iterator not
+        with self._lock:
+            _raise_in(self._ident, None)
+            job = stream.job
+            self._current = None
+            self._turn = None
+            if self._abandoned:
+                return
+            stream.credit -= len(items)
+            if items:
+                self._post(_Event(_ITEMS, job, items))
+            if error is None and not ended:
+                self._streams.requeue(job)  # back of the line: streams take turns
+                return
+            self._streams.remove(job)
+            self._post(_Event(_DONE, job, None, self._translate(job, error), stream.run_time))
+
+    def _close_streams(self) -> None:
+        """The thread exits: close the streams still open (their ``finally`` runs), as a
+        process child does at EOF. They stay registered: the loop reports them lost."""
+        with self._lock:
+            streams = self._streams.open_streams()
+        for stream in streams:
+            stream.discard()
+
+    def _report(self, obj: Any) -> None:
+        """``corral.report(obj)`` in a call: on to the loop, before the job's outcome."""
+        with self._lock:
+            job = self._current
+            if job is None:
+                raise RuntimeError("corral.report() was called outside a running task")
             if not self._abandoned:
-                self._post(_Event(job, True, value, self._translate(job, error), run_time))
+                self._post(_Event(_REPORT, job, obj))
 
     def _translate(self, job: Job[Any], error: BaseException | None) -> BaseException | None:
         """A soft limit's interrupt (or its task's cancellation) as the caller sees it."""
