@@ -51,3 +51,21 @@ def test_queue_example_runs(tmp_path: Path) -> None:
     assert lines[2].startswith("refused: no worker of this queue serves series='gpu'")
     assert lines[3:] == ["True", "3 workers", "0 pending"]
     assert done.stderr == ""
+
+
+@pytest.mark.timeout(120)
+def test_streams_example_runs(tmp_path: Path) -> None:
+    """The streams example runs as a script and prints what its comments say."""
+    script = tmp_path / "streams_example.py"
+    (example,) = [block for block in python_blocks() if "pool.iterate(read_rows" in block]
+    script.write_text(example)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=100, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        str(sum(range(1_000_000))),
+        "[5, 4, 3, 2, 1]",
+        "[0, 1, 2] trained",
+    ]
+    assert done.stderr == ""

@@ -8,13 +8,13 @@ serves them by are ``QueueCore``'s. ``Pool`` adds keeping its own workers alive.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, TypeVar, TypeVarTuple, Unpack
 
 from ._errors import PoolClosedError, WorkerLostError
 from ._job import Job, JobState
-from ._mapping import imap_items, map_list
+from ._mapping import MapIterator, imap_items, map_list
 from ._queuecore import QueueCore, QueueState, check_limit
 from ._stats import Percentiles, QueueStats, parent_rss, worker_stats
 from ._stream import WINDOW, ItemStream, StreamIterator
@@ -154,16 +154,9 @@ class TaskQueue(QueueCore):
         soft_time_limit: float | None,
         stream: ItemStream | None = None,
     ) -> Job[T]:
-        if self._broken is not None:  # more telling than "closed": why it cannot serve
-            raise self._broken_error()
-        if self._state is not QueueState.OPEN:
-            raise PoolClosedError("submit", self._state.value)
+        self._check_call(series, retries)
         if not callable(fn):
             raise TypeError(f"the function to run must be callable, not {fn!r}")
-        if series is not None and not self._servable(series):
-            raise ValueError(self._unservable_message(series))
-        if retries < 0:
-            raise ValueError(f"retries must be 0 or more, not {retries!r}")
         check_limit("time_limit", time_limit)
         check_limit("soft_time_limit", soft_time_limit)
         loop = self._loop or self._bind_loop()
@@ -184,6 +177,17 @@ class TaskQueue(QueueCore):
         job.submitted_at = perf_counter()
         self._dispatch(self._dispatcher.push(job))
         return job
+
+    def _check_call(self, series: str | None, retries: int) -> None:
+        """The checks every call's options pass, raised at the call that made them."""
+        if self._broken is not None:  # more telling than "closed": why it cannot serve
+            raise self._broken_error()
+        if self._state is not QueueState.OPEN:
+            raise PoolClosedError("submit", self._state.value)
+        if series is not None and not self._servable(series):
+            raise ValueError(self._unservable_message(series))
+        if not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be an int of 0 or more, not {retries!r}")
 
     def iterate(
         self,
@@ -276,7 +280,7 @@ class TaskQueue(QueueCore):
         series: str | None = None,
         retries: int = 0,
         progress: bool | str = False,
-    ) -> AsyncIterator[T]:
+    ) -> MapIterator[T]:
         """Yield ``fn(x)`` for each x of iterable as the workers compute them: in input
         order, or as they finish with ``ordered=False``.
 
@@ -287,6 +291,7 @@ class TaskQueue(QueueCore):
         progress bar with rate and ETA when stderr is a terminal; ``"always"`` shows it
         anyway.
         """
+        self._check_call(series, retries)  # here, not at the first item
         options = {"priority": priority, "series": series, "retries": retries}
         return imap_items(
             self,
