@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Awaitable
 from typing import TypeVar
 
 import pytest
@@ -14,13 +13,10 @@ import pytest
 import corral
 from corral.workers import ThreadWorker
 from tests import tasks
+from tests.waits import bounded
 
 T = TypeVar("T")
 BOUND = 60.0
-
-
-async def bounded(awaitable: Awaitable[T], timeout: float = BOUND) -> T:
-    return await asyncio.wait_for(awaitable, timeout)
 
 
 async def test_broadcast_runs_once_on_every_worker() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, TypeVar
 
 import pytest
@@ -19,6 +19,7 @@ import corral
 import corral.workers
 from corral._mapping import IN_FLIGHT_PER_WORKER, TARGET_CHUNK_SECONDS, ChunkSizer
 from tests import tasks
+from tests.waits import bounded, until
 
 T = TypeVar("T")
 
@@ -26,21 +27,6 @@ BOUND = 60.0
 KINDS = ["process", "thread"]
 WORKERS = 2
 WINDOW = max(2, IN_FLIGHT_PER_WORKER * WORKERS)  # chunks imap keeps ahead on 2 workers
-
-
-async def bounded(awaitable: Awaitable[T], timeout: float = BOUND) -> T:
-    """Await with a generous bound, so a bug that hangs fails the test instead."""
-    return await asyncio.wait_for(awaitable, timeout)
-
-
-async def until(predicate: Callable[[], bool], timeout: float = BOUND) -> None:
-    """Wait until predicate() holds (checked every 10 ms), at most timeout seconds."""
-
-    async def check() -> None:
-        while not predicate():
-            await asyncio.sleep(0.01)
-
-    await asyncio.wait_for(check(), timeout)
 
 
 async def collect(iterator: AsyncIterator[T], limit: int | None = None) -> list[T]:

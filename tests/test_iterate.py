@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -14,21 +13,10 @@ import pytest
 
 import corral
 from tests import tasks
+from tests.waits import bounded, until
 
 T = TypeVar("T")
 BOUND = 60.0
-
-
-async def bounded(awaitable: Awaitable[T], timeout: float = BOUND) -> T:
-    return await asyncio.wait_for(awaitable, timeout)
-
-
-async def until(predicate: Callable[[], bool], timeout: float = BOUND) -> None:
-    async def check() -> None:
-        while not predicate():
-            await asyncio.sleep(0.01)
-
-    await asyncio.wait_for(check(), timeout)
 
 
 async def test_items_arrive_in_order() -> None:

@@ -18,7 +18,7 @@ import textwrap
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
@@ -27,6 +27,7 @@ import pytest
 
 import corral
 from tests import tasks
+from tests.waits import bounded, until
 
 T = TypeVar("T")
 
@@ -35,21 +36,6 @@ T = TypeVar("T")
 BOUND = 30.0
 
 START_METHODS = ["fork", "forkserver", "spawn"]
-
-
-async def bounded(awaitable: Awaitable[T], timeout: float = BOUND) -> T:
-    """Await with a generous bound, so a bug that hangs fails the test instead."""
-    return await asyncio.wait_for(awaitable, timeout)
-
-
-async def until(predicate: Callable[[], bool], timeout: float = BOUND) -> None:
-    """Wait until predicate() holds (checked every 10 ms), at most timeout seconds."""
-
-    async def check() -> None:
-        while not predicate():
-            await asyncio.sleep(0.01)
-
-    await asyncio.wait_for(check(), timeout)
 
 
 class Beacon:

@@ -6,7 +6,6 @@ a real terminal (a pseudo-terminal) with ``progress=True``.
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import os
 import select
@@ -15,7 +14,7 @@ import subprocess
 import sys
 import termios
 import textwrap
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -24,26 +23,12 @@ import pytest
 import corral
 from corral import _progress
 from tests import tasks
+from tests.waits import bounded, until
 
 T = TypeVar("T")
 
 BOUND = 60.0
 ROOT = Path(__file__).resolve().parent.parent
-
-
-async def bounded(awaitable: Awaitable[T], timeout: float = BOUND) -> T:
-    """Await with a generous bound, so a bug that hangs fails the test instead."""
-    return await asyncio.wait_for(awaitable, timeout)
-
-
-async def until(predicate: Callable[[], bool], timeout: float = BOUND) -> None:
-    """Wait until predicate() holds (checked every 10 ms), at most timeout seconds."""
-
-    async def check() -> None:
-        while not predicate():
-            await asyncio.sleep(0.01)
-
-    await asyncio.wait_for(check(), timeout)
 
 
 async def drain(iterator: object) -> list[object]:

@@ -3,21 +3,16 @@ result, through ``job.reports()`` or a callback."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import pytest
 
 import corral
 from tests import tasks
+from tests.waits import bounded
 
 T = TypeVar("T")
 BOUND = 60.0
-
-
-async def bounded(awaitable: Awaitable[T], timeout: float = BOUND) -> T:
-    return await asyncio.wait_for(awaitable, timeout)
 
 
 async def collect(job: corral.Job[Any]) -> list[Any]:

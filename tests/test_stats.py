@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable
 from typing import TypeVar
 
 import pytest
@@ -13,13 +12,10 @@ import pytest
 import corral
 from corral._stats import Percentiles
 from tests import tasks
+from tests.waits import bounded
 
 T = TypeVar("T")
 BOUND = 60.0
-
-
-async def bounded(awaitable: Awaitable[T], timeout: float = BOUND) -> T:
-    return await asyncio.wait_for(awaitable, timeout)
 
 
 @pytest.mark.parametrize("kind", ["process", "thread", "local"])

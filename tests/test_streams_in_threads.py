@@ -9,7 +9,7 @@ import contextlib
 import itertools
 import threading
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
 
 import psutil
@@ -19,14 +19,11 @@ import corral
 from corral._stream import WINDOW
 from corral.workers._local import LocalWorker
 from corral.workers._thread import ThreadWorker
+from tests.waits import bounded
 
 T = TypeVar("T")
 BOUND = 10.0
 KINDS = ["thread", "local"]
-
-
-async def bounded(awaitable: Awaitable[T]) -> T:
-    return await asyncio.wait_for(awaitable, BOUND)
 
 
 async def wait_for(event: threading.Event) -> None:

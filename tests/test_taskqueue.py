@@ -8,7 +8,6 @@ import asyncio
 import os
 import random
 import threading
-from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import pytest
@@ -16,13 +15,10 @@ import pytest
 import corral
 from corral.workers import LocalWorker, ProcessWorker, ThreadWorker, Worker
 from tests import tasks
+from tests.waits import bounded
 
 T = TypeVar("T")
 BOUND = 60.0
-
-
-async def bounded(awaitable: Awaitable[T], timeout: float = BOUND) -> T:
-    return await asyncio.wait_for(awaitable, timeout)
 
 
 def make_worker(kind: str, **options: Any) -> Worker:
@@ -65,9 +61,7 @@ async def test_coroutine_functions_run_on_every_kind(kind: str) -> None:
 
 async def test_map_of_a_coroutine_function_in_processes() -> None:
     async with corral.Pool(2, start_method="fork") as pool:
-        assert await bounded(pool.map(tasks.async_square, range(40))) == [
-            i * i for i in range(40)
-        ]
+        assert await bounded(pool.map(tasks.async_square, range(40))) == [i * i for i in range(40)]
 
 
 async def test_attach_twice_or_a_started_worker_is_refused() -> None:
