@@ -27,11 +27,13 @@ from ._stats import QueueStats as QueueStats
 from ._stream import StreamIterator as StreamIterator
 from ._taskqueue import TaskQueue as TaskQueue
 from ._tracker import Tracker as Tracker
+from .executor import Executor as Executor
 
 __version__ = "0.1.0"  # the one place it is written; pyproject.toml reads it from here
 
 __all__ = [
     "CorralError",
+    "Executor",
     "Job",
     "JobState",
     "Pool",

@@ -113,14 +113,13 @@ def _preload_in_forkserver(ctx: BaseContext) -> None:
 
 
 def _imported_by_main() -> list[str]:
-    """The modules the main module has imported (itself too, when run with -m)."""
+    """The modules the main module has imported."""
     main = sys.modules.get("__main__")
     if main is None:
         return []
+    # The main module itself is left out even when run with -m: each worker runs it anew
+    # as __mp_main__, and runpy warns when that module was imported before.
     names: set[str] = set()
-    spec_name = getattr(getattr(main, "__spec__", None), "name", None)
-    if spec_name and not spec_name.endswith("__main__"):
-        names.add(spec_name)
     for value in list(vars(main).values()):
         if isinstance(value, types.ModuleType):
             names.add(value.__name__)
