@@ -69,3 +69,16 @@ def test_streams_example_runs(tmp_path: Path) -> None:
         "[0, 1, 2] trained",
     ]
     assert done.stderr == ""
+
+
+@pytest.mark.timeout(120)
+def test_executor_example_runs(tmp_path: Path) -> None:
+    script = tmp_path / "executor_example.py"
+    (example,) = [block for block in python_blocks() if "corral.Executor(2)" in block]
+    script.write_text(example)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=100, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["27", "[0, 1, 8, 27, 64]"]
+    assert done.stderr == ""
