@@ -1,0 +1,1052 @@
+"""``DaskWorker``: jobs run as tasks of a dask.distributed cluster.
+
+Why: the same queue, with its priorities, series, errors, reports and streams, can send its
+calls to many machines. The cluster's scheduler and workers do the running; this worker is
+the queue's side of one ``distributed.Client`` (asynchronous, on the queue's event loop).
+
+How it keeps the ``Worker`` contract (``corral.workers._base``)::
+
+    parent (the queue's event loop)                 a Dask worker thread
+      send(job) --- client.submit(_run_call) ---->  fn(*args), in a small wrapper
+        one loop task per job awaits its future     corral.report(obj) -> log_event
+      _on_event <-- events of this worker's topic   reports; "started" (hard limit);
+                    (through the scheduler) ------  a small outcome, sent ahead
+      job_done  <-- the outcome: sent ahead, or fetched with others' -- returned, not raised
+
+- Calls: ``client.submit(_run_call, fn, args, ..., pure=False, priority=-job.priority)``:
+  corral runs a lower number sooner, Dask a higher one. A job's ``series`` becomes the
+  Dask resource ``{series: 1}``: only Dask workers that declare it (``dask worker
+  --resources "gpu=1"``, ``Nanny(resources={"gpu": 1})``) run the job, and a job whose
+  series no Dask worker declares waits in the scheduler until one joins. The wrapper
+  catches the task's exception and returns it pickled with its formatted traceback, so
+  it reaches the caller as the same type with a ``RemoteTraceback`` as its cause; it
+  measures ``run_time`` around the call. It pickles the outcome itself (Dask handles a
+  Python container item by item, several times slower), so a result that will not
+  pickle fails with ``SerializationError`` naming it. An outcome that pickles into
+  ``PUSH_MAX`` bytes also travels ahead as an event, which saves fetching it; the others
+  are fetched together, one gather for every task that ended meanwhile.
+- Cores: the host gives every worker the same capacity (1 under ``strategy="fair"``,
+  ``prefetch`` under ``"prefetch"``), and this worker keeps that many jobs on the
+  cluster. To use a cluster's n threads, attach one DaskWorker under
+  ``strategy="prefetch", prefetch=n`` (or more: Dask's scheduler then orders the tasks
+  waiting for a thread by their Dask priority, and the round trip of one job hides behind
+  the others), or attach n DaskWorkers that share one client under ``"fair"`` (corral
+  orders every job and Dask sees one task per thread, at the cost of a round trip per
+  job). ``slots`` caps the tasks this worker keeps on the cluster below the host's
+  capacity; jobs sent beyond it wait here, in the order sent (cancelled here at no cost).
+- Dask workers lost: one that dies mid-task makes Dask reschedule the task up to
+  ``distributed.scheduler.allowed-failures`` times (3 by default) before it gives up with
+  ``KilledWorker``; this worker then runs the job again while ``job.retries`` > 0
+  (decrementing it), else fails it with ``WorkerLostError``. Set allowed-failures to 0 to
+  let corral alone decide. The DaskWorker lives on: one Dask worker is one of many. It
+  dies (``worker_lost``, every submitted job counted as started, since it may be
+  running) only when its client loses the scheduler.
+- Cancellation: a job waiting here never starts. A submitted one is released with
+  ``client.cancel``: Dask drops it if it has not started, but it cannot interrupt a
+  running thread, so a running call goes on to its end and its outcome is dropped. The
+  caller gets ``CancelledError`` and the slot is freed at once (``job_done``): a stuck
+  call holds a thread of the cluster, never a slot of the queue; but the scheduler,
+  which thinks that thread free, may give its Dask worker another task, which then waits
+  for the call to return. A hard time limit is the same: the host's timer (armed when
+  the wrapper announces the start) gives the caller ``TimeLimitExceeded`` on time, the
+  task is released, and the Dask thread runs until the function returns. A soft limit
+  is raised inside the call (an asynchronous exception, as in ``ThreadWorker``: a call
+  blocked in C sees it once it is back in Python).
+- Reports: ``corral.report(obj)`` pickles obj and logs it as an event of this worker's
+  topic; the scheduler forwards it ahead of the task's end (both travel in order on the
+  same streams). The wrapper also returns how many it sent, and the outcome waits for
+  that many, so reports always come first. The scheduler keeps the last
+  ``distributed.admin.low-level-log-length`` events of a topic (1000): report small
+  objects.
+- Streams (``iterate``) are pulled a batch per Dask task: the first calls fn, keeps the
+  iterator in a table of its Dask worker process and returns the first items; each next
+  one, pinned to that Dask worker, takes as many items as the stream's credit allows (at
+  most ``BATCH_ITEMS``, or what ``BATCH_SECONDS`` of a slow generator gives). So credit
+  is exact, the parent holds at most a window of items, and no Dask thread is held while
+  the consumer is slow. Closing a stream closes its generator there (its ``finally``
+  runs). A stream whose Dask worker died ends with ``WorkerLostError`` (a pull that takes
+  long makes us ask whether that worker is still there: see ``HOLDER_CHECK``).
+- Requirements: corral must be importable on the Dask workers (they run the wrapper).
+  Dask is imported only when a DaskWorker is made; without it that raises
+  ``ImportError`` saying ``pip install 'corral[dask]'``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import ctypes
+import enum
+import importlib
+import inspect
+import pickle
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from .._errors import (
+    RemoteTraceback,
+    SerializationError,
+    SoftTimeLimitExceeded,
+    WorkerLostError,
+    WorkerStartupError,
+)
+from .._job import JobState
+from .._report import set_reporter
+from .._wire import _call_error, describe, dumps, dumps_error
+from ._base import Worker, WorkerHost
+
+if TYPE_CHECKING:
+    from .._job import Job
+
+# A stream's batch ends at this many items, or once producing it took BATCH_SECONDS: large
+# enough that a Dask task's round trip (milliseconds) is shared by many small items, short
+# enough that a slow generator's items reach the consumer soon.
+BATCH_ITEMS = 1024
+BATCH_SECONDS = 0.05
+
+# How long an outcome waits for the reports its task says it sent. They travel ahead of it
+# on the same streams, so this only bounds the wait when one was lost on the way.
+REPORT_WAIT = 5.0
+
+# How long letting go of a job's Dask task (``client.cancel``) may take before we give up
+# on it: a scheduler that does not answer must not hang ``stop`` or ``kill``.
+RELEASE_WAIT = 5.0
+
+# A pull of a stream's next batch that takes longer than this makes us ask, again every
+# this often, whether the Dask worker holding the generator is still there (it is pinned
+# there, and a task pinned to a worker that is gone waits for ever). Short enough to end
+# such a stream soon, long enough that a busy worker's pulls rarely cost the question.
+HOLDER_CHECK = 1.0
+
+# A call's outcome that pickles into at most this many bytes also travels as an event of
+# the worker's topic, ahead of the task's end on the same streams, which saves fetching it
+# (a round trip through the scheduler). The scheduler keeps a topic's last 1000 events
+# (``distributed.admin.low-level-log-length``), so this bounds what they hold: ~2 MiB.
+PUSH_MAX = 2048
+
+# How long an address given to DaskWorker may take to connect.
+CONNECT_TIMEOUT = 30.0
+
+_INSTALL = "DaskWorker needs dask.distributed: pip install 'corral[dask]'"
+
+
+def _distributed() -> Any:
+    """The ``distributed`` module, imported on first use; ``ImportError`` with the fix."""
+    try:
+        return importlib.import_module("distributed")
+    except ImportError as exc:
+        raise ImportError(_INSTALL) from exc
+
+
+# -- in the Dask worker ------------------------------------------------------------------
+
+# Our own prototype, so the argument types of ctypes.pythonapi's shared one stay untouched.
+_set_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_object)(
+    ("PyThreadState_SetAsyncExc", ctypes.pythonapi)
+)
+
+
+_limits = threading.local()  # in a Dask worker thread: the soft limit of its call
+
+
+class _SoftLimit(SoftTimeLimitExceeded):
+    """Raised in a call at its soft limit. An asynchronous exception is raised as a class,
+    made without arguments in the target thread, so the limit is read from there; the
+    caller gets a plain ``SoftTimeLimitExceeded``."""
+
+    def __init__(self) -> None:
+        super().__init__(getattr(_limits, "soft_limit", 0.0))
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (SoftTimeLimitExceeded, (self.limit,), self.__dict__)
+
+
+class _Running:
+    """One call running in a Dask worker thread, as its soft-limit timer sees it."""
+
+    def __init__(self) -> None:
+        self.ident = threading.get_ident()
+        self.lock = threading.Lock()
+        self.running = True
+
+    def interrupt(self) -> None:
+        """Raise ``_SoftLimit`` in the call, if it still runs (the timer's thread)."""
+        with self.lock:
+            if self.running:
+                _set_async_exc(self.ident, ctypes.py_object(_SoftLimit))
+
+    def end(self) -> None:
+        """The call returned: withdraw an interrupt not yet raised; none comes later."""
+        with self.lock:
+            self.running = False
+            _set_async_exc(self.ident, ctypes.py_object())
+
+
+class _Reporter:
+    """``corral.report`` in a task: each object goes, pickled, as an event of the topic."""
+
+    def __init__(self, where: tuple[str, str]) -> None:
+        self.topic, self.key = where
+        self.sent = 0
+        self._worker: Any = None
+
+    def __call__(self, obj: Any) -> None:
+        try:
+            payload = dumps(obj)
+        except Exception as exc:
+            raise SerializationError(
+                f"the report {describe(obj)}", "in the worker", f"{type(exc).__name__}: {exc}"
+            ) from exc
+        self.event("report", payload.data, [bytes(b) for b in payload.buffers])
+        self.sent += 1
+
+    def event(self, kind: str, *body: Any) -> None:
+        if self._worker is None:
+            self._worker = _distributed().get_worker()
+        self._worker.log_event(self.topic, (self.key, kind, *body))
+
+
+def _error(exc: BaseException, run_time: float | None) -> tuple[bytes, list[bytes]]:
+    """exc, its traceback text and run_time, pickled (a stand-in if exc will not pickle)."""
+    encoded = dumps_error(exc, run_time)
+    return encoded.data, [bytes(b) for b in encoded.buffers]
+
+
+def _call(
+    fn: Callable[..., Any], args: tuple[Any, ...], soft_limit: float | None
+) -> tuple[Any, BaseException | None]:
+    """fn(*args) (an awaitable result runs to its end on a loop of its own), with its soft
+    limit raised inside it; returns (value, exception)."""
+    timer: threading.Timer | None = None
+    running: _Running | None = None
+    try:
+        try:
+            if soft_limit:
+                _limits.soft_limit = soft_limit
+                running = _Running()
+                timer = threading.Timer(soft_limit, running.interrupt)
+                timer.daemon = True
+                timer.start()
+            value = fn(*args)
+            if inspect.iscoroutine(value):
+                value = asyncio.run(value)
+            error: BaseException | None = None
+        except BaseException as exc:
+            value, error = None, exc
+        finally:
+            if timer is not None and running is not None:
+                timer.cancel()
+                running.end()
+    except _SoftLimit as exc:  # it landed just after the call, before end(): its outcome
+        value, error = None, exc
+    if isinstance(error, _SoftLimit):
+        soft = SoftTimeLimitExceeded(soft_limit or 0.0)
+        soft.__context__ = error.__context__
+        error = soft.with_traceback(error.__traceback__)
+    return value, error
+
+
+# A pickle and its out-of-band buffers (corral's ``dumps``): what the tasks return. Pickled
+# by us, not by Dask, which handles a Python container item by item (several times slower
+# for a list of a thousand small items), and so that a value that will not pickle fails as
+# ``SerializationError`` naming it, as in a process worker.
+Pickled = tuple[bytes, list[Any]]
+
+
+def _pickled(obj: Any) -> Pickled:
+    encoded = dumps(obj)
+    return encoded.data, list(encoded.buffers)
+
+
+def _unpickled(blob: Pickled) -> Any:
+    data, buffers = blob
+    return pickle.loads(data, buffers=buffers)
+
+
+def _run_call(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    where: tuple[str, str],
+    announce: bool,
+    soft_limit: float | None,
+) -> Pickled:
+    """A job as a Dask task: (ok, value or pickled error, run_time, reports sent), pickled.
+    Never raises, so Dask never retries or wraps the task's own exception. where: the
+    topic of its events and its key. A small outcome is also sent ahead (``PUSH_MAX``)."""
+    reporter = _Reporter(where)
+    context = contextvars.copy_context()  # the reporter is this call's alone
+    context.run(set_reporter, reporter)
+    if announce:
+        reporter.event("started")
+    start = time.perf_counter()
+    value, error = context.run(_call, fn, args, soft_limit)
+    run_time = time.perf_counter() - start
+    if error is None:
+        try:
+            blob = _pickled((True, value, run_time, reporter.sent))
+        except Exception as exc:
+            error = SerializationError(
+                f"the result of {describe(fn)} ({describe(value)})",
+                "in the worker",
+                f"{type(exc).__name__}: {exc}",
+            )
+    if error is not None:
+        blob = _pickled((False, _error(error, run_time), run_time, reporter.sent))
+    data, buffers = blob
+    if not buffers and len(data) <= PUSH_MAX:
+        reporter.event("outcome", data)
+    return blob
+
+
+class _Generator:
+    """A stream's iterator, kept in its Dask worker process between batches."""
+
+    def __init__(self, iterator: Iterator[Any]) -> None:
+        self.iterator = iterator
+        self.lock = threading.Lock()  # one batch (or the close) at a time
+
+    def close(self) -> None:
+        """Close the iterator (a generator's ``finally`` runs); what that raises is lost."""
+        close = getattr(self.iterator, "close", None)
+        if close is not None:
+            with contextlib.suppress(BaseException):
+                close()
+
+
+_generators: dict[str, _Generator] = {}  # live streams of this Dask worker process, by key
+
+# A batch: (pickled items, ended, pickled error or None, run_time, reports sent, worker
+# address); the address is None when the stream is not known there (its worker died).
+Batch = tuple[Pickled, bool, Pickled | None, float, int, str | None]
+_NO_ITEMS: Pickled = (pickle.dumps([], 5), [])
+
+
+def _take(key: str, generator: _Generator, n: int, reporter: _Reporter) -> Batch:
+    """Up to n items of a stream: fewer once BATCH_SECONDS have passed."""
+    items: list[Any] = []
+    ended = False
+    failure: Pickled | None = None
+    start = time.perf_counter()
+    deadline = start + BATCH_SECONDS
+    clock = time.perf_counter
+    with generator.lock:
+        try:
+            for item in generator.iterator:
+                items.append(item)
+                if len(items) >= n or clock() > deadline:
+                    break
+            else:
+                ended = True
+        except BaseException as exc:
+            failure = _error(exc, None)
+        run_time = time.perf_counter() - start
+        try:
+            blob = _pickled(items)
+        except Exception as exc:
+            blob = _NO_ITEMS
+            error = SerializationError(
+                f"an item of the stream ({describe(items[0])})",
+                "in the worker",
+                f"{type(exc).__name__}: {exc}",
+            )
+            failure = failure or _error(error, None)
+            generator.close()
+    if ended or failure is not None:
+        _generators.pop(key, None)
+    return blob, ended, failure, run_time, reporter.sent, _distributed().get_worker().address
+
+
+def _open_stream(
+    fn: Callable[..., Any], args: tuple[Any, ...], where: tuple[str, str], n: int
+) -> Batch:
+    """Call fn, keep the iterator it returns under its task's key, take its first batch."""
+    reporter = _Reporter(where)
+    key = reporter.key
+    context = contextvars.copy_context()
+    context.run(set_reporter, reporter)
+    start = time.perf_counter()
+    value, error = context.run(_call, fn, args, None)
+    run_time = time.perf_counter() - start
+    address = _distributed().get_worker().address
+    if error is None:
+        try:
+            iterator = iter(value)
+        except TypeError as exc:
+            error = TypeError(f"iterate() needs {describe(fn)} to return an iterable: {exc}")
+    if error is not None:
+        return _NO_ITEMS, True, _error(error, run_time), run_time, reporter.sent, address
+    generator = _generators[key] = _Generator(iterator)
+    items, ended, failure, more, sent, _ = context.run(_take, key, generator, n, reporter)
+    return items, ended, failure, run_time + more, sent, address
+
+
+def _pull_stream(where: tuple[str, str], handle: str, n: int) -> Batch:
+    """The next batch of the stream kept under handle; no address if it is not here."""
+    generator = _generators.get(handle)
+    if generator is None:
+        return _NO_ITEMS, True, None, 0.0, 0, None
+    reporter = _Reporter(where)
+    context = contextvars.copy_context()
+    context.run(set_reporter, reporter)
+    return context.run(_take, handle, generator, n, reporter)
+
+
+def _close_stream(key: str) -> None:
+    """Close the stream kept under key (its generator's ``finally`` runs), if it is here."""
+    generator = _generators.pop(key, None)
+    if generator is not None:
+        with generator.lock:  # after a batch still running for the cancelled pull
+            generator.close()
+
+
+# -- in the parent ------------------------------------------------------------------------
+
+
+class DaskState(enum.Enum):
+    """Life of a Dask worker, as the queue's loop sees it."""
+
+    NEW = "new"
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    DEAD = "dead"
+
+
+class _Call:
+    """A job this worker holds: its Dask task, the task of the loop that awaits it, and for
+    a stream, its credit and where its generator lives."""
+
+    __slots__ = (
+        "address",
+        "credit",
+        "ended",
+        "expected",
+        "future",
+        "handle",
+        "job",
+        "key",
+        "launched",
+        "more",
+        "pushed",
+        "released",
+        "reports",
+        "task",
+        "waiter",
+    )
+
+    def __init__(self, job: Job[Any]) -> None:
+        self.job = job
+        self.key = ""  # of its current Dask task: a new one for each attempt and batch
+        self.future: Any = None  # its distributed.Future
+        self.task: asyncio.Task[None] | None = None
+        self.launched = False  # submitted: it holds one of this worker's slots...
+        self.released = False  # ...until the first items of its stream
+        self.reports = 0  # reports received from the current Dask task
+        self.expected = 0  # reports that task says it sent
+        self.waiter: asyncio.Future[None] | None = None  # for the missing ones
+        self.credit = 0  # items the stream may still send
+        self.more: asyncio.Future[None] | None = None  # the stream waits for credit
+        self.address: str | None = None  # the Dask worker holding the stream's generator
+        self.handle = ""  # the key it is kept under there
+        self.pushed: bytes | None = None  # the current task's outcome, sent as an event
+        self.ended = True  # no generator left to close
+
+
+class DaskWorker(Worker):
+    """Runs jobs on a dask.distributed cluster; see the module docstring.
+
+    Args:
+        client_or_address: a ``distributed.Client`` made with ``asynchronous=True`` on the
+            queue's event loop (shared, left open), or a scheduler address
+            (``"tcp://host:8786"``), for which this worker makes its own client and closes
+            it when it stops.
+        series: the series of jobs the host sends it (None: all). A job's own series is
+            sent to Dask as the resource ``{series: 1}``, which the cluster's workers must
+            declare.
+        name: what errors and stats call it.
+        slots: the most tasks it keeps on the cluster at once (None: as many as the host
+            sends it); jobs sent beyond that wait here, in order.
+    """
+
+    kind = "dask"
+
+    def __init__(
+        self,
+        client_or_address: Any,
+        *,
+        series: Iterable[str] | None = None,
+        name: str | None = None,
+        slots: int | None = None,
+    ) -> None:
+        super().__init__(series=series, name=name)
+        distributed = _distributed()
+        if not isinstance(client_or_address, str | distributed.Client):
+            raise TypeError(
+                "DaskWorker takes a distributed.Client or a scheduler address such as "
+                f"'tcp://127.0.0.1:8786', not {client_or_address!r}"
+            )
+        if slots is not None and (
+            isinstance(slots, bool) or not isinstance(slots, int) or slots < 1
+        ):
+            raise ValueError(f"slots must be a positive int or None, not {slots!r}")
+        self.slots = slots
+        self.state = DaskState.NEW
+        self._target: Any = client_or_address
+        self._client: Any = None
+        self._owns_client = isinstance(client_or_address, str)
+        self._host: WorkerHost | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._topic = f"corral-{uuid.uuid4().hex}"  # its events; the prefix of its keys
+        self._calls: dict[Job[Any], _Call] = {}  # held, in the order sent
+        self._by_key: dict[str, _Call] = {}  # by the key of their current Dask task
+        self._waiting: deque[_Call] = deque()  # sent beyond slots, not yet submitted
+        self._active = 0  # calls holding a slot
+        self._tasks: set[asyncio.Task[None]] = set()  # every awaiting task, until it ends
+        self._idle: asyncio.Event | None = None  # set while it holds no job
+        self._serial = 0
+        self._to_fetch: list[tuple[Any, asyncio.Future[Any]]] = []  # finished, not fetched
+        self._fetching = False
+
+    @property
+    def alive(self) -> bool:
+        return self.state in (DaskState.STARTING, DaskState.READY, DaskState.STOPPING)
+
+    @property
+    def client(self) -> Any:
+        """The ``distributed.Client`` it uses (None before ``start``)."""
+        return self._client
+
+    async def start(self, host: WorkerHost) -> None:
+        """Connect (or check the client given), and listen for the reports of its tasks.
+
+        Raises ``WorkerStartupError`` when the scheduler cannot be reached, or when the
+        client given is not asynchronous on this event loop."""
+        if self.state is not DaskState.NEW:
+            raise RuntimeError(f"cannot start {self.name}: it is {self.state.value}")
+        loop = self._loop = asyncio.get_running_loop()
+        self._host = host
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.state = DaskState.STARTING
+        distributed = _distributed()
+        try:
+            if self._owns_client:
+                try:
+                    self._client = await distributed.Client(
+                        self._target, asynchronous=True, timeout=CONNECT_TIMEOUT
+                    )
+                except (OSError, TimeoutError) as exc:
+                    raise WorkerStartupError(
+                        1, f"could not connect to the Dask scheduler at {self._target}: {exc}"
+                    ) from exc
+            else:
+                client = self._target
+                if not client.asynchronous or client.loop.asyncio_loop is not loop:
+                    raise WorkerStartupError(
+                        1,
+                        "DaskWorker needs a client on the queue's event loop: make it with "
+                        "`await distributed.Client(address, asynchronous=True)` there, or "
+                        "pass the scheduler's address",
+                    )
+                if client.status not in ("running", "connecting"):
+                    await client
+                self._client = client
+            self._client.subscribe_topic(self._topic, self._on_event)
+        except BaseException:
+            await self._disconnect()
+            self.state = DaskState.DEAD
+            raise
+        if self.state is not DaskState.STARTING:  # killed while it connected
+            await self._disconnect()
+            raise WorkerStartupError(1, f"{self.name} was stopped before it started")
+        self.state = DaskState.READY
+
+    def send(self, job: Job[Any]) -> None:
+        """Submit job to the cluster (or keep it until a slot frees); raises
+        ``SerializationError`` naming the part of the call that would not pickle."""
+        if self.state is not DaskState.READY:
+            raise RuntimeError(f"cannot send to {self.name}: it is {self.state.value}")
+        call = _Call(job)
+        if self.slots is not None and self._active >= self.slots:
+            if job.state is not JobState.CANCELLED:
+                job.state = JobState.SENT
+            self._hold(call)
+            self._waiting.append(call)
+            return
+        self._launch(call)  # may raise: then the host fails the job, which we never held
+        self._hold(call)
+
+    def credit(self, job: Job[Any], n: int) -> None:
+        """The consumer took n items: the stream may pull n more."""
+        call = self._calls.get(job)
+        if call is None:
+            return
+        call.credit += n
+        more = call.more
+        if more is not None and not more.done():
+            more.set_result(None)
+
+    def cancel(self, job: Job[Any], *, grace: float = 1.0) -> None:
+        """Release job: the caller gets ``CancelledError`` (or the host's error) at once.
+        A job waiting for a slot never runs; a submitted one is cancelled in Dask, which
+        drops it if it has not started and otherwise lets the call run to its end (Dask
+        cannot interrupt a thread); a stream's generator is closed. grace is not used:
+        nothing waits for the call."""
+        call = self._calls.get(job)
+        if call is None:
+            return
+        if call in self._waiting:
+            self._waiting.remove(call)
+        elif call.task is not None:
+            call.task.cancel()  # it cancels the Dask task as it ends
+        self._finish(call, None, asyncio.CancelledError())
+
+    async def stop(self) -> None:
+        """Finish the jobs already sent, then let go of the cluster (closing the client it
+        made)."""
+        if self.state is DaskState.NEW:
+            return
+        if self.state is not DaskState.DEAD:
+            assert self._idle is not None
+            self.state = DaskState.STOPPING
+            await self._idle.wait()  # a lost client makes it DEAD, and idle, meanwhile
+            self.state = DaskState.DEAD
+        await self._drain()
+        await self._disconnect()
+
+    async def kill(self) -> None:
+        """Report every job held as lost (those submitted as started: they may be running),
+        cancel their Dask tasks and let go of the cluster."""
+        if self.state is DaskState.NEW:
+            return
+        self._die(WorkerLostError(self.name, detail="it was killed by its owner"))
+        await self._drain()
+        await self._disconnect()
+
+    # -- in the loop ----------------------------------------------------------------------
+
+    def _hold(self, call: _Call) -> None:
+        job = call.job
+        self._calls[job] = call
+        assert self._idle is not None
+        self._idle.clear()
+        self.tasks_sent += 1
+        if job.state is not JobState.CANCELLED:
+            job.state = JobState.SENT
+
+    def _launch(self, call: _Call) -> None:
+        """Submit call's first Dask task and start the task of the loop that awaits it."""
+        self._first_task(call)
+        call.launched = True
+        self._active += 1
+        assert self._loop is not None
+        task = self._loop.create_task(self._drive(call))
+        call.task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _first_task(self, call: _Call) -> None:
+        """Submit the call itself (again, for a retry), or the opening of its stream."""
+        job = call.job
+        key = self._new_key(job)
+        if job.stream is None:
+            self._submit(
+                call,
+                key,
+                _run_call,
+                job.fn,
+                job.args,
+                (self._topic, key),
+                # Announce the start (the hard limit counts from the first one).
+                job.time_limit is not None and job.state is not JobState.RUNNING,
+                job.soft_time_limit,
+            )
+        else:
+            call.credit = job.stream.window
+            where = (self._topic, key)
+            self._submit(call, key, _open_stream, job.fn, job.args, where, _batch(call))
+
+    def _new_key(self, job: Job[Any]) -> str:
+        """A key no other Dask task has: the function's name (Dask's dashboard groups by
+        it), then this worker's topic, the job and a serial number."""
+        self._serial += 1
+        fn = getattr(job.fn, "func", job.fn)  # a functools.partial: the function's name
+        name = getattr(fn, "__name__", "call")
+        return f"{name}-{self._topic}-{job.id}-{self._serial}"
+
+    def _submit(
+        self, call: _Call, key: str, fn: Callable[..., Any], *args: Any, **options: Any
+    ) -> None:
+        job = call.job
+        try:
+            call.future = self._client.submit(
+                fn,
+                *args,
+                key=key,
+                pure=False,
+                priority=-job.priority,  # corral: lower sooner; Dask: higher sooner
+                resources=None if job.series is None else {job.series: 1},
+                retries=0,
+                **options,
+            )
+        except Exception as exc:
+            raise _call_error(job.fn, job.args, exc) from exc
+        self._by_key.pop(call.key, None)
+        call.key = key
+        call.reports = call.expected = 0
+        call.pushed = None
+        self._by_key[key] = call
+
+    async def _drive(self, call: _Call) -> None:
+        """Await call's Dask tasks and report the outcome; let go of them when it ends."""
+        try:
+            if call.job.stream is None:
+                await self._serve_call(call)
+            else:
+                await self._serve_stream(call)
+        except asyncio.CancelledError:
+            pass  # cancel() or kill(), which reported the job
+        except Exception as exc:  # not the task's own error: the caller must not wait
+            self._finish(call, None, exc)
+        finally:
+            await self._let_go(call)
+
+    async def _serve_call(self, call: _Call) -> None:
+        job = call.job
+        while True:
+            try:
+                outcome = await self._result(call)
+                break
+            except Exception as exc:
+                error = self._translate(exc, job)
+                if isinstance(error, WorkerLostError) and job.retries > 0 and self._connected():
+                    job.retries -= 1
+                    self._first_task(call)
+                    continue
+                self._finish(call, None, error)
+                return
+        try:
+            ok, payload, run_time, sent = _unpickled(outcome)
+        except Exception as exc:
+            self._finish(call, None, _unpickling_failed("the result", exc))
+            return
+        await self._reports_in(call, sent)
+        job.run_time = run_time
+        if ok:
+            self._finish(call, payload, None)
+        else:
+            self._finish(call, None, _load_error(payload))
+
+    async def _serve_stream(self, call: _Call) -> None:
+        job = call.job
+        call.handle = call.key  # the key its generator is kept under
+        while True:
+            try:
+                batch: Batch = await self._batch_of(call)
+            except Exception as exc:
+                self._finish(call, None, self._translate(exc, job))
+                return
+            blob, ended, failure, run_time, sent, address = batch
+            if address is None:
+                self._finish(call, None, self._holder_gone())
+                return
+            try:
+                items = _unpickled(blob)
+            except Exception as exc:
+                self._finish(call, None, _unpickling_failed("items of the stream", exc))
+                return
+            call.address = address
+            call.ended = ended or failure is not None  # then no generator is left there
+            await self._reports_in(call, sent)
+            job.run_time = (job.run_time or 0.0) + run_time
+            if items or not call.released:
+                call.credit -= len(items)
+                if not call.released:  # the first items free the slot, as the host's
+                    call.released = True
+                    self._active -= 1
+                    self._fill()
+                assert self._host is not None
+                self._host.job_items(self, job, items)
+                if job not in self._calls:
+                    return  # the consumer left at once
+            if failure is not None:
+                self._finish(call, None, _load_error(failure))
+                return
+            if ended:
+                self._finish(call, None, None)
+                return
+            while call.credit <= 0:
+                assert self._loop is not None
+                call.more = self._loop.create_future()
+                await call.more
+            key = self._new_key(job)
+            self._submit(
+                call,
+                key,
+                _pull_stream,
+                (self._topic, key),
+                call.handle,
+                _batch(call),
+                workers=[address],  # strictly: a task free to go elsewhere may be stolen
+            )
+
+    async def _batch_of(self, call: _Call) -> Batch:
+        """The outcome of the stream's current task. A pull pinned to a Dask worker that
+        died would wait in the scheduler for ever, so while one takes longer than
+        HOLDER_CHECK, whether that worker is still there is asked every HOLDER_CHECK."""
+        batch: Batch
+        if call.address is None:  # the opening: Dask reschedules it or says KilledWorker
+            batch = await self._result(call)
+            return batch
+        assert self._loop is not None
+        waiter = self._loop.create_task(self._result(call))
+        try:
+            while True:
+                done, _ = await asyncio.wait({waiter}, timeout=HOLDER_CHECK)
+                if done:
+                    batch = waiter.result()
+                    return batch
+                if not await self._holds(call.address):
+                    return _NO_ITEMS, True, None, 0.0, 0, None
+        finally:
+            waiter.cancel()
+
+    async def _result(self, call: _Call) -> Any:
+        """The value of call's current Dask task; raises what Dask raised for it. A small
+        one came with the task's events, ahead of its end; others are fetched together: a
+        task that ends while a fetch is on its way waits for the next, so a busy worker
+        costs one round trip for many values, not one each."""
+        future = call.future
+        await future.exception()  # wait for the end, fetching nothing
+        if future.status != "finished":
+            return await future  # raises its error, or CancelledError, fetching nothing
+        pushed, call.pushed = call.pushed, None
+        if pushed is not None:
+            return pushed, []
+        assert self._loop is not None
+        waiter: asyncio.Future[Any] = self._loop.create_future()
+        self._to_fetch.append((future, waiter))
+        if not self._fetching:
+            self._fetching = True
+            task = self._loop.create_task(self._fetch())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await waiter
+
+    async def _fetch(self) -> None:
+        """Fetch the values of finished tasks, as many at a time as are waiting."""
+        try:
+            while self._to_fetch:
+                batch, self._to_fetch = self._to_fetch, []
+                try:
+                    values = await self._client.gather([future for future, _ in batch])
+                except Exception:  # one will not come (its Dask worker died): each alone
+                    for future, waiter in batch:
+                        try:
+                            value = await future
+                        except Exception as exc:
+                            if not waiter.done():
+                                waiter.set_exception(exc)
+                        else:
+                            if not waiter.done():
+                                waiter.set_result(value)
+                    continue
+                for (_, waiter), value in zip(batch, values, strict=True):
+                    if not waiter.done():  # its job was cancelled meanwhile
+                        waiter.set_result(value)
+        finally:
+            self._fetching = False
+
+    async def _holds(self, address: str) -> bool:
+        """Whether the Dask worker at address is still in the cluster."""
+        return address in await self._client.nthreads([address])
+
+    def _holder_gone(self) -> WorkerLostError:
+        detail = "the Dask worker that held its generator is gone"
+        return WorkerLostError(self.name, detail=detail)
+
+    def _translate(self, exc: Exception, job: Job[Any]) -> BaseException:
+        """A failure of a Dask task as the caller sees it: Dask's own, since the wrapper
+        returns the task's exceptions instead of raising them."""
+        distributed = _distributed()
+        if isinstance(exc, distributed.KilledWorker):
+            return WorkerLostError(self.name, detail=f"the Dask worker running it died: {exc}")
+        if isinstance(exc, distributed.CancelledError | OSError):
+            if not self._connected():
+                self._lose_client()
+            return WorkerLostError(self.name, detail=f"Dask dropped its task: {exc!r}")
+        # What remains happened before the wrapper ran: unpickling the call in the Dask
+        # worker (a module missing there, ...).
+        error = SerializationError(
+            f"the call of {describe(job.fn)}", "in the Dask worker", f"{type(exc).__name__}: {exc}"
+        )
+        error.__cause__ = exc
+        return error
+
+    async def _reports_in(self, call: _Call, sent: int) -> None:
+        """Wait (bounded) until the reports of call's task have all arrived."""
+        if call.reports >= sent:
+            return
+        assert self._loop is not None
+        call.expected = sent
+        call.waiter = self._loop.create_future()
+        try:
+            async with asyncio.timeout(REPORT_WAIT):
+                await call.waiter
+        except TimeoutError:
+            pass  # lost on the way: the outcome goes on without it
+        finally:
+            call.waiter = None
+
+    def _on_event(self, event: tuple[float, Any]) -> None:
+        """An event of this worker's topic: a report, or a job with a time limit started."""
+        message = event[1]
+        call = self._by_key.get(message[0])
+        if call is None:
+            return  # its job is done, or was given up
+        host = self._host
+        assert host is not None
+        kind = message[1]
+        if kind == "outcome":
+            call.pushed = message[2]
+            return
+        if kind == "started":
+            host.job_started(self, call.job)
+            return
+        call.reports += 1
+        waiter = call.waiter
+        if waiter is not None and call.reports >= call.expected and not waiter.done():
+            waiter.set_result(None)
+        try:
+            obj = pickle.loads(message[2], buffers=message[3])
+        except Exception:
+            return  # a report that will not unpickle here is dropped; the job goes on
+        host.job_report(self, call.job, obj)
+
+    def _finish(self, call: _Call, value: Any, error: BaseException | None) -> None:
+        """Report call's outcome, once; its slot goes first to a job waiting here."""
+        job = call.job
+        if self._calls.pop(job, None) is None:
+            return
+        self._by_key.pop(call.key, None)
+        if call.launched and not call.released:
+            call.released = True
+            self._active -= 1
+        self.tasks_done += 1
+        if not self._calls:
+            assert self._idle is not None
+            self._idle.set()
+        self._fill()
+        assert self._host is not None
+        self._host.job_done(self, job, value, error)
+
+    def _fill(self) -> None:
+        """Submit the jobs waiting here while slots are free."""
+        while self._waiting and (self.slots is None or self._active < self.slots):
+            call = self._waiting.popleft()
+            try:
+                self._launch(call)
+            except Exception as exc:
+                self._finish(call, None, exc)
+
+    async def _let_go(self, call: _Call) -> None:
+        """Cancel call's Dask task if it is not done, and close its stream's generator."""
+        future, call.future = call.future, None
+        client = self._client
+        if future is not None and not future.done():
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(RELEASE_WAIT):
+                    await client.cancel([future], reason="cancelled by corral")
+        if call.address is not None and not call.ended:
+            # A task pinned to a Dask worker that is gone would wait for ever: ask first.
+            call.ended = True
+            with contextlib.suppress(Exception):  # the client is closed: nothing to close
+                async with asyncio.timeout(RELEASE_WAIT):
+                    if await self._holds(call.address):
+                        _distributed().fire_and_forget(
+                            client.submit(
+                                _close_stream,
+                                call.handle,
+                                key=f"close-{call.handle}",
+                                pure=False,
+                                workers=[call.address],
+                            )
+                        )
+
+    def _connected(self) -> bool:
+        return self._client is not None and self._client.status == "running"
+
+    def _lose_client(self) -> None:
+        """The client lost the scheduler: this worker is dead; what it held is lost."""
+        detail = "its Dask client lost the scheduler"
+        self._die(WorkerLostError(self.name, detail=detail))
+        if self._owns_client and self._loop is not None:
+            task = self._loop.create_task(self._disconnect())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _die(self, error: WorkerLostError) -> None:
+        """Give up every job held: reported lost (as started once submitted: it may run)."""
+        if self.state is DaskState.DEAD:
+            return
+        self.state = DaskState.DEAD
+        calls = list(self._calls.values())
+        self._calls.clear()
+        self._by_key.clear()
+        self._waiting.clear()
+        self._active = 0
+        if self._idle is not None:
+            self._idle.set()
+        current = asyncio.current_task()
+        for call in calls:
+            if call.task is not None and call.task is not current:
+                call.task.cancel()
+        unstarted = [call.job for call in calls if not call.launched]
+        started = [call.job for call in calls if call.launched]
+        if self._host is not None and (unstarted or started):
+            self._host.worker_lost(self, error, unstarted, started)
+
+    async def _drain(self) -> None:
+        """Wait for the tasks awaiting Dask tasks to end (each lets go of its own)."""
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
+
+    async def _disconnect(self) -> None:
+        client = self._client
+        if client is None:
+            return
+        with contextlib.suppress(Exception):
+            client.unsubscribe_topic(self._topic)
+        if self._owns_client:
+            self._client = None
+            with contextlib.suppress(Exception):
+                await client.close()
+
+
+def _batch(call: _Call) -> int:
+    """How many items the stream's next batch may have."""
+    return max(1, min(call.credit, BATCH_ITEMS))
+
+
+def _load_error(payload: Pickled) -> BaseException:
+    """The task's exception, its traceback in the Dask worker as its cause."""
+    try:
+        exc, tb, _ = _unpickled(payload)
+    except Exception as decode_exc:
+        return _unpickling_failed("the exception", decode_exc)
+    exc.__cause__ = RemoteTraceback(tb)
+    assert isinstance(exc, BaseException)
+    return exc
+
+
+def _unpickling_failed(what: str, exc: Exception) -> SerializationError:
+    error = SerializationError(
+        what, "in the parent", f"unpickling failed: {type(exc).__name__}: {exc}"
+    )
+    error.__cause__ = exc
+    return error
