@@ -34,24 +34,19 @@ stdout; progress goes to stderr.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ._tasks import noop
+from .peers import run_fresh
 
-ROOT = Path(__file__).resolve().parent.parent
 WORKERS = 2
 LIBS = {
     "corral": "corral.Executor",
@@ -190,25 +185,7 @@ def run_one(lib: str, measurement: str, quick: bool) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "benchmarks.executor", "--one", lib, measurement]
     if quick:
         cmd.append("--quick")
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, start_new_session=True)
-        try:
-            proc.wait(TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            return {"problem": f"timeout (>{TIMEOUT} s)"}
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        out.seek(0)
-        err.seek(0)
-        lines = [line for line in out.read().splitlines() if line.startswith("{")]
-        if lines:
-            result: dict[str, Any] = json.loads(lines[-1])
-            return result
-        tail = err.read().strip().splitlines()
-        return {"problem": f"failed: {tail[-1] if tail else proc.returncode}"}
+    return run_fresh(cmd, TIMEOUT)
 
 
 def fmt(value: float) -> str:

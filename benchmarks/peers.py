@@ -126,14 +126,19 @@ class Cell:
 
 
 def run_one(lib: str, measurement: str, quick: bool, loop: str, timeout: float) -> dict[str, Any]:
-    """One fresh process; returns its JSON, or {"problem": ...}.
+    """One measurement in a fresh process; returns its JSON, or {"problem": ...}."""
+    cmd = [sys.executable, "-m", "benchmarks._measure", lib, measurement, "--loop", loop]
+    if quick:
+        cmd.append("--quick")
+    return run_fresh(cmd, timeout)
+
+
+def run_fresh(cmd: list[str], timeout: float) -> dict[str, Any]:
+    """Run cmd from the repository root; its last JSON line, or {"problem": ...}.
 
     Output goes to a file, not a pipe: a worker left behind would hold a pipe open. The
     whole process group is killed at the end, whatever happened.
     """
-    cmd = [sys.executable, "-m", "benchmarks._measure", lib, measurement, "--loop", loop]
-    if quick:
-        cmd.append("--quick")
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, start_new_session=True)
         timed_out = False

@@ -119,3 +119,9 @@ class Host:
 
     def cancel_job(self, job: Job[Any]) -> None:
         pass
+
+
+def send(worker: Worker, job: Job[Any]) -> Job[Any]:
+    """Hand job to worker and return it, so a test can write ``job = send(worker, ...)``."""
+    worker.send(job)
+    return job

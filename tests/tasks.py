@@ -348,3 +348,21 @@ def report_unpicklable() -> str:
     except Exception as exc:
         return type(exc).__name__
     return "no error"
+
+
+def report_numbers(n: int) -> str:
+    """Report 0 .. n-1, then return."""
+    from corral import report
+
+    for i in range(n):
+        report(i)
+    return "finished"
+
+
+def report_then_yield(n: int) -> Any:
+    """A stream whose every item is preceded by a report."""
+    from corral import report
+
+    for i in range(n):
+        report(f"before {i}")
+        yield i

@@ -57,10 +57,11 @@ async def test_ten_million_items_consumed_slowly_keep_memory_bounded() -> None:
     assert peak_child - base_child < 20 * 2**20
 
 
-async def test_two_streams_and_calls_interleave_on_one_worker() -> None:
-    """On a single worker, two open streams wait for their consumer while ordinary calls
-    run; then both streams finish."""
-    async with corral.Pool(1) as pool:
+@pytest.mark.parametrize("kind", ["process", "thread", "local"])
+async def test_two_streams_and_calls_interleave_on_one_worker(kind: str) -> None:
+    """On a single worker of each kind, two open streams wait for their consumer while
+    ordinary calls run; then both streams finish, every item in order."""
+    async with corral.Pool(1, kind=kind) as pool:  # type: ignore[arg-type]
         first = pool.iterate(tasks.count_up, 20_000, window=100)
         second = pool.iterate(tasks.count_up, 20_000, window=100)
         assert await bounded(anext(first)) == 0
@@ -90,7 +91,8 @@ async def test_break_closes_the_generator_in_the_worker(tmp_path: Path) -> None:
         async for x in pool.iterate(tasks.count_up, None, str(marker)):
             if x == 10_000:
                 break
-        await until(marker.exists)
+        # The file exists a moment before its line is written: wait for the line.
+        await until(lambda: marker.exists() and marker.read_text().endswith("\n"))
         (worker,) = pool.workers
         assert marker.read_text() == f"closed {worker.pid}\n"
         assert await bounded(pool.run(tasks.add, 2, 3)) == 5  # the worker serves on
@@ -107,12 +109,15 @@ async def test_aclose_and_cancelling_the_consumer_close_the_generator(tmp_path: 
 
         second = tmp_path / "second"
 
+        streaming = asyncio.Event()
+
         async def consume() -> None:
             async for _ in pool.iterate(tasks.count_up, None, str(second)):
+                streaming.set()
                 await asyncio.sleep(0)
 
         task = asyncio.ensure_future(consume())
-        await asyncio.sleep(0.1)
+        await bounded(streaming.wait())  # the generator runs in the worker
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task

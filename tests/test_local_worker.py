@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 
 import corral
-from corral import Job, JobState
+from corral import JobState
 from corral.workers._local import LocalWorker
-from tests.hosts import Host
+from tests import tasks
+from tests.hosts import Host, send
 
 BOUND = 10.0
 
@@ -30,14 +31,6 @@ async def started(host: Host, **options: Any) -> LocalWorker:
 
 
 # -- tasks -------------------------------------------------------------------------------
-
-
-def add(a: int, b: int) -> int:
-    return a + b
-
-
-def fail(message: str) -> None:
-    raise ValueError(message)
 
 
 async def async_add(a: int, b: int) -> int:
@@ -86,28 +79,11 @@ def counting(produced: list[int], closed: list[str]) -> Iterator[int]:
         closed.append(threading.current_thread().name)
 
 
-def reporting(n: int) -> Iterator[int]:
-    for i in range(n):
-        corral.report(f"before {i}")
-        yield i
-
-
-def report_each(n: int) -> str:
-    for i in range(n):
-        corral.report(i)
-    return "finished"
-
-
 async def async_report_each(n: int) -> str:
     for i in range(n):
         corral.report(i)
         await asyncio.sleep(0)
     return "finished"
-
-
-def send(worker: LocalWorker, job: Job[Any]) -> Job[Any]:
-    worker.send(job)
-    return job
 
 
 # -- tests -------------------------------------------------------------------------------
@@ -123,8 +99,8 @@ async def test_runs_plain_and_coroutine_calls_in_the_loop() -> None:
         assert worker.alive
         assert worker.pid is None
         jobs = [
-            host.job(add, 2, 3),
-            host.job(fail, "plain"),
+            host.job(tasks.add, 2, 3),
+            host.job(tasks.fail, "plain"),
             host.job(async_add, 4, 5),
             host.job(async_fail, "async"),
             host.job(threading.get_ident),
@@ -196,7 +172,7 @@ async def test_a_raising_initializer_fails_start() -> None:
     """start() raises WorkerStartupError naming the initializer's error, which is its
     cause; the worker is dead and cannot be started again."""
     host = Host()
-    worker = LocalWorker(initializer=fail, initargs=("no config",))
+    worker = LocalWorker(initializer=tasks.fail, initargs=("no config",))
     with pytest.raises(corral.WorkerStartupError, match="ValueError: no config") as caught:
         await worker.start(host)
     assert isinstance(caught.value.__cause__, ValueError)
@@ -221,7 +197,7 @@ async def test_bad_arguments_and_lifecycle_errors() -> None:
     await worker.stop()
     await worker.stop()
     with pytest.raises(RuntimeError, match="cannot send"):
-        worker.send(host.job(add, 1, 2))
+        worker.send(host.job(tasks.add, 1, 2))
 
 
 async def test_soft_limit_cancels_a_coroutine() -> None:
@@ -296,7 +272,7 @@ async def test_cancel_a_running_coroutine() -> None:
         worker.cancel(job, grace=BOUND)
         _, error = await host.outcome(job)
         assert isinstance(error, asyncio.CancelledError)
-        after = host.job(add, 1, 2)
+        after = host.job(tasks.add, 1, 2)
         worker.send(after)
         assert await host.outcome(after) == (3, None)
         assert worker.alive
@@ -315,7 +291,7 @@ async def test_a_coroutine_ignoring_cancel_is_abandoned_after_grace() -> None:
     caught: list[str] = []
     try:
         job = host.job(stubborn, running, release, caught)
-        queued = host.job(add, 1, 1)
+        queued = host.job(tasks.add, 1, 1)
         worker.send(job)
         worker.send(queued)
         await asyncio.wait_for(running.wait(), BOUND)
@@ -379,7 +355,7 @@ async def test_kill_reports_what_it_held() -> None:
     worker = await started(host)
     running, release = asyncio.Event(), asyncio.Event()
     busy = host.job(wait_until, running, release)
-    queued = [host.job(add, i, i) for i in range(3)]
+    queued = [host.job(tasks.add, i, i) for i in range(3)]
     for job in (busy, *queued):
         worker.send(job)
     await asyncio.wait_for(running.wait(), BOUND)
@@ -433,7 +409,7 @@ async def test_a_stream_runs_ahead_only_as_far_as_its_credit() -> None:
         assert produced == [10]  # it waited for credit while the call ran
         worker.credit(job, 5)
         assert await host.until_items(job, 15) == list(range(15))
-        assert await host.outcome(send(worker, host.job(add, 2, 2))) == (4, None)
+        assert await host.outcome(send(worker, host.job(tasks.add, 2, 2))) == (4, None)
         assert produced == [15]
         worker.cancel(job)
         _, error = await host.outcome(job)
@@ -453,13 +429,13 @@ async def test_reports_and_items_come_in_order_before_done() -> None:
     host = Host()
     worker = await started(host)
     try:
-        for fn in (report_each, async_report_each):
+        for fn in (tasks.report_numbers, async_report_each):
             job = send(worker, host.job(fn, 3))
             assert await host.outcome(job) == ("finished", None)
             assert host.reports[job.id] == [0, 1, 2]
             mine = [event for event in host.events if event[1] == job.id]
             assert mine == [("started", job.id), *[("report", job.id)] * 3, ("done", job.id)]
-        job = send(worker, host.job(reporting, 3, window=100))
+        job = send(worker, host.job(tasks.report_then_yield, 3, window=100))
         assert await host.outcome(job) == (None, None)
         assert host.reports[job.id] == ["before 0", "before 1", "before 2"]
         assert host.items[job.id] == [0, 1, 2]
@@ -499,7 +475,7 @@ async def test_task_queue_runs_calls_in_the_loop() -> None:
     async with corral.TaskQueue() as queue:
         async with asyncio.timeout(BOUND):
             await queue.attach(LocalWorker())
-            assert await queue.run(add, 2, 40) == 42
+            assert await queue.run(tasks.add, 2, 40) == 42
             assert await queue.run(async_add, 1, 1) == 2
             with pytest.raises(ValueError, match="boom"):
                 await queue.run(async_fail, "boom")
@@ -511,4 +487,4 @@ async def test_task_queue_runs_calls_in_the_loop() -> None:
             job.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await job
-            assert await queue.run(add, 1, 1) == 2
+            assert await queue.run(tasks.add, 1, 1) == 2

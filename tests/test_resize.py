@@ -11,7 +11,7 @@ import pytest
 import corral
 from corral.workers import ThreadWorker
 from tests import tasks
-from tests.waits import bounded
+from tests.waits import bounded, until
 
 T = TypeVar("T")
 BOUND = 60.0
@@ -23,10 +23,11 @@ async def test_resize_up_and_down_during_a_map_loses_nothing(kind: str) -> None:
     every result is there, in order, and the pool ends at its new size."""
     async with corral.Pool(2, kind=kind) as pool:  # type: ignore[arg-type]
         mapping = asyncio.ensure_future(pool.map(tasks.sleep, [0.001] * 2000, chunksize=1))
-        await asyncio.sleep(0.05)
+        await until(lambda: pool.stats().calls >= 100)  # the map is under way
         await bounded(pool.resize(5))
         assert len(pool.workers) == 5
-        await asyncio.sleep(0.05)
+        await until(lambda: pool.stats().calls >= 600)
+        assert not mapping.done()
         await bounded(pool.resize(1))
         assert len(pool.workers) == 1
         assert pool.size == 1

@@ -19,6 +19,7 @@ import corral
 from corral._stream import WINDOW
 from corral.workers._local import LocalWorker
 from corral.workers._thread import ThreadWorker
+from tests import tasks
 from tests.waits import bounded
 
 T = TypeVar("T")
@@ -48,10 +49,6 @@ async def one_worker(kind: str, via: str = "pool") -> AsyncIterator[corral.TaskQ
 # -- tasks (run in the worker's thread or the loop: nothing is pickled) ------------------
 
 
-def add(a: int, b: int) -> int:
-    return a + b
-
-
 def count_up(
     n: int | None = None,
     closed: threading.Event | None = None,
@@ -70,25 +67,6 @@ def count_up(
             where.append(threading.current_thread().name)
         if closed is not None:
             closed.set()
-
-
-class StreamError(Exception):
-    pass
-
-
-def count_then_fail(n: int) -> Iterator[int]:
-    yield from range(n)
-    raise StreamError(f"failed after {n} items")
-
-
-def not_iterable() -> int:
-    return 42
-
-
-def report_each(n: int) -> str:
-    for i in range(n):
-        corral.report({"step": i})
-    return "finished"
 
 
 async def async_report_each(n: int) -> str:
@@ -132,7 +110,7 @@ async def test_break_closes_the_generator_where_it_runs(kind: str) -> None:
         await wait_for(closed)
         expected = "MainThread" if kind == "local" else "corral-"
         assert len(where) == 1 and where[0].startswith(expected)
-        assert await bounded(queue.run(add, 2, 3)) == 5
+        assert await bounded(queue.run(tasks.add, 2, 3)) == 5
         async with asyncio.timeout(BOUND):
             while queue.stats().in_flight:
                 await asyncio.sleep(0.001)
@@ -144,43 +122,15 @@ async def test_exception_mid_stream_reaches_the_consumer_at_that_item(kind: str)
     its own traceback; a call that returns no iterable is a clear TypeError."""
     async with one_worker(kind) as queue:
         got: list[int] = []
-        with pytest.raises(StreamError, match="failed after 5000 items") as info:
-            async for x in queue.iterate(count_then_fail, 5000):
+        with pytest.raises(tasks.TaskError, match="failed after 5000 items") as info:
+            async for x in queue.iterate(tasks.count_then_fail, 5000):
                 got.append(x)
         assert got == list(range(5000))
         assert "count_then_fail" in "".join(traceback.format_tb(info.tb))
         with pytest.raises(TypeError, match=r"iterate\(\) needs not_iterable to return an"):
-            async for _ in queue.iterate(not_iterable):  # type: ignore[arg-type]
+            async for _ in queue.iterate(tasks.not_iterable):  # type: ignore[arg-type]
                 pass
-        assert await bounded(queue.run(add, 1, 1)) == 2
-
-
-@pytest.mark.parametrize("kind", KINDS)
-async def test_two_streams_and_calls_interleave_on_one_worker(kind: str) -> None:
-    """On a single worker, two open streams wait for their consumer while ordinary calls
-    run; then both streams finish, every item in order."""
-    async with one_worker(kind) as queue:
-        first = queue.iterate(count_up, 5_000, window=100)
-        second = queue.iterate(count_up, 5_000, window=100)
-        assert await bounded(anext(first)) == 0
-        assert await bounded(anext(second)) == 0
-        for i in range(20):  # both streams are open and parked: calls still run
-            assert await bounded(queue.run(add, i, 1)) == i + 1
-        a, b = [0], [0]
-        done_a = done_b = False
-        while not (done_a and done_b):  # alternate between them
-            if not done_a:
-                try:
-                    a.append(await bounded(anext(first)))
-                except StopAsyncIteration:
-                    done_a = True
-            if not done_b:
-                try:
-                    b.append(await bounded(anext(second)))
-                except StopAsyncIteration:
-                    done_b = True
-        assert a == list(range(5_000))
-        assert b == list(range(5_000))
+        assert await bounded(queue.run(tasks.add, 1, 1)) == 2
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -190,7 +140,7 @@ async def test_calls_run_while_a_stream_with_credit_streams(kind: str) -> None:
     async with one_worker(kind) as queue:
         stream = queue.iterate(count_up, None)
         assert await bounded(anext(stream)) == 0
-        calls = [queue.submit(add, i, i) for i in range(10)]
+        calls = [queue.submit(tasks.add, i, i) for i in range(10)]
         async with asyncio.timeout(BOUND):
             async for _ in stream:
                 if all(call.done() for call in calls):
@@ -244,7 +194,7 @@ async def test_detaching_a_worker_closes_its_open_streams(kind: str) -> None:
 # -- reports -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fn", [report_each, async_report_each])
+@pytest.mark.parametrize("fn", [tasks.report_each, async_report_each])
 @pytest.mark.parametrize("kind", KINDS)
 async def test_reports_arrive_in_order_and_before_the_result(
     kind: str, fn: Callable[[int], Any]
@@ -275,7 +225,7 @@ async def test_reports_from_a_generator_reach_its_job(kind: str) -> None:
         stream.job.on_report(got.append)
         assert [x async for x in stream] == list(range(100))
         assert got == [{"step": i} for i in range(100)]
-        assert await bounded(queue.run(report_each, 1)) == "finished"
+        assert await bounded(queue.run(tasks.report_each, 1)) == "finished"
 
 
 async def collect(job: corral.Job[Any]) -> list[Any]:

@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 
 import corral
-from corral import Job, JobState
+from corral import JobState
 from corral.workers._thread import ThreadWorker
-from tests.hosts import Host
+from tests import tasks
+from tests.hosts import Host, send
 
 BOUND = 10.0
 
@@ -52,14 +53,6 @@ def thread_names() -> set[str]:
 
 
 # -- tasks -------------------------------------------------------------------------------
-
-
-def add(a: int, b: int) -> int:
-    return a + b
-
-
-def fail(message: str) -> None:
-    raise ValueError(message)
 
 
 def whoami() -> str:
@@ -125,18 +118,6 @@ def stuck_after_first(running: threading.Event, closed: threading.Event) -> Iter
         closed.set()
 
 
-def reporting(n: int) -> Iterator[int]:
-    for i in range(n):
-        corral.report(f"before {i}")
-        yield i
-
-
-def report_each(n: int) -> str:
-    for i in range(n):
-        corral.report(i)
-    return "finished"
-
-
 async def coroutine_report_each(n: int) -> str:
     for i in range(n):
         corral.report(i)
@@ -162,7 +143,7 @@ async def test_runs_jobs_in_its_thread_and_reports_outcomes() -> None:
     try:
         assert worker.alive
         assert worker.pid is None
-        ok, bad, who = host.job(add, 2, 3), host.job(fail, "boom"), host.job(whoami)
+        ok, bad, who = host.job(tasks.add, 2, 3), host.job(tasks.fail, "boom"), host.job(whoami)
         for job in (ok, bad, who):
             worker.send(job)
             assert job.state in (JobState.SENT, JobState.RUNNING)
@@ -173,7 +154,7 @@ async def test_runs_jobs_in_its_thread_and_reports_outcomes() -> None:
         assert str(error) == "boom"
         assert error.__cause__ is None
         assert error.__traceback__ is not None
-        assert error.__traceback__.tb_next is not None  # the frame of fail() is there
+        assert error.__traceback__.tb_next is not None  # the frame of tasks.fail() is there
         assert await host.outcome(who) == ("corral-t1", None)
         assert host.events == [(kind, i) for i in (1, 2, 3) for kind in ("started", "done")]
         assert host.states_at_start == {
@@ -242,7 +223,7 @@ async def test_initializer_runs_in_the_thread_first() -> None:
     )
     try:
         assert seen == ["xcorral-t-init"]
-        job = host.job(add, 1, 1)
+        job = host.job(tasks.add, 1, 1)
         worker.send(job)
         assert await host.outcome(job) == (2, None)
     finally:
@@ -253,7 +234,7 @@ async def test_a_raising_initializer_fails_start_and_leaves_nothing() -> None:
     """start() raises WorkerStartupError naming the initializer's error, which is its
     cause; the thread has ended when it raises, and the worker cannot be started again."""
     host = Host()
-    worker = ThreadWorker(name="t-badinit", initializer=fail, initargs=("no config",))
+    worker = ThreadWorker(name="t-badinit", initializer=tasks.fail, initargs=("no config",))
     with pytest.raises(corral.WorkerStartupError, match="ValueError: no config") as caught:
         async with asyncio.timeout(BOUND):
             await worker.start(host)
@@ -280,7 +261,7 @@ async def test_bad_arguments_and_lifecycle_errors() -> None:
     await worker.stop()
     await worker.stop()
     with pytest.raises(RuntimeError, match="cannot send"):
-        worker.send(host.job(add, 1, 2))
+        worker.send(host.job(tasks.add, 1, 2))
 
 
 async def test_soft_limit_raises_inside_a_plain_call() -> None:
@@ -303,7 +284,7 @@ async def test_soft_limit_raises_inside_a_plain_call() -> None:
         assert error.limit == 0.1
         assert error.__traceback__ is not None
         assert 0.1 <= (host.run_times[uncaught.id] or 0) < BOUND
-        after = host.job(add, 2, 2)  # the worker serves on
+        after = host.job(tasks.add, 2, 2)  # the worker serves on
         worker.send(after)
         assert await host.outcome(after) == (4, None)
     finally:
@@ -376,7 +357,7 @@ async def test_cancel_interrupts_a_running_call_and_the_worker_serves_on() -> No
         worker.cancel(coro, grace=BOUND)
         _, error = await host.outcome(coro)
         assert isinstance(error, asyncio.CancelledError)
-        after = host.job(add, 1, 2)
+        after = host.job(tasks.add, 1, 2)
         worker.send(after)
         assert await host.outcome(after) == (3, None)
         assert worker.alive
@@ -396,7 +377,7 @@ async def test_a_call_ignoring_cancel_is_abandoned_after_grace() -> None:
     caught: list[str] = []
     try:
         job = host.job(stubborn, running, release, caught)
-        queued = host.job(add, 1, 1)
+        queued = host.job(tasks.add, 1, 1)
         worker.send(job)
         worker.send(queued)
         await wait_for(running)
@@ -462,7 +443,7 @@ async def test_kill_reports_what_it_held() -> None:
     running, release = threading.Event(), threading.Event()
     try:
         busy = host.job(block, running, release)
-        queued = [host.job(add, i, i) for i in range(3)]
+        queued = [host.job(tasks.add, i, i) for i in range(3)]
         for job in (busy, *queued):
             worker.send(job)
         await wait_for(running)
@@ -502,7 +483,7 @@ async def test_run_time_is_the_time_in_the_call() -> None:
         run_time = host.run_times[job.id]
         assert run_time is not None
         assert 0.2 <= run_time < 0.22
-        skipped = host.job(add, 1, 1)
+        skipped = host.job(tasks.add, 1, 1)
         skipped.state = JobState.CANCELLED
         worker.send(skipped)
         await host.outcome(skipped)
@@ -525,13 +506,13 @@ async def test_a_stream_runs_ahead_only_as_far_as_its_credit() -> None:
     worker.send(job)
     try:
         assert await host.until_items(job, 10) == list(range(10))
-        other = host.job(add, 1, 2)
+        other = host.job(tasks.add, 1, 2)
         worker.send(other)
         assert await host.outcome(other) == (3, None)  # served while the stream waits
         assert produced == [10]
         worker.credit(job, 5)
         assert await host.until_items(job, 15) == list(range(15))
-        other = host.job(add, 2, 2)
+        other = host.job(tasks.add, 2, 2)
         worker.send(other)
         assert await host.outcome(other) == (4, None)
         assert produced == [15]
@@ -561,14 +542,9 @@ async def test_cancel_interrupts_a_stream_making_its_batch() -> None:
         assert isinstance(error, asyncio.CancelledError)
         assert closed.is_set()
         assert host.items[job.id] == [0]
-        assert await host.outcome(send(worker, host.job(add, 1, 1))) == (2, None)
+        assert await host.outcome(send(worker, host.job(tasks.add, 1, 1))) == (2, None)
     finally:
         await worker.stop()
-
-
-def send(worker: ThreadWorker, job: Job[Any]) -> Job[Any]:
-    worker.send(job)
-    return job
 
 
 async def test_reports_and_items_come_in_order_before_done() -> None:
@@ -578,13 +554,13 @@ async def test_reports_and_items_come_in_order_before_done() -> None:
     host = Host()
     worker = await started(host)
     try:
-        for fn in (report_each, coroutine_report_each):
+        for fn in (tasks.report_numbers, coroutine_report_each):
             job = send(worker, host.job(fn, 3))
             assert await host.outcome(job) == ("finished", None)
             assert host.reports[job.id] == [0, 1, 2]
             mine = [event for event in host.events if event[1] == job.id]
             assert mine == [("started", job.id), *[("report", job.id)] * 3, ("done", job.id)]
-        job = send(worker, host.job(reporting, 3, window=100))
+        job = send(worker, host.job(tasks.report_then_yield, 3, window=100))
         assert await host.outcome(job) == (None, None)
         assert host.reports[job.id] == ["before 0", "before 1", "before 2"]
         assert host.items[job.id] == [0, 1, 2]
@@ -641,7 +617,7 @@ async def test_cancels_racing_stream_batches_lose_nothing() -> None:
                 assert host.items[job.id] == list(range(3000))
             # Finished or closed; or never begun (cancelled as its call returned).
             assert all(inspect.getgeneratorstate(g) != inspect.GEN_SUSPENDED for g in made)
-        assert await host.outcome(send(worker, host.job(add, 1, 1))) == (2, None)
+        assert await host.outcome(send(worker, host.job(tasks.add, 1, 1))) == (2, None)
         assert worker.alive and not host.lost.done()
     finally:
         await worker.stop()
@@ -656,9 +632,9 @@ async def test_task_queue_runs_calls_on_thread_workers() -> None:
     async with corral.TaskQueue() as queue:
         async with asyncio.timeout(BOUND):
             await queue.attach(ThreadWorker())
-            assert await queue.run(add, 2, 40) == 42
+            assert await queue.run(tasks.add, 2, 40) == 42
             with pytest.raises(ValueError, match="boom"):
-                await queue.run(fail, "boom")
+                await queue.run(tasks.fail, "boom")
             assert (await queue.run(coroutine_whoami, 7))[0] == 7
             with pytest.raises(corral.SoftTimeLimitExceeded):
                 await queue.run(asyncio.sleep, BOUND, soft_time_limit=0.05)
@@ -677,7 +653,7 @@ async def test_task_queue_cancel_and_hard_limit() -> None:
                 job.cancel()
                 with pytest.raises(asyncio.CancelledError):
                     await job
-                assert await queue.run(add, 1, 1) == 2
+                assert await queue.run(tasks.add, 1, 1) == 2
                 with pytest.raises(corral.TimeLimitExceeded):
                     await queue.run(spin, threading.Event(), release, time_limit=0.1)
     finally:

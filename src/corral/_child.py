@@ -241,9 +241,11 @@ class _Worker:
             self._send(frame(INIT_FAILED, 0, dumps_error(exc)))
             raise SystemExit(1) from None
         self._send(frame(UP, 0, dumps(os.getpid())))
+        streams = self._streams
         try:
             while True:
-                frames = self._read(block=not self._ready_stream())
+                # Without open streams (the common case) the stream checks are skipped.
+                frames = self._read(block=not (streams and self._ready_stream()))
                 if frames is None:
                     return
                 while frames:
@@ -263,9 +265,10 @@ class _Worker:
                     elif kind == CLOSE:
                         self._close_stream(f.job)
                     del f  # drop the body, so the decoder may reuse a big buffer
-                ready = self._ready_stream()
-                if ready is not None:
-                    self._pump(ready)
+                if streams:
+                    ready = self._ready_stream()
+                    if ready is not None:
+                        self._pump(ready)
         finally:
             for job in list(self._streams):  # the parent left: run the generators' finally
                 with contextlib.suppress(BaseException):

@@ -48,7 +48,7 @@ class ItemStream(_Waitable):
         super().__init__()
         self.window = window
         self.items: deque[Any] = deque()
-        self.released = False  # the worker's slot was freed at the first items
+        self.released = False  # set at the first items: the stream has started, its slot is free
         self.grant: Callable[[int], None] | None = None  # tells the worker: n more
 
     def feed(self, items: list[Any]) -> None:

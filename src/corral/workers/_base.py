@@ -18,6 +18,7 @@ A new kind (threads, processes, a cluster) implements these few methods; everyth
 from __future__ import annotations
 
 import abc
+import enum
 import itertools
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -59,6 +60,22 @@ class WorkerHost(Protocol):
         order); ``started`` ones were running and are lost, ``error`` says how."""
 
 
+class WorkerState(enum.Enum):
+    """Life of a worker, as the queue's loop sees it (every kind goes the same way)."""
+
+    NEW = "new"
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    DEAD = "dead"
+
+
+def check_initializer(initializer: object) -> None:
+    """An initializer is a callable or None; said at the call that gave it."""
+    if initializer is not None and not callable(initializer):
+        raise TypeError(f"initializer must be callable, not {initializer!r}")
+
+
 class Worker(abc.ABC):
     """One worker: a process, a thread, the event loop itself or a remote machine.
 
@@ -76,6 +93,7 @@ class Worker(abc.ABC):
             )
         self.series: frozenset[str] | None = None if series is None else frozenset(series)
         self._name = name
+        self.state = WorkerState.NEW
         self.tasks_sent = 0  # jobs handed to it
         self.tasks_done = 0  # jobs it finished
         self.busy_time = 0.0  # seconds spent running jobs (the host adds each run time)
@@ -139,9 +157,9 @@ class Worker(abc.ABC):
         (a process is reaped, its fds closed); jobs it held are reported as lost."""
 
     @property
-    @abc.abstractmethod
     def alive(self) -> bool:
         """Whether the worker has started and not yet stopped or died."""
+        return self.state in (WorkerState.STARTING, WorkerState.READY, WorkerState.STOPPING)
 
     @property
     def pid(self) -> int | None:

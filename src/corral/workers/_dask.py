@@ -77,7 +77,6 @@ import asyncio
 import contextlib
 import contextvars
 import ctypes
-import enum
 import importlib
 import inspect
 import pickle
@@ -98,7 +97,7 @@ from .._errors import (
 from .._job import JobState
 from .._report import set_reporter
 from .._wire import _call_error, describe, dumps, dumps_error
-from ._base import Worker, WorkerHost
+from ._base import Worker, WorkerHost, WorkerState
 
 if TYPE_CHECKING:
     from .._job import Job
@@ -407,16 +406,6 @@ def _close_stream(key: str) -> None:
 # -- in the parent ------------------------------------------------------------------------
 
 
-class DaskState(enum.Enum):
-    """Life of a Dask worker, as the queue's loop sees it."""
-
-    NEW = "new"
-    STARTING = "starting"
-    READY = "ready"
-    STOPPING = "stopping"
-    DEAD = "dead"
-
-
 class _Call:
     """A job this worker holds: its Dask task, the task of the loop that awaits it, and for
     a stream, its credit and where its generator lives."""
@@ -495,7 +484,6 @@ class DaskWorker(Worker):
         ):
             raise ValueError(f"slots must be a positive int or None, not {slots!r}")
         self.slots = slots
-        self.state = DaskState.NEW
         self._target: Any = client_or_address
         self._client: Any = None
         self._owns_client = isinstance(client_or_address, str)
@@ -513,10 +501,6 @@ class DaskWorker(Worker):
         self._fetching = False
 
     @property
-    def alive(self) -> bool:
-        return self.state in (DaskState.STARTING, DaskState.READY, DaskState.STOPPING)
-
-    @property
     def client(self) -> Any:
         """The ``distributed.Client`` it uses (None before ``start``)."""
         return self._client
@@ -526,13 +510,13 @@ class DaskWorker(Worker):
 
         Raises ``WorkerStartupError`` when the scheduler cannot be reached, or when the
         client given is not asynchronous on this event loop."""
-        if self.state is not DaskState.NEW:
+        if self.state is not WorkerState.NEW:
             raise RuntimeError(f"cannot start {self.name}: it is {self.state.value}")
         loop = self._loop = asyncio.get_running_loop()
         self._host = host
         self._idle = asyncio.Event()
         self._idle.set()
-        self.state = DaskState.STARTING
+        self.state = WorkerState.STARTING
         distributed = _distributed()
         try:
             if self._owns_client:
@@ -559,17 +543,17 @@ class DaskWorker(Worker):
             self._client.subscribe_topic(self._topic, self._on_event)
         except BaseException:
             await self._disconnect()
-            self.state = DaskState.DEAD
+            self.state = WorkerState.DEAD
             raise
-        if self.state is not DaskState.STARTING:  # killed while it connected
+        if self.state is not WorkerState.STARTING:  # killed while it connected
             await self._disconnect()
             raise WorkerStartupError(1, f"{self.name} was stopped before it started")
-        self.state = DaskState.READY
+        self.state = WorkerState.READY
 
     def send(self, job: Job[Any]) -> None:
         """Submit job to the cluster (or keep it until a slot frees); raises
         ``SerializationError`` naming the part of the call that would not pickle."""
-        if self.state is not DaskState.READY:
+        if self.state is not WorkerState.READY:
             raise RuntimeError(f"cannot send to {self.name}: it is {self.state.value}")
         call = _Call(job)
         if self.slots is not None and self._active >= self.slots:
@@ -609,20 +593,20 @@ class DaskWorker(Worker):
     async def stop(self) -> None:
         """Finish the jobs already sent, then let go of the cluster (closing the client it
         made)."""
-        if self.state is DaskState.NEW:
+        if self.state is WorkerState.NEW:
             return
-        if self.state is not DaskState.DEAD:
+        if self.state is not WorkerState.DEAD:
             assert self._idle is not None
-            self.state = DaskState.STOPPING
+            self.state = WorkerState.STOPPING
             await self._idle.wait()  # a lost client makes it DEAD, and idle, meanwhile
-            self.state = DaskState.DEAD
+            self.state = WorkerState.DEAD
         await self._drain()
         await self._disconnect()
 
     async def kill(self) -> None:
         """Report every job held as lost (those submitted as started: they may be running),
         cancel their Dask tasks and let go of the cluster."""
-        if self.state is DaskState.NEW:
+        if self.state is WorkerState.NEW:
             return
         self._die(WorkerLostError(self.name, detail="it was killed by its owner"))
         await self._drain()
@@ -992,9 +976,9 @@ class DaskWorker(Worker):
 
     def _die(self, error: WorkerLostError) -> None:
         """Give up every job held: reported lost (as started once submitted: it may run)."""
-        if self.state is DaskState.DEAD:
+        if self.state is WorkerState.DEAD:
             return
-        self.state = DaskState.DEAD
+        self.state = WorkerState.DEAD
         calls = list(self._calls.values())
         self._calls.clear()
         self._by_key.clear()

@@ -42,7 +42,6 @@ How it keeps the ``Worker`` contract (``corral.workers._base``)::
 from __future__ import annotations
 
 import asyncio
-import enum
 import functools
 import inspect
 import time
@@ -53,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 from .._errors import SoftTimeLimitExceeded, WorkerLostError, WorkerStartupError
 from .._job import JobState
 from .._report import set_reporter
-from ._base import Worker, WorkerHost
+from ._base import Worker, WorkerHost, WorkerState, check_initializer
 from ._pump import Batch, Stream, Streams, open_iterator
 
 if TYPE_CHECKING:
@@ -63,16 +62,6 @@ if TYPE_CHECKING:
 # ignore cancellation and is abandoned: long enough for its clean-up (``finally`` blocks,
 # closing connections), short enough that the slot soon serves again.
 CANCEL_GRACE = 1.0
-
-
-class LocalState(enum.Enum):
-    """Life of a local worker."""
-
-    NEW = "new"
-    STARTING = "starting"
-    READY = "ready"
-    STOPPING = "stopping"
-    DEAD = "dead"
 
 
 class LocalWorker(Worker):
@@ -89,11 +78,9 @@ class LocalWorker(Worker):
         initargs: Iterable[Any] = (),
     ) -> None:
         super().__init__(series=series, name=name)
-        if initializer is not None and not callable(initializer):
-            raise TypeError(f"initializer must be callable, not {initializer!r}")
+        check_initializer(initializer)
         self._initializer = initializer
         self._initargs = tuple(initargs)
-        self.state = LocalState.NEW
         self._host: WorkerHost | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: deque[Job[Any]] = deque()  # sent, not started, in order
@@ -109,19 +96,15 @@ class LocalWorker(Worker):
         self._overdue: asyncio.TimerHandle | None = None
         self._gone: asyncio.Future[None] | None = None
 
-    @property
-    def alive(self) -> bool:
-        return self.state in (LocalState.STARTING, LocalState.READY, LocalState.STOPPING)
-
     async def start(self, host: WorkerHost) -> None:
         """Run the initializer in the loop (awaited if it returns an awaitable); raises
         ``WorkerStartupError`` with its exception as the cause if it raises."""
-        if self.state is not LocalState.NEW:
+        if self.state is not WorkerState.NEW:
             raise RuntimeError(f"cannot start {self.name}: it is {self.state.value}")
         loop = self._loop = asyncio.get_running_loop()
         self._host = host
         self._gone = loop.create_future()
-        self.state = LocalState.STARTING
+        self.state = WorkerState.STARTING
         try:
             if self._initializer is not None:
                 result = self._initializer(*self._initargs)
@@ -135,12 +118,12 @@ class LocalWorker(Worker):
         except BaseException:  # cancelled while awaiting it: nothing is left either
             self._end()
             raise
-        if self.state is not LocalState.STARTING:
+        if self.state is not WorkerState.STARTING:
             raise WorkerStartupError(1, f"{self.name} was stopped before it started")
-        self.state = LocalState.READY
+        self.state = WorkerState.READY
 
     def send(self, job: Job[Any]) -> None:
-        if self.state is not LocalState.READY:
+        if self.state is not WorkerState.READY:
             raise RuntimeError(f"cannot send to {self.name}: it is {self.state.value}")
         if job.state is not JobState.CANCELLED:  # one already cancelled never starts
             job.state = JobState.SENT
@@ -151,7 +134,7 @@ class LocalWorker(Worker):
     def cancel(self, job: Job[Any], *, grace: float = CANCEL_GRACE) -> None:
         """Stop job: one not started never starts; a running coroutine's task is cancelled,
         and the worker gives up on it if it still runs after grace seconds (0: at once)."""
-        if self._loop is None or self.state is LocalState.DEAD:
+        if self._loop is None or self.state is WorkerState.DEAD:
             return
         if job is self._current:
             if grace > 0:
@@ -178,16 +161,16 @@ class LocalWorker(Worker):
             self._wake()
 
     async def stop(self) -> None:
-        if self.state in (LocalState.NEW, LocalState.DEAD):
+        if self.state in (WorkerState.NEW, WorkerState.DEAD):
             return
         assert self._gone is not None
-        if self.state is not LocalState.STOPPING:
-            self.state = LocalState.STOPPING
+        if self.state is not WorkerState.STOPPING:
+            self.state = WorkerState.STOPPING
             self._wake()
         await asyncio.shield(self._gone)
 
     async def kill(self) -> None:
-        if self.state in (LocalState.NEW, LocalState.DEAD):
+        if self.state in (WorkerState.NEW, WorkerState.DEAD):
             return
         self._give_up("it was killed by its owner")
 
@@ -196,10 +179,10 @@ class LocalWorker(Worker):
     def _wake(self) -> None:
         """Schedule the next step when there is one (a skipped job is reported even while
         another runs); end a stopping worker that has nothing left."""
-        if self.state is LocalState.DEAD:
+        if self.state is WorkerState.DEAD:
             return
         idle = self._current is None
-        stopping = self.state is LocalState.STOPPING
+        stopping = self.state is WorkerState.STOPPING
         if self._skipped or (
             idle and (self._pending or self._streams.waiting() or (stopping and self._streams))
         ):
@@ -211,12 +194,12 @@ class LocalWorker(Worker):
 
     def _next(self) -> None:
         self._wakeup = None
-        while self._skipped and self.state is not LocalState.DEAD:
+        while self._skipped and self.state is not WorkerState.DEAD:
             self._job_done(self._skipped.pop(0), None, asyncio.CancelledError())
-        if self._current is not None or self.state is LocalState.DEAD:
+        if self._current is not None or self.state is WorkerState.DEAD:
             return
         stream = self._streams.choose(bool(self._pending))
-        ending = self.state is LocalState.STOPPING and not self._pending and self._streams
+        ending = self.state is WorkerState.STOPPING and not self._pending and self._streams
         if ending and (stream is None or not stream.closing):  # cancelled ones close first
             self._shut()
             return
@@ -360,7 +343,7 @@ class LocalWorker(Worker):
     def _give_up(self, reason: str) -> None:
         """Die now: what was not started and what runs are reported lost; a running task is
         cancelled (best effort) and left to the loop, its outcome ignored."""
-        if self.state is LocalState.DEAD:
+        if self.state is WorkerState.DEAD:
             return
         running, task = self._current, self._task
         unstarted = [*self._skipped, *self._pending]  # skipped: cancelled, never began
@@ -398,7 +381,7 @@ class LocalWorker(Worker):
         self._soft = self._overdue = None
 
     def _end(self) -> None:
-        self.state = LocalState.DEAD
+        self.state = WorkerState.DEAD
         self._disarm()
         if self._wakeup is not None:
             self._wakeup.cancel()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import enum
 import multiprocessing
 import multiprocessing.forkserver
 import os
@@ -55,7 +54,7 @@ from .._wire import (
     framed,
     loads,
 )
-from ._base import Worker, WorkerHost
+from ._base import Worker, WorkerHost, WorkerState, check_initializer
 from ._pipes import LoopReader, LoopWriter, enlarge, open_fds
 
 if TYPE_CHECKING:
@@ -132,16 +131,6 @@ def _imported_by_main() -> list[str]:
     return sorted(names)
 
 
-class ProcessState(enum.Enum):
-    """Life of a worker process, as its parent sees it."""
-
-    NEW = "new"
-    STARTING = "starting"
-    READY = "ready"
-    STOPPING = "stopping"
-    DEAD = "dead"
-
-
 _live: weakref.WeakSet[ProcessWorker] = weakref.WeakSet()
 
 
@@ -175,8 +164,7 @@ class ProcessWorker(Worker):
             raise ValueError(
                 f"start_method={start_method!r} is not available here; choose one of {methods}"
             )
-        if initializer is not None and not callable(initializer):
-            raise TypeError(f"initializer must be callable, not {initializer!r}")
+        check_initializer(initializer)
         if startup_timeout <= 0:
             raise ValueError(f"startup_timeout must be positive, not {startup_timeout!r}")
         self.start_method = method
@@ -188,7 +176,6 @@ class ProcessWorker(Worker):
                 "the initializer or its arguments", "in the parent", f"{type(exc).__name__}: {exc}"
             ) from exc
         self._setup = b"".join(frame(CALL, 0, setup))  # one frame; the child decodes it
-        self.state = ProcessState.NEW
         self._host: WorkerHost | None = None
         self._process: BaseProcess | None = None
         self._reader: LoopReader | None = None
@@ -200,16 +187,11 @@ class ProcessWorker(Worker):
         self._overdue: dict[int, asyncio.TimerHandle] = {}  # cancelled jobs given grace
         self._pid: int | None = None
         self._sent: dict[int, tuple[Job[Any], int]] = {}  # job id -> (job, frame end offset)
-        self._streaming: set[int] = set()  # jobs whose stream has sent items: started
         self._up: asyncio.Future[int] | None = None
         self._gone: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._linger: asyncio.TimerHandle | None = None
         self._expected_exit = False
-
-    @property
-    def alive(self) -> bool:
-        return self.state in (ProcessState.STARTING, ProcessState.READY, ProcessState.STOPPING)
 
     @property
     def pid(self) -> int | None:
@@ -221,13 +203,13 @@ class ProcessWorker(Worker):
         return len(self._sent)
 
     async def start(self, host: WorkerHost) -> None:
-        if self.state is not ProcessState.NEW:
+        if self.state is not WorkerState.NEW:
             raise RuntimeError(f"cannot start {self.name}: it is {self.state.value}")
         self._host = host
         loop = self._loop = asyncio.get_running_loop()
         self._up = loop.create_future()
         self._gone = loop.create_future()
-        self.state = ProcessState.STARTING
+        self.state = WorkerState.STARTING
         try:
             self._launch(loop)
         except Exception as exc:  # OSError, or multiprocessing refusing (no __main__ guard)
@@ -245,7 +227,7 @@ class ProcessWorker(Worker):
         except BaseException:  # the initializer raised, the process died, or cancelled
             await self.kill()  # when start() raises, nothing of the worker is left
             raise
-        self.state = ProcessState.READY
+        self.state = WorkerState.READY
 
     def _launch(self, loop: asyncio.AbstractEventLoop) -> None:
         """Create the pipes and the process; only the parent's ends stay open here."""
@@ -318,7 +300,7 @@ class ProcessWorker(Worker):
 
     def send(self, job: Job[Any]) -> None:
         writer = self._writer
-        if writer is None or self.state is not ProcessState.READY:
+        if writer is None or self.state is not WorkerState.READY:
             raise RuntimeError(f"cannot send to {self.name}: it is {self.state.value}")
         assert self._page is not None and self._regions is not None
         taken = self._page.words[ARGS_TAKEN]
@@ -329,7 +311,7 @@ class ProcessWorker(Worker):
 
     def credit(self, job: Job[Any], n: int) -> None:
         """The consumer of job's stream took n items: the worker may send n more."""
-        if job.id in self._sent and self._writer is not None and self.state is ProcessState.READY:
+        if job.id in self._sent and self._writer is not None and self.state is WorkerState.READY:
             self._writer.write(frame(CREDIT, job.id, dumps(n)))
 
     def cancel(self, job: Job[Any], *, grace: float = CANCEL_GRACE) -> None:
@@ -348,7 +330,7 @@ class ProcessWorker(Worker):
         if grace <= 0:
             self._sigkill()
             return
-        if self._pid is not None and self.state is not ProcessState.DEAD:
+        if self._pid is not None and self.state is not WorkerState.DEAD:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self._pid, _child.INTERRUPT)
         self._overdue[job.id] = self._loop.call_later(grace, self._still_running, job.id)
@@ -359,18 +341,18 @@ class ProcessWorker(Worker):
             self._sigkill()  # it ignored the interrupt (a C call, blocked signals, a catch)
 
     async def stop(self) -> None:
-        if self.state in (ProcessState.NEW, ProcessState.DEAD):
+        if self.state in (WorkerState.NEW, WorkerState.DEAD):
             return
         assert self._gone is not None
-        if self.state is not ProcessState.STOPPING:
-            self.state = ProcessState.STOPPING
+        if self.state is not WorkerState.STOPPING:
+            self.state = WorkerState.STOPPING
             self._expected_exit = True
             if self._writer is not None:
                 self._writer.close_when_flushed()  # EOF tells the child to exit
         await asyncio.shield(self._gone)
 
     async def kill(self) -> None:
-        if self.state is ProcessState.NEW:
+        if self.state is WorkerState.NEW:
             return
         assert self._gone is not None
         self.kill_now()
@@ -379,13 +361,13 @@ class ProcessWorker(Worker):
     def kill_now(self) -> None:
         """Send SIGKILL without waiting, as the owner's decision; the death fd reports
         the end."""
-        if self.state is not ProcessState.DEAD:
+        if self.state is not WorkerState.DEAD:
             self._expected_exit = True
             self._sigkill()
 
     def _sigkill(self) -> None:
         process, pid = self._process, self._pid
-        if self.state is ProcessState.DEAD or process is None or pid is None:
+        if self.state is WorkerState.DEAD or process is None or pid is None:
             return
         try:
             if process.exitcode is not None:
@@ -427,8 +409,6 @@ class ProcessWorker(Worker):
                 if entry is None:
                     continue
                 job = entry[0]
-                if self._streaming:
-                    self._streaming.discard(job_id)
                 self.tasks_done += 1
                 if self._overdue and (overdue := self._overdue.pop(job_id, None)):
                     overdue.cancel()
@@ -437,7 +417,6 @@ class ProcessWorker(Worker):
             elif k == ITEMS:
                 entry = sent.get(job_id)
                 if entry is not None:
-                    self._streaming.add(job_id)
                     host.job_items(self, entry[0], loads(kind, body))
             elif k == REPORT:
                 entry = sent.get(job_id)
@@ -487,7 +466,7 @@ class ProcessWorker(Worker):
     def _on_eof(self) -> None:
         # The child closed its out-pipe: it is exiting, and the death fd will say so. One
         # that closed it and lives on is useless, so it gets a moment, then SIGKILL.
-        if self._loop is not None and self.state is not ProcessState.DEAD:
+        if self._loop is not None and self.state is not WorkerState.DEAD:
             self._linger = self._loop.call_later(LINGER, self._sigkill)
 
     def _on_write_error(self, exc: OSError) -> None:
@@ -506,10 +485,10 @@ class ProcessWorker(Worker):
 
     def _finish(self, exitcode: int | None) -> None:
         """The process is gone: release everything, then tell whoever waits."""
-        if self.state is ProcessState.DEAD:
+        if self.state is WorkerState.DEAD:
             return
         was = self.state
-        self.state = ProcessState.DEAD
+        self.state = WorkerState.DEAD
         _live.discard(self)
         if exitcode is None:
             error = WorkerLostError(self.name)
@@ -533,7 +512,8 @@ class ProcessWorker(Worker):
         started_id = self._page.started if self._page is not None else 0
         self._release()
         for job, _ in self._sent.values():
-            if job.id == started_id or job.id in self._streaming:
+            # A stream that has sent items has started, whatever it did since.
+            if job.id == started_id or (job.stream is not None and job.stream.released):
                 if job.state is JobState.SENT:
                     job.state = JobState.RUNNING
                 started.append(job)
@@ -546,12 +526,11 @@ class ProcessWorker(Worker):
             if end <= written:
                 job.deliveries += 1
         self._sent.clear()
-        self._streaming.clear()
         if self._gone is not None and not self._gone.done():
             self._gone.set_result(None)
         if (
             self._host is not None
-            and was is not ProcessState.STARTING
+            and was is not WorkerState.STARTING
             and (unstarted or started or not self._expected_exit)
         ):
             self._host.worker_lost(self, error, unstarted, started)
@@ -584,5 +563,5 @@ class ProcessWorker(Worker):
     # -- at interpreter exit --------------------------------------------------------------
 
     def __del__(self) -> None:
-        if self.state not in (ProcessState.NEW, ProcessState.DEAD) and not sys.is_finalizing():
+        if self.state not in (WorkerState.NEW, WorkerState.DEAD) and not sys.is_finalizing():
             self.kill_now()

@@ -56,7 +56,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import enum
 import inspect
 import threading
 import time
@@ -67,7 +66,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from .._errors import SoftTimeLimitExceeded, WorkerLostError, WorkerStartupError
 from .._job import JobState
 from .._report import set_reporter
-from ._base import Worker, WorkerHost
+from ._base import Worker, WorkerHost, WorkerState, check_initializer
 from ._pump import Stream, Streams, open_iterator
 
 if TYPE_CHECKING:
@@ -120,16 +119,6 @@ class _Event(NamedTuple):
     run_time: float | None = None
 
 
-class ThreadState(enum.Enum):
-    """Life of a thread worker, as the loop sees it."""
-
-    NEW = "new"
-    STARTING = "starting"
-    READY = "ready"
-    STOPPING = "stopping"
-    DEAD = "dead"
-
-
 class ThreadWorker(Worker):
     """Runs jobs one at a time in a daemon thread named ``corral-<name>``."""
 
@@ -144,11 +133,9 @@ class ThreadWorker(Worker):
         initargs: Iterable[Any] = (),
     ) -> None:
         super().__init__(series=series, name=name)
-        if initializer is not None and not callable(initializer):
-            raise TypeError(f"initializer must be callable, not {initializer!r}")
+        check_initializer(initializer)
         self._initializer = initializer
         self._initargs = tuple(initargs)
-        self.state = ThreadState.NEW
         self._host: WorkerHost | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -179,21 +166,17 @@ class ThreadWorker(Worker):
         self._turn: Stream | None = None  # the stream taking its turn (set under _lock)
         self._limit = 0  # items that turn may make; 0: it closes the stream
 
-    @property
-    def alive(self) -> bool:
-        return self.state in (ThreadState.STARTING, ThreadState.READY, ThreadState.STOPPING)
-
     async def start(self, host: WorkerHost) -> None:
         """Start the thread and run the initializer in it; raises ``WorkerStartupError``
         (its exception as the cause) when it raises, once the thread has ended."""
-        if self.state is not ThreadState.NEW:
+        if self.state is not WorkerState.NEW:
             raise RuntimeError(f"cannot start {self.name}: it is {self.state.value}")
         loop = self._loop = asyncio.get_running_loop()
         self._host = host
         self._up = loop.create_future()
         self._ended = loop.create_future()
         self._exited = loop.create_future()
-        self.state = ThreadState.STARTING
+        self.state = WorkerState.STARTING
         thread = threading.Thread(target=self._main, name=f"corral-{self.name}", daemon=True)
         try:
             thread.start()
@@ -213,12 +196,12 @@ class ThreadWorker(Worker):
             raise WorkerStartupError(
                 1, f"the initializer raised {type(failure).__name__}: {failure}"
             ) from failure
-        if self.state is not ThreadState.STARTING:
+        if self.state is not WorkerState.STARTING:
             raise WorkerStartupError(1, f"{self.name} was stopped before it started")
-        self.state = ThreadState.READY
+        self.state = WorkerState.READY
 
     def send(self, job: Job[Any]) -> None:
-        if self.state is not ThreadState.READY:
+        if self.state is not WorkerState.READY:
             raise RuntimeError(f"cannot send to {self.name}: it is {self.state.value}")
         if job.state is not JobState.CANCELLED:  # one already cancelled never starts
             job.state = JobState.SENT
@@ -231,7 +214,7 @@ class ThreadWorker(Worker):
         """Stop job: one not started never starts; a running one gets ``CancelledError``,
         and the thread is abandoned if it still runs after grace seconds (0: at once)."""
         loop = self._loop
-        if loop is None or self.state is ThreadState.DEAD:
+        if loop is None or self.state is WorkerState.DEAD:
             return
         with self._lock:
             if job in self._pending:
@@ -258,20 +241,20 @@ class ThreadWorker(Worker):
                 self._wakeup.notify()
 
     async def stop(self) -> None:
-        if self.state in (ThreadState.NEW, ThreadState.DEAD):
+        if self.state in (WorkerState.NEW, WorkerState.DEAD):
             return
         assert self._ended is not None
-        if self.state is not ThreadState.STOPPING:
-            self.state = ThreadState.STOPPING
+        if self.state is not WorkerState.STOPPING:
+            self.state = WorkerState.STOPPING
             self._close()
         await asyncio.shield(self._ended)
 
     async def kill(self) -> None:
-        if self.state in (ThreadState.NEW, ThreadState.DEAD):
+        if self.state in (WorkerState.NEW, WorkerState.DEAD):
             return
         assert self._exited is not None
         with self._lock:
-            idle = self._current is None and self.state is not ThreadState.STARTING
+            idle = self._current is None and self.state is not WorkerState.STARTING
             idle = idle and not self._streams  # else it exits once it has closed them
         self._give_up(None, "it was killed by its owner")
         if idle:  # it is waiting for work, and exits at once
@@ -342,7 +325,7 @@ class ThreadWorker(Worker):
     def _give_up(self, job: Job[Any] | None, reason: str) -> None:
         """Die now, abandoning the thread: report what it held (job: only if that job is
         still the one running). Outcomes it posted before still count, and come first."""
-        if self.state is ThreadState.DEAD:
+        if self.state is WorkerState.DEAD:
             return
         with self._lock:
             running = self._current
@@ -381,14 +364,14 @@ class ThreadWorker(Worker):
         self._thread.join()  # it is returning: this was its last act
         if self._exited is not None and not self._exited.done():
             self._exited.set_result(None)
-        if self.state is ThreadState.STOPPING:  # reports nothing without open streams
+        if self.state is WorkerState.STOPPING:  # reports nothing without open streams
             self._give_up(None, "it was stopped with streams open; they were closed")
-        elif self.state is not ThreadState.DEAD:
+        elif self.state is not WorkerState.DEAD:
             self._give_up(None, "its thread ended unexpectedly")  # reports nothing if idle
         self._end()
 
     def _end(self) -> None:
-        self.state = ThreadState.DEAD
+        self.state = WorkerState.DEAD
         self._started_up(None)  # a start() still waiting raises: the worker is dead
         for timers in (self._soft, self._overdue):
             for timer in timers.values():
