@@ -360,16 +360,21 @@ class _Worker:
             self._send(frame(ERROR, job, dumps_error(error)))
             return
         del f, call
+        self._running = job  # from here a cancel interrupts it (SIGUSR1)
+        self._words[STARTED] = job  # the acknowledgement
+        # Checked after the acknowledgement, never only before: the parent marks a job
+        # cancelled and then reads the acknowledgement, so either the mark is seen here or
+        # the parent sees the job started and interrupts it. A cancel falling between a
+        # check made before and the acknowledgement was lost, and the job ran to its end.
         if self._page.cancelled(job):  # cancelled while it waited in the pipe: never run
+            self._running = 0
             self._send(frame(ERROR, job, dumps_error(asyncio.CancelledError())))
             return
-        self._words[STARTED] = job  # the acknowledgement
         if ack:
             self._send(frame(ACK, job))
         if soft_limit:
             self._soft_limit = soft_limit
             signal.setitimer(signal.ITIMER_REAL, soft_limit)
-        self._running = job
         failure: BaseException | None = None
         start = perf_counter()
         try:
