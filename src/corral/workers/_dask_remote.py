@@ -1,0 +1,320 @@
+"""What a Dask worker runs for ``DaskWorker``: the tasks it submits, and their state.
+
+Why a module of its own: a Dask worker process imports this module to run the tasks that
+``corral.workers._dask`` (the parent's side) submits. They are pickled by reference, as
+``corral.workers._dask_remote.<name>``, so corral must be importable there, from the same
+version as the parent. Nothing here holds the parent's state (its client, its jobs, its
+event loop): only what lives in the Dask worker process itself, the table of the streams it
+keeps between batches and the soft limit of the call running in each of its threads.
+
+The tasks, each run in a thread of a Dask worker::
+
+    _run_call(fn, args, where, announce, soft_limit)  fn(*args) -> its outcome, pickled
+    _open_stream(fn, args, where, n)                  fn(*args), kept as a stream -> a Batch
+    _pull_stream(where, handle, n)                    the stream's next Batch (pinned there)
+    _close_stream(handle)                             close its generator (``finally`` runs)
+
+The reports of fn, and the small outcome of a ``_run_call`` ahead of its end, go as events
+of the parent worker's topic (``where``: the topic and the task's key). No task raises the
+exception of fn: it returns it pickled, with its traceback, so Dask never retries or wraps it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import ctypes
+import importlib
+import inspect
+import pickle
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from .._errors import SerializationError, SoftTimeLimitExceeded
+from .._report import set_reporter
+from .._wire import describe, dumps, dumps_error
+
+# A stream's batch ends at this many items, or once producing it took BATCH_SECONDS: large
+# enough that a Dask task's round trip (milliseconds) is shared by many small items, short
+# enough that a slow generator's items reach the consumer soon.
+BATCH_ITEMS = 1024
+BATCH_SECONDS = 0.05
+
+# A call's outcome that pickles into at most this many bytes also travels as an event of
+# the worker's topic, ahead of the task's end on the same streams, which saves fetching it
+# (a round trip through the scheduler). The scheduler keeps a topic's last 1000 events
+# (``distributed.admin.low-level-log-length``), so this bounds what they hold: ~2 MiB.
+PUSH_MAX = 2048
+
+# Both sides need distributed: the parent's side (``_dask``) imports it through here too.
+_INSTALL = "DaskWorker needs dask.distributed: pip install 'corral[dask]'"
+
+
+def _distributed() -> Any:
+    """The ``distributed`` module, imported on first use; ``ImportError`` with the fix."""
+    try:
+        return importlib.import_module("distributed")
+    except ImportError as exc:
+        raise ImportError(_INSTALL) from exc
+
+
+# Our own prototype, so the argument types of ctypes.pythonapi's shared one stay untouched.
+_set_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_object)(
+    ("PyThreadState_SetAsyncExc", ctypes.pythonapi)
+)
+
+
+_limits = threading.local()  # in a Dask worker thread: the soft limit of its call
+
+
+class _SoftLimit(SoftTimeLimitExceeded):
+    """Raised in a call at its soft limit. An asynchronous exception is raised as a class,
+    made without arguments in the target thread, so the limit is read from there; the
+    caller gets a plain ``SoftTimeLimitExceeded``."""
+
+    def __init__(self) -> None:
+        super().__init__(getattr(_limits, "soft_limit", 0.0))
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (SoftTimeLimitExceeded, (self.limit,), self.__dict__)
+
+
+class _Running:
+    """One call running in a Dask worker thread, as its soft-limit timer sees it."""
+
+    def __init__(self) -> None:
+        self.ident = threading.get_ident()
+        self.lock = threading.Lock()
+        self.running = True
+
+    def interrupt(self) -> None:
+        """Raise ``_SoftLimit`` in the call, if it still runs (the timer's thread)."""
+        with self.lock:
+            if self.running:
+                _set_async_exc(self.ident, ctypes.py_object(_SoftLimit))
+
+    def end(self) -> None:
+        """The call returned: withdraw an interrupt not yet raised; none comes later."""
+        with self.lock:
+            self.running = False
+            _set_async_exc(self.ident, ctypes.py_object())
+
+
+class _Reporter:
+    """``corral.report`` in a task: each object goes, pickled, as an event of the topic."""
+
+    def __init__(self, where: tuple[str, str]) -> None:
+        self.topic, self.key = where
+        self.sent = 0
+        self._worker: Any = None
+
+    def __call__(self, obj: Any) -> None:
+        try:
+            payload = dumps(obj)
+        except Exception as exc:
+            raise SerializationError(
+                f"the report {describe(obj)}", "in the worker", f"{type(exc).__name__}: {exc}"
+            ) from exc
+        self.event("report", payload.data, [bytes(b) for b in payload.buffers])
+        self.sent += 1
+
+    def event(self, kind: str, *body: Any) -> None:
+        if self._worker is None:
+            self._worker = _distributed().get_worker()
+        self._worker.log_event(self.topic, (self.key, kind, *body))
+
+
+def _error(exc: BaseException, run_time: float | None) -> tuple[bytes, list[bytes]]:
+    """exc, its traceback text and run_time, pickled (a stand-in if exc will not pickle)."""
+    encoded = dumps_error(exc, run_time)
+    return encoded.data, [bytes(b) for b in encoded.buffers]
+
+
+def _call(
+    fn: Callable[..., Any], args: tuple[Any, ...], soft_limit: float | None
+) -> tuple[Any, BaseException | None]:
+    """fn(*args) (an awaitable result runs to its end on a loop of its own), with its soft
+    limit raised inside it; returns (value, exception)."""
+    timer: threading.Timer | None = None
+    running: _Running | None = None
+    try:
+        try:
+            if soft_limit:
+                _limits.soft_limit = soft_limit
+                running = _Running()
+                timer = threading.Timer(soft_limit, running.interrupt)
+                timer.daemon = True
+                timer.start()
+            value = fn(*args)
+            if inspect.iscoroutine(value):
+                value = asyncio.run(value)
+            error: BaseException | None = None
+        except BaseException as exc:
+            value, error = None, exc
+        finally:
+            if timer is not None and running is not None:
+                timer.cancel()
+                running.end()
+    except _SoftLimit as exc:  # it landed just after the call, before end(): its outcome
+        value, error = None, exc
+    if isinstance(error, _SoftLimit):
+        soft = SoftTimeLimitExceeded(soft_limit or 0.0)
+        soft.__context__ = error.__context__
+        error = soft.with_traceback(error.__traceback__)
+    return value, error
+
+
+# A pickle and its out-of-band buffers (corral's ``dumps``): what the tasks return. Pickled
+# by us, not by Dask, which handles a Python container item by item (several times slower
+# for a list of a thousand small items), and so that a value that will not pickle fails as
+# ``SerializationError`` naming it, as in a process worker.
+Pickled = tuple[bytes, list[Any]]
+
+
+def _pickled(obj: Any) -> Pickled:
+    encoded = dumps(obj)
+    return encoded.data, list(encoded.buffers)
+
+
+def _unpickled(blob: Pickled) -> Any:
+    data, buffers = blob
+    return pickle.loads(data, buffers=buffers)
+
+
+def _run_call(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    where: tuple[str, str],
+    announce: bool,
+    soft_limit: float | None,
+) -> Pickled:
+    """A job as a Dask task: (ok, value or pickled error, run_time, reports sent), pickled.
+    Never raises, so Dask never retries or wraps the task's own exception. where: the
+    topic of its events and its key. A small outcome is also sent ahead (``PUSH_MAX``)."""
+    reporter = _Reporter(where)
+    context = contextvars.copy_context()  # the reporter is this call's alone
+    context.run(set_reporter, reporter)
+    if announce:
+        reporter.event("started")
+    start = time.perf_counter()
+    value, error = context.run(_call, fn, args, soft_limit)
+    run_time = time.perf_counter() - start
+    if error is None:
+        try:
+            blob = _pickled((True, value, run_time, reporter.sent))
+        except Exception as exc:
+            error = SerializationError(
+                f"the result of {describe(fn)} ({describe(value)})",
+                "in the worker",
+                f"{type(exc).__name__}: {exc}",
+            )
+    if error is not None:
+        blob = _pickled((False, _error(error, run_time), run_time, reporter.sent))
+    data, buffers = blob
+    if not buffers and len(data) <= PUSH_MAX:
+        reporter.event("outcome", data)
+    return blob
+
+
+class _Generator:
+    """A stream's iterator, kept in its Dask worker process between batches."""
+
+    def __init__(self, iterator: Iterator[Any]) -> None:
+        self.iterator = iterator
+        self.lock = threading.Lock()  # one batch (or the close) at a time
+
+    def close(self) -> None:
+        """Close the iterator (a generator's ``finally`` runs); what that raises is lost."""
+        close = getattr(self.iterator, "close", None)
+        if close is not None:
+            with contextlib.suppress(BaseException):
+                close()
+
+
+_generators: dict[str, _Generator] = {}  # live streams of this Dask worker process, by key
+
+# A batch: (pickled items, ended, pickled error or None, run_time, reports sent, worker
+# address); the address is None when the stream is not known there (its worker died).
+Batch = tuple[Pickled, bool, Pickled | None, float, int, str | None]
+_NO_ITEMS: Pickled = (pickle.dumps([], 5), [])
+
+
+def _take(key: str, generator: _Generator, n: int, reporter: _Reporter) -> Batch:
+    """Up to n items of a stream: fewer once BATCH_SECONDS have passed."""
+    items: list[Any] = []
+    ended = False
+    failure: Pickled | None = None
+    start = time.perf_counter()
+    deadline = start + BATCH_SECONDS
+    clock = time.perf_counter
+    with generator.lock:
+        try:
+            for item in generator.iterator:
+                items.append(item)
+                if len(items) >= n or clock() > deadline:
+                    break
+            else:
+                ended = True
+        except BaseException as exc:
+            failure = _error(exc, None)
+        run_time = time.perf_counter() - start
+        try:
+            blob = _pickled(items)
+        except Exception as exc:
+            blob = _NO_ITEMS
+            error = SerializationError(
+                f"an item of the stream ({describe(items[0])})",
+                "in the worker",
+                f"{type(exc).__name__}: {exc}",
+            )
+            failure = failure or _error(error, None)
+            generator.close()
+    if ended or failure is not None:
+        _generators.pop(key, None)
+    return blob, ended, failure, run_time, reporter.sent, _distributed().get_worker().address
+
+
+def _open_stream(
+    fn: Callable[..., Any], args: tuple[Any, ...], where: tuple[str, str], n: int
+) -> Batch:
+    """Call fn, keep the iterator it returns under its task's key, take its first batch."""
+    reporter = _Reporter(where)
+    key = reporter.key
+    context = contextvars.copy_context()
+    context.run(set_reporter, reporter)
+    start = time.perf_counter()
+    value, error = context.run(_call, fn, args, None)
+    run_time = time.perf_counter() - start
+    address = _distributed().get_worker().address
+    if error is None:
+        try:
+            iterator = iter(value)
+        except TypeError as exc:
+            error = TypeError(f"iterate() needs {describe(fn)} to return an iterable: {exc}")
+    if error is not None:
+        return _NO_ITEMS, True, _error(error, run_time), run_time, reporter.sent, address
+    generator = _generators[key] = _Generator(iterator)
+    items, ended, failure, more, sent, _ = context.run(_take, key, generator, n, reporter)
+    return items, ended, failure, run_time + more, sent, address
+
+
+def _pull_stream(where: tuple[str, str], handle: str, n: int) -> Batch:
+    """The next batch of the stream kept under handle; no address if it is not here."""
+    generator = _generators.get(handle)
+    if generator is None:
+        return _NO_ITEMS, True, None, 0.0, 0, None
+    reporter = _Reporter(where)
+    context = contextvars.copy_context()
+    context.run(set_reporter, reporter)
+    return context.run(_take, handle, generator, n, reporter)
+
+
+def _close_stream(key: str) -> None:
+    """Close the stream kept under key (its generator's ``finally`` runs), if it is here."""
+    generator = _generators.pop(key, None)
+    if generator is not None:
+        with generator.lock:  # after a batch still running for the cancelled pull
+            generator.close()
