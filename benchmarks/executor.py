@@ -6,10 +6,11 @@
 
 The executors, 2 workers each, each with its library's default start method:
 
-- ``corral``: ``corral.Executor(2)`` (forkserver; the pool's default ``strategy="fair"``:
-  a worker is sent a call only when idle);
-- ``corral-prefetch``: ``corral.Executor(2, strategy="prefetch", prefetch=4)``: up to 4
-  calls in flight per worker, which saves a round trip per call when calls are tiny;
+- ``corral``: ``corral.Executor(2)`` (forkserver; the executor's default
+  ``strategy="auto", prefetch=16``: up to 16 calls in flight per worker while its calls
+  are short, one at a time once they take 2 ms or more);
+- ``corral-fair``: ``corral.Executor(2, strategy="fair")``: a worker is sent a call only
+  when idle, a round trip per call;
 - ``ppe``: ``concurrent.futures.ProcessPoolExecutor(2)`` (fork on Linux before 3.14);
 - ``loky``: ``loky.ProcessPoolExecutor(2)`` (loky's own start method).
 
@@ -50,7 +51,7 @@ from .peers import run_fresh
 WORKERS = 2
 LIBS = {
     "corral": "corral.Executor",
-    "corral-prefetch": "corral.Executor prefetch",
+    "corral-fair": "corral.Executor fair",
     "ppe": "ProcessPoolExecutor",
     "loky": "loky",
 }
@@ -107,10 +108,10 @@ def make_executor(lib: str) -> Executor:
         import corral
 
         return corral.Executor(WORKERS)
-    if lib == "corral-prefetch":
+    if lib == "corral-fair":
         import corral
 
-        return corral.Executor(WORKERS, strategy="prefetch", prefetch=4)
+        return corral.Executor(WORKERS, strategy="fair")
     if lib == "ppe":
         from concurrent.futures import ProcessPoolExecutor
 
@@ -236,7 +237,7 @@ def report(
             f"{value / mine:.2f}x: {'met' if mine <= value else 'MISSED'}"
         )
     ppe = best.get(("ppe", "submit"))
-    for lib in ("corral", "corral-prefetch"):
+    for lib in ("corral", "corral-fair"):
         mine = best.get((lib, "submit"))
         if mine is not None and ppe is not None:
             targets.append(

@@ -167,6 +167,27 @@ def test_prefetch_capacity_fills_a_worker_up_to_it() -> None:
     assert d.load("w") == 3
 
 
+def test_finished_may_change_a_workers_capacity() -> None:
+    """A capacity given with ``finished`` holds from then on: raised, the worker takes
+    more at once; lowered, it takes nothing until its load is below the new capacity; a
+    retired worker stays retired."""
+    d: Dispatcher[str, J] = Dispatcher()
+    for i in range(8):
+        d.push(J(name=f"n{i}"))
+    assert assigned(d.add_worker("w", 1, None)) == [("w", "n0")]
+    assert assigned(d.finished("w", 3)) == [("w", "n1"), ("w", "n2"), ("w", "n3")]
+    assert d.finished("w", 1) == []  # load 2 of capacity 1
+    assert d.finished("w") == []  # load 1 of 1
+    assert assigned(d.finished("w")) == [("w", "n4")]
+    d.retire("w")
+    assert d.finished("w", 4) == []
+    assert (d.load("w"), len(d)) == (0, 3)
+    d.add_worker("v", 1, None)
+    d.push(J(name="x"))
+    with pytest.raises(ValueError, match="capacity must be at least 1, not 0"):
+        d.finished("v", 0)
+
+
 def test_capacity_below_one_is_refused() -> None:
     """A worker with capacity 0 could never run anything; the error names the value."""
     d: Dispatcher[str, J] = Dispatcher()

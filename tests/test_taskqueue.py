@@ -237,3 +237,35 @@ async def test_thread_pool_recycles_threads() -> None:
     async with corral.Pool(1, kind="thread", max_tasks_per_child=2) as pool:
         names = [name for _, name in [await bounded(pool.run(tasks.where)) for _ in range(6)]]
         assert len(set(names)) == 3
+
+
+# -- strategy="auto" --------------------------------------------------------------------------
+
+
+async def test_auto_strategy_prefetches_only_after_short_calls(tmp_path: Any) -> None:
+    """Under "auto" a process worker whose last call was short is sent several calls at
+    once; after a call of 2 ms or more it is sent one at a time."""
+    async with corral.TaskQueue(strategy="auto", prefetch=4) as queue:
+        await bounded(queue.attach(make_worker("process")))
+        assert await bounded(queue.run(tasks.square, 3)) == 9  # short: capacity 4 now
+        flag = tmp_path / "go"
+        blocker = queue.submit(tasks.wait_for_file, str(flag), BOUND)
+        behind = [queue.submit(tasks.square, i) for i in range(3)]
+        assert all(job.state is not corral.JobState.PENDING for job in behind)
+        flag.touch()
+        await bounded(asyncio.gather(blocker, *behind))
+        assert await bounded(queue.run(tasks.sleep, 0.05)) == 0.05  # long: capacity 1
+        flag.unlink()
+        blocker = queue.submit(tasks.wait_for_file, str(flag), BOUND)
+        behind = [queue.submit(tasks.square, i) for i in range(3)]
+        assert [job.state for job in behind] == [corral.JobState.PENDING] * 3
+        flag.touch()
+        assert await bounded(asyncio.gather(*behind)) == [0, 1, 4]
+        await bounded(blocker)
+
+
+async def test_a_strategy_not_known_is_refused() -> None:
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        corral.TaskQueue(strategy="eager")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="prefetch must be a positive int"):
+        corral.TaskQueue(strategy="auto", prefetch=0)

@@ -7,7 +7,7 @@ The rules (DESIGN.md):
   of no series goes to any worker;
 - strategy: a worker holds at most ``capacity`` jobs in flight: 1 is "fair" (a job goes only
   to an idle worker), more is "prefetch" (jobs wait in the worker's pipe, saving a round
-  trip each);
+  trip each); the caller may change a worker's capacity as each job ends ("auto");
 - a job handed back by a dead worker before it started goes to the front of its priority;
 - a job pinned to one worker (a broadcast) runs only there, before that worker's next
   queued job, and counts against no quota.
@@ -155,13 +155,21 @@ class Dispatcher(Generic[W, J]):
         self._insert(job, next(self._front))
         return self._place(job.series)
 
-    def finished(self, worker: W) -> list[tuple[W, J]]:
-        """One job in flight on worker ended; returns what it should take next."""
+    def finished(self, worker: W, capacity: int | None = None) -> list[tuple[W, J]]:
+        """One job in flight on worker ended; returns what it should take next.
+
+        ``capacity``, when given, is how many jobs worker may hold from now on (a retired
+        worker stays retired)."""
         if not self._load.get(worker):
             return []  # unknown, or nothing in flight: nothing was freed
-        self._load[worker] -= 1
-        if self._load[worker] >= self._capacity[worker]:
-            return []  # retired
+        load = self._load[worker] = self._load[worker] - 1
+        if capacity is not None and self._capacity[worker]:
+            if capacity < 1:
+                raise ValueError(f"capacity must be at least 1, not {capacity}")
+            self._capacity[worker] = capacity
+        if load >= self._capacity[worker]:
+            self._free.pop(worker, None)  # retired, or its capacity shrank
+            return []
         self._free[worker] = None
         return self._fill(worker)
 

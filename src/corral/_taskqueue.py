@@ -32,8 +32,12 @@ class TaskQueue(QueueCore):
     Args:
         strategy: ``"fair"`` hands a job only to an idle worker; ``"prefetch"`` keeps up to
             ``prefetch`` jobs in flight per worker, which saves a round trip per job when
-            jobs are short and similar.
-        prefetch: jobs in flight per worker under ``"prefetch"``.
+            jobs are short and similar; ``"auto"`` decides per worker after each job:
+            one at a time after a job of 2 ms or more, else as many as keep about 2 ms of
+            work queued (at most ``prefetch``). Under prefetch and auto a job queued in a
+            worker behind a call that turns out long waits for that call.
+        prefetch: jobs in flight per worker under ``"prefetch"``; the most under
+            ``"auto"``.
     """
 
     async def __aenter__(self) -> TaskQueue:

@@ -63,6 +63,10 @@ T = TypeVar("T")
 # select call) per batch.
 DRAIN_BATCH = 256
 
+# The executor's default most calls in flight per worker (strategy="auto"): enough that a
+# burst of tiny calls wakes the waiting caller about once per 8 results, not per result.
+PREFETCH = 16
+
 _SHUTDOWN = "cannot schedule new futures after shutdown"
 
 # What a job is in while a worker holds it: ``running()`` is True.
@@ -291,8 +295,8 @@ class _Bridge:
             while self.inbox:
                 self.inbox.popleft()[0].cancel()
             for future in list(self.live.values()):
-                job = future._job
-                if job is not None and job.state is JobState.PENDING:
+                job = future._job  # queued here: a call sent ahead to a worker still runs,
+                if job is not None and job.state is JobState.PENDING:  # as PPE's queued one
                     future.cancel()
         else:
             self._submit(None)  # before the pool closes, which refuses new jobs
@@ -320,9 +324,14 @@ class Executor(concurrent.futures.Executor):
     makes cancelling an ``await loop.run_in_executor(executor, ...)`` stop its job.
     Futures are ``ExecutorFuture``; see there for how cancellation works.
 
-    For many tiny calls, ``strategy="prefetch"`` (a pool option) keeps a few calls in
-    flight per worker, which saves a round trip per call (about 1.5-2x the throughput of
-    no-ops here), at the cost of balance when calls take uneven times.
+    Unlike ``Pool``, whose default is ``strategy="fair"``, the executor's default is
+    ``strategy="auto", prefetch=16``: a worker whose last call ran for under about 2 ms
+    is sent up to 16 calls ahead, one whose last call ran longer only one at a time.
+    Each round trip through the executor costs a hand-over between the caller's thread
+    and the bridge's, which prefetching shares among many short calls (about 2x the
+    throughput of no-ops). The price: a call queued in a worker behind one that turns out
+    long waits for it, even if another worker is idle. ``ProcessPoolExecutor`` queues
+    one call ahead of its workers; pass ``strategy="fair"`` for no queueing ahead at all.
 
     The pool lives in a private event loop run by one daemon thread of this executor; its
     workers start with the first call. ``shutdown()``, leaving ``with``, the executor
@@ -335,6 +344,8 @@ class Executor(concurrent.futures.Executor):
             not isinstance(max_workers, int) or isinstance(max_workers, bool) or max_workers < 1
         ):
             raise ValueError(f"max_workers must be a positive int or None, not {max_workers!r}")
+        pool_options.setdefault("strategy", "auto")
+        pool_options.setdefault("prefetch", PREFETCH)
         pool = Pool(max_workers, **pool_options)  # a bad option raises here, in the caller
         self._max_workers = pool.size
         self._bridge = _Bridge(pool)
@@ -417,7 +428,9 @@ class Executor(concurrent.futures.Executor):
 
         Args:
             wait: block until every pending call is done and the workers have stopped.
-            cancel_futures: cancel the calls that no worker has started yet.
+            cancel_futures: cancel the calls still queued in the executor. Calls already
+                sent ahead to a worker (see the class's notes on ``strategy``) still run,
+                as the calls ``ProcessPoolExecutor`` has queued for its workers do.
         """
         self._bridge.shutdown(wait, cancel_futures=cancel_futures)
 
