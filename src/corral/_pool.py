@@ -23,6 +23,10 @@ How a call travels, and where each step happens::
 A death fd per worker (a pidfd, or the forkserver's status pipe) on the same loop reports a
 crash the moment it happens; the queue requeues or fails what the worker held and the pool
 starts a replacement.
+
+With ``cluster=`` the workers are ``DaskWorker``s sharing one client (``_cluster``): the
+pool connects first (in a task, when its first call starts it; the calls wait in the
+heap meanwhile), counts the cluster's threads, then starts one DaskWorker per thread.
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, Self
 
+from ._cluster import ClusterLink
 from ._errors import CorralError, WorkerLostError, WorkerStartupError
-from ._queuecore import Strategy, check_limit
+from ._queuecore import QueueState, Strategy, check_limit
 from ._taskqueue import TaskQueue
 from ._wire import dumps_call
 from .workers._local import LocalWorker
@@ -56,6 +61,17 @@ MAX_STARTUP_FAILURES = 3
 # Wait before the n-th consecutive retry: BACKOFF * 2**(n-1) seconds.
 BACKOFF = 0.1
 
+# Why each option of process workers is refused with ``cluster=``, and what to do instead.
+_SETUP = "set the Dask workers up with `await pool.broadcast(fn)` or a Dask worker plugin"
+NOT_FOR_CLUSTER = {
+    "kind": "its workers are DaskWorkers (pool.kind is 'dask')",
+    "start_method": "the cluster starts its own worker processes",
+    "initializer": _SETUP,
+    "initargs": _SETUP,
+    "max_tasks_per_child": "corral does not recycle Dask workers",
+    "max_memory_per_child": "set Dask's own memory_limit on its workers",
+}
+
 
 def cpu_count() -> int:
     """The CPUs this process may run on (its affinity), not merely those in the machine."""
@@ -69,7 +85,8 @@ class Pool(TaskQueue):
     """Worker processes kept alive behind a priority queue, driven by the event loop.
 
     Args:
-        workers: how many workers; None means one per CPU this process may use.
+        workers: how many workers; None means one per CPU this process may use (with
+            ``cluster``: one per thread of the cluster, counted when the pool connects).
         kind: ``"process"`` (the default), ``"thread"`` (a thread each: for calls that
             release the GIL or wait on I/O) or ``"local"`` (in the event loop itself: for
             coroutine functions).
@@ -88,6 +105,17 @@ class Pool(TaskQueue):
             process per job). It is never sent more; what it holds, it finishes.
         max_memory_per_child: replace a worker whose resident memory, after a job, is above
             this many bytes. The job in hand finishes first; the replacement starts at once.
+        cluster: run the calls on a dask.distributed cluster: a ``distributed.Client`` made
+            with ``asynchronous=True`` on the pool's event loop (shared, left open), or a
+            scheduler address (``"tcp://host:8786"``), which the pool connects to when it
+            starts (within ``startup_timeout``; else calls fail with
+            ``WorkerStartupError``) and disconnects from when it closes. The workers are
+            ``DaskWorker``s sharing that one client, and ``kind`` is ``"dask"``. Under
+            ``strategy="fair"`` each keeps one task on the cluster, so corral orders every
+            job. ``kind``, ``start_method``, ``initializer``/``initargs``,
+            ``max_tasks_per_child`` and ``max_memory_per_child`` do not apply (for state
+            in the Dask workers use ``broadcast`` or Dask's worker plugins). Needs
+            ``pip install 'corral[dask]'``.
 
     Use it as ``async with Pool() as pool:``, or call ``await pool.start()`` and later
     ``await pool.close()``. Workers of other kinds may be attached too (``attach``); the
@@ -109,10 +137,25 @@ class Pool(TaskQueue):
         soft_time_limit: float | None = None,
         time_limit: float | None = None,
         startup_timeout: float = STARTUP_TIMEOUT,
+        cluster: Any = None,
     ) -> None:
+        if cluster is not None:
+            check_cluster_options(
+                {
+                    "kind": kind,
+                    "start_method": start_method,
+                    "initializer": initializer,
+                    "initargs": tuple(initargs),
+                    "max_tasks_per_child": max_tasks_per_child,
+                    "max_memory_per_child": max_memory_per_child,
+                }
+            )
+            check_limit("startup_timeout", startup_timeout)
+        self._count_threads = cluster is not None and workers is None
         if workers is None:
-            workers = cpu_count()
-        check_size(workers)
+            workers = 0 if cluster is not None else cpu_count()  # 0: counted on connecting
+        if not self._count_threads:
+            check_size(workers)
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
         if kind != "process":
@@ -133,7 +176,7 @@ class Pool(TaskQueue):
                 not isinstance(value, int) or isinstance(value, bool) or value < 1
             ):
                 raise ValueError(f"{name} must be a positive int or None, not {value!r}")
-        self.kind = kind
+        self.kind: str = kind if cluster is None else "dask"
         self.max_tasks_per_child = max_tasks_per_child
         self.max_memory_per_child = max_memory_per_child
         self.size = workers
@@ -145,7 +188,11 @@ class Pool(TaskQueue):
             "initargs": tuple(initargs),
             "startup_timeout": startup_timeout,
         }
-        self._new_worker()  # validates the options here, at the call
+        # Made here so a bad cluster (or a missing Dask) raises at the call.
+        self._cluster = None if cluster is None else ClusterLink(cluster)
+        self._connecting: asyncio.Task[None] | None = None  # until connected (or failed)
+        if self._cluster is None:
+            self._new_worker()  # validates the options here, at the call
         self._started = False
         self._startup_failures = 0
         self._own: set[Worker] = set()  # the workers this pool keeps alive
@@ -183,6 +230,7 @@ class Pool(TaskQueue):
             self._launch()
         assert self._ready is not None
         try:
+            await self._until_connected()
             await self._wait_serving(self.size)
         except BaseException:  # cancelled while starting: leave nothing running
             await asyncio.shield(self.terminate())
@@ -198,6 +246,12 @@ class Pool(TaskQueue):
             self._ready.clear()
             await self._ready.wait()
 
+    async def _until_connected(self) -> None:
+        """Wait until the pool has connected to its cluster, or failed to (no cluster: at
+        once). Cancelling the wait leaves the connection going."""
+        if self._connecting is not None:
+            await asyncio.shield(self._connecting)
+
     def _serving(self) -> int:
         return sum(1 for w in self._workers if w in self._own and w not in self._retiring)
 
@@ -210,10 +264,14 @@ class Pool(TaskQueue):
         """
         check_size(workers)
         self._check_open("resize")
+        self._count_threads = False  # the size asked for, not the cluster's threads
         if not self._started:
             self.size = workers
             await self.start()
             return
+        await self._until_connected()  # before it, a cluster's pool has no size yet
+        if self._broken is not None:
+            raise self._broken_error()
         grow = workers - self.size
         self.size = workers
         for _ in range(grow):
@@ -252,7 +310,7 @@ class Pool(TaskQueue):
             self._launch()  # a pool used without `async with` starts on its first call
 
     async def broadcast(self, fn: Callable[..., Any], /, *args: Any) -> list[Any]:
-        if not self._started or self._serving() < self.size:
+        if not self._started or self._connecting is not None or self._serving() < self.size:
             await self.start()  # every worker of the pool takes part
         return await super().broadcast(fn, *args)
 
@@ -265,12 +323,49 @@ class Pool(TaskQueue):
     def _launch(self) -> None:
         self._started = True
         self._ready = asyncio.Event()
+        if self._cluster is not None:
+            self._connecting = self._spawn_task(self._connect(self._cluster))
+            return
         for _ in range(self.size):
             self._add_worker()
+
+    async def _connect(self, cluster: ClusterLink) -> None:
+        """Connect to the cluster, size the pool to its threads if asked, start the workers.
+        A scheduler out of reach breaks the pool: retrying would only wait again."""
+        try:
+            threads = await cluster.connect(self._worker_options["startup_timeout"])
+        except WorkerStartupError as exc:
+            self._give_up(exc)
+            return
+        finally:
+            self._connecting = None
+        if self._count_threads:
+            self.size = threads
+        if self._state is not QueueState.CLOSED:  # closed meanwhile: nothing to serve
+            for _ in range(self.size):
+                self._add_worker()
+
+    async def close(self) -> None:
+        if self._connecting is not None and not (self._dispatcher or self._in_flight):
+            self._connecting.cancel()  # no call waits for the cluster: stop connecting
+        await super().close()
+        if self._cluster is not None:
+            await self._cluster.close()  # after the workers that used its client
+
+    close.__doc__ = TaskQueue.close.__doc__
+
+    async def terminate(self) -> None:
+        await super().terminate()
+        if self._cluster is not None:
+            await self._cluster.close()
+
+    terminate.__doc__ = TaskQueue.terminate.__doc__
 
     # -- keeping workers alive ------------------------------------------------------------
 
     def _new_worker(self) -> Worker:
+        if self._cluster is not None:
+            return self._cluster.new_worker()
         options = self._worker_options
         if self.kind == "process":
             return ProcessWorker(**options)
@@ -304,14 +399,18 @@ class Pool(TaskQueue):
         if n >= MAX_STARTUP_FAILURES:
             broken = WorkerStartupError(n, exc.reason)
             broken.__cause__ = exc.__cause__ or exc
-            self._broken = broken
-            self._fail_pending(broken)
-            if self._ready is not None:
-                self._ready.set()
-            self._check_drained()
+            self._give_up(broken)
             return
         if self._state.value != "closed":
             self._spawn_task(self._retry_after(BACKOFF * 2 ** (n - 1)))
+
+    def _give_up(self, broken: WorkerStartupError) -> None:
+        """No worker will start: fail the waiting calls (and later ones) with broken."""
+        self._broken = broken
+        self._fail_pending(broken)
+        if self._ready is not None:
+            self._ready.set()
+        self._check_drained()
 
     async def _retry_after(self, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -358,6 +457,16 @@ class Pool(TaskQueue):
             self._check_drained()
             return
         self._add_worker()
+
+
+def check_cluster_options(options: dict[str, Any]) -> None:
+    """With ``cluster=`` the workers are DaskWorkers: the options of processes do not apply."""
+    defaults: dict[str, Any] = {"kind": "process", "initargs": ()}
+    for name, value in options.items():
+        if value != defaults.get(name):
+            raise ValueError(
+                f"{name}={value!r} does not apply with cluster=: {NOT_FOR_CLUSTER[name]}"
+            )
 
 
 def check_size(workers: object) -> None:

@@ -317,6 +317,7 @@ class Executor(concurrent.futures.Executor):
         max_workers: how many workers; None means one per CPU this process may use.
         **pool_options: passed to ``corral.Pool`` (``start_method``, ``initializer``,
             ``initargs``, ``max_tasks_per_child``, ``time_limit``, ...), and checked here.
+            ``cluster`` (a Dask cluster) takes the scheduler's address, not a client.
 
     It behaves as the standard library's executors do, with corral's pool underneath:
     workers that crash are replaced (the call fails with ``WorkerLostError``, the executor
@@ -344,10 +345,15 @@ class Executor(concurrent.futures.Executor):
             not isinstance(max_workers, int) or isinstance(max_workers, bool) or max_workers < 1
         ):
             raise ValueError(f"max_workers must be a positive int or None, not {max_workers!r}")
+        cluster = pool_options.get("cluster")
+        if cluster is not None and not isinstance(cluster, str):
+            raise ValueError(
+                "Executor(cluster=...) takes the scheduler's address: the executor runs its "
+                f"pool on an event loop of its own, where a client cannot be used; not {cluster!r}"
+            )
         pool_options.setdefault("strategy", "auto")
         pool_options.setdefault("prefetch", PREFETCH)
         pool = Pool(max_workers, **pool_options)  # a bad option raises here, in the caller
-        self._max_workers = pool.size
         self._bridge = _Bridge(pool)
         # Collected without a shutdown: close the pool once its calls are done, as the
         # standard library does. (At exit, _shutdown_at_exit waits for them instead.)
@@ -355,7 +361,8 @@ class Executor(concurrent.futures.Executor):
 
     def __repr__(self) -> str:
         state = "shut down" if self._bridge.closing else "open"
-        return f"<corral.Executor {self._max_workers} workers {state}>"
+        size = self._bridge.pool.size or "?"  # a cluster's: counted once connected
+        return f"<corral.Executor {size} workers {state}>"
 
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> ExecutorFuture[T]:
         """Schedule fn(*args, **kwargs) and return its future at once.
