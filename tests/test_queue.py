@@ -177,15 +177,21 @@ def test_finished_may_change_a_workers_capacity() -> None:
     assert assigned(d.add_worker("w", 1, None)) == [("w", "n0")]
     assert assigned(d.finished("w", 3)) == [("w", "n1"), ("w", "n2"), ("w", "n3")]
     assert d.finished("w", 1) == []  # load 2 of capacity 1
+    assert d.push(J(name="late")) == []  # no room: it waits behind the others
     assert d.finished("w") == []  # load 1 of 1
     assert assigned(d.finished("w")) == [("w", "n4")]
     d.retire("w")
     assert d.finished("w", 4) == []
-    assert (d.load("w"), len(d)) == (0, 3)
-    d.add_worker("v", 1, None)
-    d.push(J(name="x"))
+    d.drain()
+    d.add_worker("u", 3, None)  # room for 3, holding 2: free
+    d.push(J(name="a"))
+    d.push(J(name="b"))
+    assert d.finished("u", 1) == []  # holding 1 of 1 now: no longer free
+    assert d.push(J(name="c")) == []
+    assert (d.load("w"), d.load("u"), len(d)) == (0, 1, 1)
     with pytest.raises(ValueError, match="capacity must be at least 1, not 0"):
-        d.finished("v", 0)
+        d.finished("u", 0)
+    assert d.load("u") == 1  # refused before anything changed
 
 
 def test_capacity_below_one_is_refused() -> None:
@@ -330,13 +336,16 @@ class DispatcherMachine(RuleBasedStateMachine):
         self.pending[job] = (priority, next(self.back))
         self.apply(self.d.requeue(job))
 
-    @rule(worker=workers, data=st.data())
-    def finish(self, worker: int, data: st.DataObject) -> None:
+    @rule(worker=workers, data=st.data(), capacity=st.none() | st.integers(1, 4))
+    def finish(self, worker: int, data: st.DataObject, capacity: int | None) -> None:
+        """A job ends; maybe the worker's capacity changes with it (strategy "auto")."""
         jobs = self.running.get(worker)
         if not jobs:
             return
         jobs.remove(data.draw(st.sampled_from(jobs)))
-        self.apply(self.d.finished(worker))
+        if capacity is not None:
+            self.capacity[worker] = capacity
+        self.apply(self.d.finished(worker, capacity))
 
     @rule(worker=consumes(workers), data=st.data())
     def lose_worker(self, worker: int, data: st.DataObject) -> None:
@@ -379,7 +388,7 @@ class DispatcherMachine(RuleBasedStateMachine):
     @invariant()
     def loads_match(self) -> None:
         for worker, jobs in self.running.items():
-            assert self.d.load(worker) == len(jobs) <= self.capacity[worker]
+            assert self.d.load(worker) == len(jobs)  # over capacity only if it shrank
         assert self.d.in_flight == len(self.in_flight())
         assert sorted(self.d.workers) == sorted(self.running)
 
@@ -404,7 +413,8 @@ DispatcherMachine.TestCase.settings = settings(
 )
 TestDispatcherMachine = DispatcherMachine.TestCase
 TestDispatcherMachine.__doc__ = (
-    "Any interleaving of add/remove worker, push, requeue, finished, discard and drain keeps "
+    "Any interleaving of add/remove worker, push, requeue, finished (changing capacity or "
+    "not), discard and drain keeps "
     "the invariants: no job assigned twice or while not pending, no worker over capacity or "
     "given another series' job, each worker given the first job in line for it, pending "
     "order = (priority, requeues first, then FIFO), and no free worker left idle beside a "

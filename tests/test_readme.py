@@ -66,3 +66,17 @@ def test_streams_example_runs(tmp_path: Path) -> None:
 def test_executor_example_runs(tmp_path: Path) -> None:
     """The Executor example prints what its comments say."""
     assert run_example(tmp_path, "corral.Executor(2)") == ["27", "[0, 1, 8, 27, 64]"]
+
+
+@pytest.mark.timeout(120)
+def test_dask_example_runs(tmp_path: Path) -> None:
+    """The Dask example starts its own local cluster, runs its calls on it (one of them
+    in the series its workers declare), prints what its comments say and closes it all."""
+    pytest.importorskip("distributed")
+    assert run_example(tmp_path, "distributed.LocalCluster(") == [
+        "dask 2",
+        "[0, 1, 4, 9, 16]",
+        "49",
+        "[0, 1, 2] trained",
+        "LookupError('not here') RemoteTraceback",
+    ]

@@ -160,12 +160,12 @@ class Dispatcher(Generic[W, J]):
 
         ``capacity``, when given, is how many jobs worker may hold from now on (a retired
         worker stays retired)."""
+        if capacity is not None and capacity < 1:
+            raise ValueError(f"capacity must be at least 1, not {capacity}")
         if not self._load.get(worker):
             return []  # unknown, or nothing in flight: nothing was freed
         load = self._load[worker] = self._load[worker] - 1
         if capacity is not None and self._capacity[worker]:
-            if capacity < 1:
-                raise ValueError(f"capacity must be at least 1, not {capacity}")
             self._capacity[worker] = capacity
         if load >= self._capacity[worker]:
             self._free.pop(worker, None)  # retired, or its capacity shrank
