@@ -9,9 +9,13 @@ How it keeps the ``Worker`` contract (``corral.workers._base``)::
     parent (the queue's event loop)                 a Dask worker thread
       send(job) --- client.submit(_run_call) ---->  fn(*args), in a small wrapper
         one loop task per job awaits its future     corral.report(obj) -> log_event
-      _on_event <-- events of this worker's topic   reports; "started" (hard limit);
+      outcomes  <-- events of this worker's topic   reports; "started" (hard limit);
                     (through the scheduler) ------  a small outcome, sent ahead
       job_done  <-- the outcome: sent ahead, or fetched with others' -- returned, not raised
+
+What comes back (events, values, a stream's batches, and in which order) is received by
+``Outcomes``, in ``corral.workers._dask_outcomes``; this module decides what to submit and
+when a job is done.
 
 - Calls: ``client.submit(_run_call, fn, args, ..., pure=False, priority=-job.priority)``:
   corral runs a lower number sooner, Dask a higher one. A job's ``series`` becomes the
@@ -22,9 +26,8 @@ How it keeps the ``Worker`` contract (``corral.workers._base``)::
   it reaches the caller as the same type with a ``RemoteTraceback`` as its cause; it
   measures ``run_time`` around the call. It pickles the outcome itself (Dask handles a
   Python container item by item, several times slower), so a result that will not
-  pickle fails with ``SerializationError`` naming it. An outcome that pickles into
-  ``PUSH_MAX`` bytes also travels ahead as an event, which saves fetching it; the others
-  are fetched together, one gather for every task that ended meanwhile.
+  pickle fails with ``SerializationError`` naming it. A small outcome travels ahead as
+  an event; the others are fetched together (see ``_dask_outcomes``).
 - Cores: the host gives every worker the same capacity (1 under ``strategy="fair"``,
   ``prefetch`` under ``"prefetch"``), and this worker keeps that many jobs on the
   cluster. To use a cluster's n threads, attach one DaskWorker under
@@ -52,12 +55,8 @@ How it keeps the ``Worker`` contract (``corral.workers._base``)::
   task is released, and the Dask thread runs until the function returns. A soft limit
   is raised inside the call (an asynchronous exception, as in ``ThreadWorker``: a call
   blocked in C sees it once it is back in Python).
-- Reports: ``corral.report(obj)`` pickles obj and logs it as an event of this worker's
-  topic; the scheduler forwards it ahead of the task's end (both travel in order on the
-  same streams). The wrapper also returns how many it sent, and the outcome waits for
-  that many, so reports always come first. The scheduler keeps the last
-  ``distributed.admin.low-level-log-length`` events of a topic (1000): report small
-  objects.
+- Reports: ``corral.report(obj)`` travels as an event of this worker's topic, and always
+  reaches the host before the job's outcome (see ``_dask_outcomes``).
 - Streams (``iterate``) are pulled a batch per Dask task: the first calls fn, keeps the
   iterator in a table of its Dask worker process and returns the first items; each next
   one, pinned to that Dask worker, takes as many items as the stream's credit allows (at
@@ -65,7 +64,7 @@ How it keeps the ``Worker`` contract (``corral.workers._base``)::
   is exact, the parent holds at most a window of items, and no Dask thread is held while
   the consumer is slow. Closing a stream closes its generator there (its ``finally``
   runs). A stream whose Dask worker died ends with ``WorkerLostError`` (a pull that takes
-  long makes us ask whether that worker is still there: see ``HOLDER_CHECK``).
+  long makes us ask whether that worker is still there: see ``_dask_outcomes``).
 - Requirements: corral must be importable on the Dask workers, from the same version as
   here: they run the wrapper and the stream's tasks, which are pickled by reference and
   live in ``corral.workers._dask_remote``. Dask is imported only when a DaskWorker is
@@ -76,26 +75,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import pickle
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
-from .._errors import (
-    RemoteTraceback,
-    SerializationError,
-    WorkerLostError,
-    WorkerStartupError,
-)
+from .._errors import SerializationError, WorkerLostError, WorkerStartupError
 from .._job import JobState
 from .._wire import _call_error, describe
 from ._base import Worker, WorkerHost, WorkerState
+from ._dask_outcomes import Call, Outcomes, load_error, unpickling_failed
 from ._dask_remote import (
-    _NO_ITEMS,
     BATCH_ITEMS,
     Batch,
-    Pickled,
     _close_stream,
     _distributed,
     _open_stream,
@@ -107,62 +99,12 @@ from ._dask_remote import (
 if TYPE_CHECKING:
     from .._job import Job
 
-# How long an outcome waits for the reports its task says it sent. They travel ahead of it
-# on the same streams, so this only bounds the wait when one was lost on the way.
-REPORT_WAIT = 5.0
-
 # How long letting go of a job's Dask task (``client.cancel``) may take before we give up
 # on it: a scheduler that does not answer must not hang ``stop`` or ``kill``.
 RELEASE_WAIT = 5.0
 
-# A pull of a stream's next batch that takes longer than this makes us ask, again every
-# this often, whether the Dask worker holding the generator is still there (it is pinned
-# there, and a task pinned to a worker that is gone waits for ever). Short enough to end
-# such a stream soon, long enough that a busy worker's pulls rarely cost the question.
-HOLDER_CHECK = 1.0
-
 # How long an address given to DaskWorker may take to connect.
 CONNECT_TIMEOUT = 30.0
-
-
-class _Call:
-    """A job this worker holds: its Dask task, the task of the loop that awaits it, and for
-    a stream, its credit and where its generator lives."""
-
-    __slots__ = (
-        "address",
-        "credit",
-        "ended",
-        "expected",
-        "future",
-        "handle",
-        "job",
-        "key",
-        "launched",
-        "more",
-        "pushed",
-        "released",
-        "reports",
-        "task",
-        "waiter",
-    )
-
-    def __init__(self, job: Job[Any]) -> None:
-        self.job = job
-        self.key = ""  # of its current Dask task: a new one for each attempt and batch
-        self.future: Any = None  # its distributed.Future
-        self.task: asyncio.Task[None] | None = None
-        self.launched = False  # submitted: it holds one of this worker's slots...
-        self.released = False  # ...until the first items of its stream
-        self.reports = 0  # reports received from the current Dask task
-        self.expected = 0  # reports that task says it sent
-        self.waiter: asyncio.Future[None] | None = None  # for the missing ones
-        self.credit = 0  # items the stream may still send
-        self.more: asyncio.Future[None] | None = None  # the stream waits for credit
-        self.address: str | None = None  # the Dask worker holding the stream's generator
-        self.handle = ""  # the key it is kept under there
-        self.pushed: bytes | None = None  # the current task's outcome, sent as an event
-        self.ended = True  # no generator left to close
 
 
 class DaskWorker(Worker):
@@ -209,15 +151,13 @@ class DaskWorker(Worker):
         self._host: WorkerHost | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._topic = f"corral-{uuid.uuid4().hex}"  # its events; the prefix of its keys
-        self._calls: dict[Job[Any], _Call] = {}  # held, in the order sent
-        self._by_key: dict[str, _Call] = {}  # by the key of their current Dask task
-        self._waiting: deque[_Call] = deque()  # sent beyond slots, not yet submitted
+        self._calls: dict[Job[Any], Call] = {}  # held, in the order sent
+        self._waiting: deque[Call] = deque()  # sent beyond slots, not yet submitted
         self._active = 0  # calls holding a slot
         self._tasks: set[asyncio.Task[None]] = set()  # every awaiting task, until it ends
         self._idle: asyncio.Event | None = None  # set while it holds no job
         self._serial = 0
-        self._to_fetch: list[tuple[Any, asyncio.Future[Any]]] = []  # finished, not fetched
-        self._fetching = False
+        self._outcomes = Outcomes(self, lambda: self._client, self._spawn)
 
     @property
     def client(self) -> Any:
@@ -232,7 +172,7 @@ class DaskWorker(Worker):
         if self.state is not WorkerState.NEW:
             raise RuntimeError(f"cannot start {self.name}: it is {self.state.value}")
         loop = self._loop = asyncio.get_running_loop()
-        self._host = host
+        self._host = self._outcomes.host = host
         self._idle = asyncio.Event()
         self._idle.set()
         self.state = WorkerState.STARTING
@@ -259,7 +199,7 @@ class DaskWorker(Worker):
                 if client.status not in ("running", "connecting"):
                     await client
                 self._client = client
-            self._client.subscribe_topic(self._topic, self._on_event)
+            self._client.subscribe_topic(self._topic, self._outcomes.on_event)
         except BaseException:
             await self._disconnect()
             self.state = WorkerState.DEAD
@@ -274,7 +214,7 @@ class DaskWorker(Worker):
         ``SerializationError`` naming the part of the call that would not pickle."""
         if self.state is not WorkerState.READY:
             raise RuntimeError(f"cannot send to {self.name}: it is {self.state.value}")
-        call = _Call(job)
+        call = Call(job)
         if self.slots is not None and self._active >= self.slots:
             if job.state is not JobState.CANCELLED:
                 job.state = JobState.SENT
@@ -333,7 +273,7 @@ class DaskWorker(Worker):
 
     # -- in the loop ----------------------------------------------------------------------
 
-    def _hold(self, call: _Call) -> None:
+    def _hold(self, call: Call) -> None:
         job = call.job
         self._calls[job] = call
         assert self._idle is not None
@@ -342,18 +282,22 @@ class DaskWorker(Worker):
         if job.state is not JobState.CANCELLED:
             job.state = JobState.SENT
 
-    def _launch(self, call: _Call) -> None:
+    def _launch(self, call: Call) -> None:
         """Submit call's first Dask task and start the task of the loop that awaits it."""
         self._first_task(call)
         call.launched = True
         self._active += 1
+        call.task = self._spawn(self._drive(call))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Start a task of the loop that ``stop`` and ``kill`` wait for (``_drain``)."""
         assert self._loop is not None
-        task = self._loop.create_task(self._drive(call))
-        call.task = task
+        task = self._loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
-    def _first_task(self, call: _Call) -> None:
+    def _first_task(self, call: Call) -> None:
         """Submit the call itself (again, for a retry), or the opening of its stream."""
         job = call.job
         key = self._new_key(job)
@@ -383,7 +327,7 @@ class DaskWorker(Worker):
         return f"{name}-{self._topic}-{job.id}-{self._serial}"
 
     def _submit(
-        self, call: _Call, key: str, fn: Callable[..., Any], *args: Any, **options: Any
+        self, call: Call, key: str, fn: Callable[..., Any], *args: Any, **options: Any
     ) -> None:
         job = call.job
         try:
@@ -399,13 +343,9 @@ class DaskWorker(Worker):
             )
         except Exception as exc:
             raise _call_error(job.fn, job.args, exc) from exc
-        self._by_key.pop(call.key, None)
-        call.key = key
-        call.reports = call.expected = 0
-        call.pushed = None
-        self._by_key[key] = call
+        self._outcomes.expect(call, key)
 
-    async def _drive(self, call: _Call) -> None:
+    async def _drive(self, call: Call) -> None:
         """Await call's Dask tasks and report the outcome; let go of them when it ends."""
         try:
             if call.job.stream is None:
@@ -419,11 +359,11 @@ class DaskWorker(Worker):
         finally:
             await self._let_go(call)
 
-    async def _serve_call(self, call: _Call) -> None:
+    async def _serve_call(self, call: Call) -> None:
         job = call.job
         while True:
             try:
-                outcome = await self._result(call)
+                outcome = await self._outcomes.value(call)
                 break
             except Exception as exc:
                 error = self._translate(exc, job)
@@ -436,21 +376,21 @@ class DaskWorker(Worker):
         try:
             ok, payload, run_time, sent = _unpickled(outcome)
         except Exception as exc:
-            self._finish(call, None, _unpickling_failed("the result", exc))
+            self._finish(call, None, unpickling_failed("the result", exc))
             return
-        await self._reports_in(call, sent)
+        await self._outcomes.reports_in(call, sent)
         job.run_time = run_time
         if ok:
             self._finish(call, payload, None)
         else:
-            self._finish(call, None, _load_error(payload))
+            self._finish(call, None, load_error(payload))
 
-    async def _serve_stream(self, call: _Call) -> None:
+    async def _serve_stream(self, call: Call) -> None:
         job = call.job
         call.handle = call.key  # the key its generator is kept under
         while True:
             try:
-                batch: Batch = await self._batch_of(call)
+                batch: Batch = await self._outcomes.batch(call)
             except Exception as exc:
                 self._finish(call, None, self._translate(exc, job))
                 return
@@ -461,11 +401,11 @@ class DaskWorker(Worker):
             try:
                 items = _unpickled(blob)
             except Exception as exc:
-                self._finish(call, None, _unpickling_failed("items of the stream", exc))
+                self._finish(call, None, unpickling_failed("items of the stream", exc))
                 return
             call.address = address
             call.ended = ended or failure is not None  # then no generator is left there
-            await self._reports_in(call, sent)
+            await self._outcomes.reports_in(call, sent)
             job.run_time = (job.run_time or 0.0) + run_time
             if items or not call.released:
                 call.credit -= len(items)
@@ -478,7 +418,7 @@ class DaskWorker(Worker):
                 if job not in self._calls:
                     return  # the consumer left at once
             if failure is not None:
-                self._finish(call, None, _load_error(failure))
+                self._finish(call, None, load_error(failure))
                 return
             if ended:
                 self._finish(call, None, None)
@@ -497,77 +437,6 @@ class DaskWorker(Worker):
                 _batch(call),
                 workers=[address],  # strictly: a task free to go elsewhere may be stolen
             )
-
-    async def _batch_of(self, call: _Call) -> Batch:
-        """The outcome of the stream's current task. A pull pinned to a Dask worker that
-        died would wait in the scheduler for ever, so while one takes longer than
-        HOLDER_CHECK, whether that worker is still there is asked every HOLDER_CHECK."""
-        batch: Batch
-        if call.address is None:  # the opening: Dask reschedules it or says KilledWorker
-            batch = await self._result(call)
-            return batch
-        assert self._loop is not None
-        waiter = self._loop.create_task(self._result(call))
-        try:
-            while True:
-                done, _ = await asyncio.wait({waiter}, timeout=HOLDER_CHECK)
-                if done:
-                    batch = waiter.result()
-                    return batch
-                if not await self._holds(call.address):
-                    return _NO_ITEMS, True, None, 0.0, 0, None
-        finally:
-            waiter.cancel()
-
-    async def _result(self, call: _Call) -> Any:
-        """The value of call's current Dask task; raises what Dask raised for it. A small
-        one came with the task's events, ahead of its end; others are fetched together: a
-        task that ends while a fetch is on its way waits for the next, so a busy worker
-        costs one round trip for many values, not one each."""
-        future = call.future
-        await future.exception()  # wait for the end, fetching nothing
-        if future.status != "finished":
-            return await future  # raises its error, or CancelledError, fetching nothing
-        pushed, call.pushed = call.pushed, None
-        if pushed is not None:
-            return pushed, []
-        assert self._loop is not None
-        waiter: asyncio.Future[Any] = self._loop.create_future()
-        self._to_fetch.append((future, waiter))
-        if not self._fetching:
-            self._fetching = True
-            task = self._loop.create_task(self._fetch())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        return await waiter
-
-    async def _fetch(self) -> None:
-        """Fetch the values of finished tasks, as many at a time as are waiting."""
-        try:
-            while self._to_fetch:
-                batch, self._to_fetch = self._to_fetch, []
-                try:
-                    values = await self._client.gather([future for future, _ in batch])
-                except Exception:  # one will not come (its Dask worker died): each alone
-                    for future, waiter in batch:
-                        try:
-                            value = await future
-                        except Exception as exc:
-                            if not waiter.done():
-                                waiter.set_exception(exc)
-                        else:
-                            if not waiter.done():
-                                waiter.set_result(value)
-                    continue
-                for (_, waiter), value in zip(batch, values, strict=True):
-                    if not waiter.done():  # its job was cancelled meanwhile
-                        waiter.set_result(value)
-        finally:
-            self._fetching = False
-
-    async def _holds(self, address: str) -> bool:
-        """Whether the Dask worker at address is still in the cluster."""
-        return address in await self._client.nthreads([address])
 
     def _holder_gone(self) -> WorkerLostError:
         detail = "the Dask worker that held its generator is gone"
@@ -591,52 +460,12 @@ class DaskWorker(Worker):
         error.__cause__ = exc
         return error
 
-    async def _reports_in(self, call: _Call, sent: int) -> None:
-        """Wait (bounded) until the reports of call's task have all arrived."""
-        if call.reports >= sent:
-            return
-        assert self._loop is not None
-        call.expected = sent
-        call.waiter = self._loop.create_future()
-        try:
-            async with asyncio.timeout(REPORT_WAIT):
-                await call.waiter
-        except TimeoutError:
-            pass  # lost on the way: the outcome goes on without it
-        finally:
-            call.waiter = None
-
-    def _on_event(self, event: tuple[float, Any]) -> None:
-        """An event of this worker's topic: a report, or a job with a time limit started."""
-        message = event[1]
-        call = self._by_key.get(message[0])
-        if call is None:
-            return  # its job is done, or was given up
-        host = self._host
-        assert host is not None
-        kind = message[1]
-        if kind == "outcome":
-            call.pushed = message[2]
-            return
-        if kind == "started":
-            host.job_started(self, call.job)
-            return
-        call.reports += 1
-        waiter = call.waiter
-        if waiter is not None and call.reports >= call.expected and not waiter.done():
-            waiter.set_result(None)
-        try:
-            obj = pickle.loads(message[2], buffers=message[3])
-        except Exception:
-            return  # a report that will not unpickle here is dropped; the job goes on
-        host.job_report(self, call.job, obj)
-
-    def _finish(self, call: _Call, value: Any, error: BaseException | None) -> None:
+    def _finish(self, call: Call, value: Any, error: BaseException | None) -> None:
         """Report call's outcome, once; its slot goes first to a job waiting here."""
         job = call.job
         if self._calls.pop(job, None) is None:
             return
-        self._by_key.pop(call.key, None)
+        self._outcomes.forget(call)
         if call.launched and not call.released:
             call.released = True
             self._active -= 1
@@ -657,7 +486,7 @@ class DaskWorker(Worker):
             except Exception as exc:
                 self._finish(call, None, exc)
 
-    async def _let_go(self, call: _Call) -> None:
+    async def _let_go(self, call: Call) -> None:
         """Cancel call's Dask task if it is not done, and close its stream's generator."""
         future, call.future = call.future, None
         client = self._client
@@ -670,7 +499,7 @@ class DaskWorker(Worker):
             call.ended = True
             with contextlib.suppress(Exception):  # the client is closed: nothing to close
                 async with asyncio.timeout(RELEASE_WAIT):
-                    if await self._holds(call.address):
+                    if await self._outcomes.holds(call.address):
                         _distributed().fire_and_forget(
                             client.submit(
                                 _close_stream,
@@ -689,9 +518,7 @@ class DaskWorker(Worker):
         detail = "its Dask client lost the scheduler"
         self._die(WorkerLostError(self.name, detail=detail))
         if self._owns_client and self._loop is not None:
-            task = self._loop.create_task(self._disconnect())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._disconnect())
 
     def _die(self, error: WorkerLostError) -> None:
         """Give up every job held: reported lost (as started once submitted: it may run)."""
@@ -700,7 +527,7 @@ class DaskWorker(Worker):
         self.state = WorkerState.DEAD
         calls = list(self._calls.values())
         self._calls.clear()
-        self._by_key.clear()
+        self._outcomes.forget_all()
         self._waiting.clear()
         self._active = 0
         if self._idle is not None:
@@ -731,25 +558,6 @@ class DaskWorker(Worker):
                 await client.close()
 
 
-def _batch(call: _Call) -> int:
+def _batch(call: Call) -> int:
     """How many items the stream's next batch may have."""
     return max(1, min(call.credit, BATCH_ITEMS))
-
-
-def _load_error(payload: Pickled) -> BaseException:
-    """The task's exception, its traceback in the Dask worker as its cause."""
-    try:
-        exc, tb, _ = _unpickled(payload)
-    except Exception as decode_exc:
-        return _unpickling_failed("the exception", decode_exc)
-    exc.__cause__ = RemoteTraceback(tb)
-    assert isinstance(exc, BaseException)
-    return exc
-
-
-def _unpickling_failed(what: str, exc: Exception) -> SerializationError:
-    error = SerializationError(
-        what, "in the parent", f"unpickling failed: {type(exc).__name__}: {exc}"
-    )
-    error.__cause__ = exc
-    return error
