@@ -384,7 +384,8 @@ async def test_a_call_ignoring_cancel_is_abandoned_after_grace() -> None:
         began = time.monotonic()
         worker.cancel(job, grace=0.2)
         error, unstarted, lost = await host.loss()
-        assert time.monotonic() - began >= 0.2
+        # Not before the grace period (uvloop's timers count whole ms: up to 1 ms early).
+        assert time.monotonic() - began >= 0.2 - 0.002
         assert isinstance(error, corral.WorkerLostError)
         assert "still running 0.2 s after it was cancelled" in str(error)
         assert (unstarted, lost) == ([queued], [job])
