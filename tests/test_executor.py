@@ -659,3 +659,22 @@ async def test_cancelling_run_in_executor_stops_the_job(tmp_path: Path) -> None:
         assert not os.path.exists(gate)
         pid = int(Path(started).read_text())
         assert await loop.run_in_executor(executor, tasks.pid) == pid
+
+
+# -- the default strategy, "auto" -----------------------------------------------------------
+
+
+def test_at_most_prefetch_less_one_calls_wait_behind_a_long_one(tmp_path: Path) -> None:
+    """Under the executor's default ``strategy="auto"``, short calls are sent ahead; a call
+    that turns out long holds up at most ``prefetch - 1`` calls queued behind it in its
+    worker, and the other worker takes all the rest meanwhile."""
+    with _executor(2, prefetch=4) as executor:
+        assert list(executor.map(tasks.square, range(40))) == [i * i for i in range(40)]
+        flag = tmp_path / "go"
+        long = executor.submit(tasks.wait_for_file, str(flag), BOUND)
+        short = [executor.submit(tasks.square, i) for i in range(20)]
+        _until(lambda: sum(f.done() for f in short) >= len(short) - 3)
+        assert not long.done()
+        flag.touch()
+        assert [f.result(timeout=BOUND) for f in short] == [i * i for i in range(20)]
+        assert long.result(timeout=BOUND) > 0
