@@ -43,7 +43,10 @@ when a job is done.
   (decrementing it), else fails it with ``WorkerLostError``. Set allowed-failures to 0 to
   let corral alone decide. The DaskWorker lives on: one Dask worker is one of many. It
   dies (``worker_lost``, every submitted job counted as started, since it may be
-  running) only when its client loses the scheduler.
+  running) only when its client loses the scheduler: at once if a task of its is on the
+  cluster (the client cancels it); else a job sent while the client reconnects waits
+  for it (the client's ``timeout``), then fails the same way; once the client has given
+  up, the next job sent goes back to the host unsent, and a stream's next pull ends it.
 - Cancellation: a job waiting here never starts. A submitted one is released with
   ``client.cancel``: Dask drops it if it has not started, but it cannot interrupt a
   running thread, so a running call goes on to its end and its outcome is dropped. The
@@ -105,6 +108,9 @@ RELEASE_WAIT = 5.0
 
 # How long an address given to DaskWorker may take to connect.
 CONNECT_TIMEOUT = 30.0
+
+# Why a DaskWorker died, and its jobs with it, when its client lost the scheduler.
+LOST_SCHEDULER = "its Dask client lost the scheduler"
 
 
 class DaskWorker(Worker):
@@ -197,7 +203,14 @@ class DaskWorker(Worker):
                         "pass the scheduler's address",
                     )
                 if client.status not in ("running", "connecting"):
-                    await client
+                    await client  # starts a client not started yet
+                if client.status not in ("running", "connecting"):
+                    # Awaiting a closed client returns at once, still closed.
+                    raise WorkerStartupError(
+                        1,
+                        f"its Dask client is {client.status}: it was closed, or it lost "
+                        "the scheduler and gave up reconnecting",
+                    )
                 self._client = client
             self._client.subscribe_topic(self._topic, self._outcomes.on_event)
         except BaseException:
@@ -215,6 +228,14 @@ class DaskWorker(Worker):
         if self.state is not WorkerState.READY:
             raise RuntimeError(f"cannot send to {self.name}: it is {self.state.value}")
         call = Call(job)
+        if self._client_closed():
+            # It gave up reconnecting to a lost scheduler, and this worker, holding no
+            # task, was not told. The job never left: held, it is handed back as unstarted
+            # once this call has returned to the host.
+            assert self._loop is not None
+            self._hold(call)
+            self._loop.call_soon(self._lose_client)
+            return
         if self.slots is not None and self._active >= self.slots:
             if job.state is not JobState.CANCELLED:
                 job.state = JobState.SENT
@@ -342,6 +363,9 @@ class DaskWorker(Worker):
                 **options,
             )
         except Exception as exc:
+            if self._client_closed():  # a stream's next pull, a job held back: not the call
+                self._lose_client()
+                raise WorkerLostError(self.name, detail=LOST_SCHEDULER) from exc
             raise _call_error(job.fn, job.args, exc) from exc
         self._outcomes.expect(call, key)
 
@@ -513,10 +537,16 @@ class DaskWorker(Worker):
     def _connected(self) -> bool:
         return self._client is not None and self._client.status == "running"
 
+    def _client_closed(self) -> bool:
+        """Its client gave up reconnecting to a lost scheduler (or its owner closed it):
+        nothing submitted through it will run."""
+        return self._client is None or self._client.status in ("closing", "closed")
+
     def _lose_client(self) -> None:
         """The client lost the scheduler: this worker is dead; what it held is lost."""
-        detail = "its Dask client lost the scheduler"
-        self._die(WorkerLostError(self.name, detail=detail))
+        if self.state is WorkerState.DEAD:
+            return  # killed, or lost already
+        self._die(WorkerLostError(self.name, detail=LOST_SCHEDULER))
         if self._owns_client and self._loop is not None:
             self._spawn(self._disconnect())
 
