@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import signal
 import threading
 from typing import Any, TypeVar
 
@@ -15,7 +16,7 @@ import pytest
 import corral
 from corral.workers import LocalWorker, ProcessWorker, ThreadWorker, Worker
 from tests import tasks
-from tests.waits import bounded
+from tests.waits import bounded, until
 
 T = TypeVar("T")
 BOUND = 60.0
@@ -269,3 +270,40 @@ async def test_a_strategy_not_known_is_refused() -> None:
         corral.TaskQueue(strategy="eager")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="prefetch must be a positive int"):
         corral.TaskQueue(strategy="auto", prefetch=0)
+
+
+# -- closing with no worker left ------------------------------------------------------------
+
+
+async def test_closing_a_queue_without_workers_fails_its_queued_jobs() -> None:
+    """A queue with no worker takes jobs for the first one to come; closing, it takes no
+    new worker, so its queued jobs fail with ``PoolClosedError`` and ``close`` returns."""
+    queue = corral.TaskQueue()
+    job = queue.submit(tasks.square, 3)
+    await bounded(queue.close())
+    with pytest.raises(corral.PoolClosedError, match="closing with no worker left"):
+        await bounded(job)
+
+
+async def test_a_queue_whose_last_worker_dies_while_closing_fails_what_waits(
+    tmp_path: Any,
+) -> None:
+    """The only worker dies while the queue closes: its running job fails with
+    ``WorkerLostError``, the job still queued with ``PoolClosedError``, and ``close``
+    returns instead of waiting for a worker that can no longer be attached."""
+    queue = corral.TaskQueue()
+    worker = make_worker("process")
+    await bounded(queue.attach(worker))
+    # A hard limit makes the worker acknowledge the start: the job is then RUNNING.
+    running = queue.submit(tasks.wait_for_file, str(tmp_path / "never"), BOUND, time_limit=BOUND)
+    waiting = queue.submit(tasks.square, 2)
+    await until(lambda: running.state is corral.JobState.RUNNING)
+    closing = asyncio.ensure_future(queue.close())
+    await until(lambda: queue.closed)
+    assert worker.pid is not None
+    os.kill(worker.pid, signal.SIGKILL)
+    await bounded(closing)
+    with pytest.raises(corral.WorkerLostError):
+        await bounded(running)
+    with pytest.raises(corral.PoolClosedError):
+        await bounded(waiting)

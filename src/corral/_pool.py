@@ -378,6 +378,9 @@ class Pool(TaskQueue):
         self._starting.add(worker)
         self._spawn_task(self._start_worker(worker))
 
+    def _may_gain_workers(self) -> bool:
+        return self._broken is None  # it starts its own, closing too, until it gives up
+
     def _quota(self) -> int | None:
         return self.max_tasks_per_child
 

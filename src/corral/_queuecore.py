@@ -366,10 +366,22 @@ class QueueCore:
         """Hook: ``detach`` took worker out of service."""
 
     def _servable(self, series: str | None) -> bool:
-        """Whether a job of series can ever run: some attached worker serves it, or no
-        worker is attached yet (one may still come)."""
+        """Whether a job of series can ever run: some attached worker serves it, or none
+        is attached and one may still come."""
         workers = [*self._workers, *self._starting]
-        return not workers or any(w.serves(series) for w in workers)
+        if not workers:
+            return self._may_gain_workers()
+        return any(w.serves(series) for w in workers)
+
+    def _may_gain_workers(self) -> bool:
+        """Hook: whether a worker may still join. A plain queue takes new workers only
+        while open: closing, with its last worker gone, its queued jobs can never run."""
+        return self._state is QueueState.OPEN
+
+    def _unservable_error(self, series: str | None) -> CorralError | ValueError:
+        if not (self._workers or self._starting):  # closing, every worker gone
+            return PoolClosedError("run this job", f"{self._state.value} with no worker left")
+        return ValueError(self._unservable_message(series))
 
     def _unservable_message(self, series: str | None) -> str:
         served = sorted({s for w in [*self._workers, *self._starting] for s in w.series or ()})
@@ -385,7 +397,7 @@ class QueueCore:
             return
         for series in self._dispatcher.pending_series():
             if not self._servable(series):
-                error = ValueError(self._unservable_message(series))
+                error = self._unservable_error(series)
                 for job in self._dispatcher.withdraw_series(series):
                     self._settle(job, None, error)
         self._check_drained()

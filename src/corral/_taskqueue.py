@@ -95,10 +95,15 @@ class TaskQueue(QueueCore):
         await worker.stop()
 
     async def close(self) -> None:
-        """Run every queued and running job to its end, then stop the workers. Idempotent."""
+        """Run every queued and running job to its end, then stop the workers. Idempotent.
+
+        Queued jobs that no worker left can take (none is attached, or their series is
+        served by none) fail with ``PoolClosedError`` or ``ValueError``: closing, the
+        queue takes no new worker that could run them."""
         if self._state is QueueState.CLOSED:
             return
         self._state = QueueState.CLOSING
+        self._check_servable()  # no worker may join now: jobs none left can take fail
         await self._wait_drained()
         self._state = QueueState.CLOSED
         await self._stop_workers(kill=False)
