@@ -18,6 +18,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 import corral
+from corral._mapping import auto_chunksize
 from corral.workers import DaskWorker
 from tests.test_dask_worker import (
     add,
@@ -285,3 +286,63 @@ async def test_an_executor_given_a_client_says_to_pass_the_address(
         with pytest.raises(ValueError, match="takes the scheduler's address"):
             corral.Executor(cluster=client)
         assert client.status == "running"
+
+
+async def test_a_map_that_starts_the_pool_chunks_for_every_thread(cluster: LocalCluster) -> None:
+    """A pool started by its first call learns its size on connecting; ``map`` waits for
+    that before it cuts its input, so the chunks are sized for all the cluster's threads,
+    not for the one worker a pool not yet connected would count."""
+    pool = corral.Pool(cluster=cluster.scheduler_address)
+    try:
+        items = list(range(320))
+        assert await bounded(pool.map(square, items)) == [x * x for x in items]
+        assert pool.size == THREADS
+        jobs = -(-len(items) // auto_chunksize(len(items), THREADS))
+        assert pool.stats().calls == jobs > -(-len(items) // auto_chunksize(len(items), 1))
+    finally:
+        await bounded(pool.close())
+
+
+async def test_a_start_waiting_on_a_connection_that_close_gives_up_is_told_why() -> None:
+    """``close()`` gives up a connection no call needs; a ``start()`` waiting for it gets
+    ``PoolClosedError``, not a ``CancelledError`` its task never asked for."""
+    pool = corral.Pool(cluster=UNREACHABLE, startup_timeout=BOUND)
+    starting = asyncio.ensure_future(pool.start())
+    await asyncio.sleep(0)  # start() runs up to its wait for the connection
+    await bounded(pool.close(), 10)
+    with pytest.raises(corral.PoolClosedError):
+        await bounded(starting)
+
+
+async def test_close_stops_connecting_once_its_last_call_is_cancelled() -> None:
+    """A call waits for the connection as ``close()`` begins, then is cancelled: close
+    returns at once instead of waiting out the connection's timeout."""
+    pool = corral.Pool(cluster=UNREACHABLE, startup_timeout=BOUND)
+    job = pool.submit(add, 1, 1)
+    closing = asyncio.ensure_future(pool.close())
+    await asyncio.sleep(0)  # close() waits for the call
+    assert not closing.done()
+    job.cancel()
+    began = time.monotonic()
+    await bounded(closing, 10)
+    assert time.monotonic() - began < 10
+
+
+async def test_a_cluster_with_no_worker_yet_is_waited_for() -> None:
+    """A pool sized by a cluster that has no worker yet waits (within its startup timeout)
+    for the first one to join and sizes itself by it; a cluster that never gets one fails
+    start with ``WorkerStartupError`` saying so."""
+    async with LocalCluster(
+        n_workers=0, threads_per_worker=2, processes=True, dashboard_address=":0", asynchronous=True
+    ) as empty:
+        with pytest.raises(corral.WorkerStartupError, match="had no worker"):
+            await bounded(corral.Pool(cluster=empty.scheduler_address, startup_timeout=1).start())
+        pool = corral.Pool(cluster=empty.scheduler_address, startup_timeout=BOUND)
+        starting = asyncio.ensure_future(pool.start())
+        try:
+            empty.scale(1)
+            await bounded(starting)
+            assert pool.size == 2
+            assert await bounded(pool.run(square, 3)) == 9
+        finally:
+            await bounded(pool.close())

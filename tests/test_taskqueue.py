@@ -266,6 +266,7 @@ async def test_auto_strategy_prefetches_only_after_short_calls(tmp_path: Any) ->
 
 
 async def test_a_strategy_not_known_is_refused() -> None:
+    """A strategy or prefetch that is not one of the known ones fails at the call."""
     with pytest.raises(ValueError, match="strategy must be one of"):
         corral.TaskQueue(strategy="eager")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="prefetch must be a positive int"):

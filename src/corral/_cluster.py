@@ -64,8 +64,9 @@ class ClusterLink:
     async def connect(self, timeout: float) -> int:
         """Connect (or check the client given) and return the cluster's threads (at least 1).
 
-        Raises ``WorkerStartupError`` when the scheduler cannot be reached within timeout
-        seconds, or when the client given is closed or belongs to another event loop."""
+        Raises ``WorkerStartupError`` when the scheduler cannot be reached, or has no
+        worker, within timeout seconds, or when the client given is closed or belongs to
+        another event loop."""
         try:
             if self.owned:
                 # Installed: __init__ made a DaskWorker. Untyped, as DaskWorker uses it.
@@ -85,15 +86,34 @@ class ClusterLink:
                         "Executor runs its pool on a loop of its own: pass the address)",
                     )
                 if client.status != "running":
-                    await client
+                    await client  # starts a client not started yet
+                if client.status != "running":  # awaiting a closed one leaves it closed
+                    raise WorkerStartupError(
+                        1, f"the Dask client given is {client.status}: pass an open one"
+                    )
                 self._client = client
-            nthreads: dict[str, int] = await asyncio.wait_for(self._client.nthreads(), timeout)
+            threads = await asyncio.wait_for(self._threads(), timeout)
         except WorkerStartupError:
             raise
-        except Exception as exc:  # OSError, TimeoutError, a closed client: one boundary
+        except TimeoutError as exc:
+            raise WorkerStartupError(
+                1,
+                f"the Dask scheduler at {self.address} did not answer, or had no worker, "
+                f"within {timeout} s",
+            ) from exc
+        except Exception as exc:  # OSError, a client closed meanwhile: one boundary
             raise WorkerStartupError(
                 1, f"could not connect to the Dask scheduler at {self.address}: {exc}"
             ) from exc
+        return threads
+
+    async def _threads(self) -> int:
+        """The cluster's threads; a cluster whose workers have not joined yet (just
+        launched, or adaptive) is waited for until its first one has."""
+        nthreads: dict[str, int] = await self._client.nthreads()
+        if not nthreads:
+            await self._client.wait_for_workers(1)
+            nthreads = await self._client.nthreads()
         return max(1, sum(nthreads.values()))
 
     def new_worker(self) -> DaskWorker:

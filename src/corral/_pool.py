@@ -38,7 +38,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, Self
 
 from ._cluster import ClusterLink
-from ._errors import CorralError, WorkerLostError, WorkerStartupError
+from ._errors import CorralError, PoolClosedError, WorkerLostError, WorkerStartupError
 from ._queuecore import QueueState, Strategy, check_limit
 from ._taskqueue import TaskQueue
 from ._wire import dumps_call
@@ -248,9 +248,20 @@ class Pool(TaskQueue):
 
     async def _until_connected(self) -> None:
         """Wait until the pool has connected to its cluster, or failed to (no cluster: at
-        once). Cancelling the wait leaves the connection going."""
-        if self._connecting is not None:
-            await asyncio.shield(self._connecting)
+        once). Cancelling the wait leaves the connection going; a connection given up by
+        ``close`` raises ``PoolClosedError`` here."""
+        connecting = self._connecting
+        if connecting is not None:
+            await asyncio.wait({connecting})
+            if connecting.cancelled():
+                raise PoolClosedError("start", self._state.value)
+
+    async def _until_sized(self) -> None:
+        # A cluster's pool learns its size on connecting: map sizes its chunks by it.
+        if self._count_threads and self._state is QueueState.OPEN:
+            if not self._started:
+                self._launch()
+            await self._until_connected()
 
     def _serving(self) -> int:
         return sum(1 for w in self._workers if w in self._own and w not in self._retiring)
@@ -345,9 +356,12 @@ class Pool(TaskQueue):
             for _ in range(self.size):
                 self._add_worker()
 
+    async def _stop_workers(self, *, kill: bool) -> None:
+        if self._connecting is not None:
+            self._connecting.cancel()  # drained (or terminating): nothing needs the cluster
+        await super()._stop_workers(kill=kill)
+
     async def close(self) -> None:
-        if self._connecting is not None and not (self._dispatcher or self._in_flight):
-            self._connecting.cancel()  # no call waits for the cluster: stop connecting
         await super().close()
         if self._cluster is not None:
             await self._cluster.close()  # after the workers that used its client
@@ -379,7 +393,8 @@ class Pool(TaskQueue):
         self._spawn_task(self._start_worker(worker))
 
     def _may_gain_workers(self) -> bool:
-        return self._broken is None  # it starts its own, closing too, until it gives up
+        # It starts its own, closing too, until it gives up (or has none left to keep).
+        return self._broken is None and (self.size > 0 or self._count_threads)
 
     def _quota(self) -> int | None:
         return self.max_tasks_per_child
@@ -466,7 +481,7 @@ def check_cluster_options(options: dict[str, Any]) -> None:
     """With ``cluster=`` the workers are DaskWorkers: the options of processes do not apply."""
     defaults: dict[str, Any] = {"kind": "process", "initargs": ()}
     for name, value in options.items():
-        if value != defaults.get(name):
+        if value != defaults.get(name) and (name, value) != ("kind", "dask"):
             raise ValueError(
                 f"{name}={value!r} does not apply with cluster=: {NOT_FOR_CLUSTER[name]}"
             )

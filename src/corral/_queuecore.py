@@ -86,6 +86,10 @@ class QueueCore:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._broken: BaseException | None = None  # set when no worker can ever serve
 
+    async def _until_sized(self) -> None:
+        """Hook: wait until the queue knows how many workers it will have (a pool whose
+        size a cluster decides, connecting); ``map`` sizes its chunks by it."""
+
     async def _stop_workers(self, *, kill: bool) -> None:
         starting = list(self._starting)
         self._starting.clear()
@@ -251,12 +255,13 @@ class QueueCore:
             self._check_drained()
 
     def _capacity_after(self, run: float | None) -> int:
-        """Under "auto": the jobs a worker may hold after a job that ran run seconds."""
-        if run is None:  # not measured (a cancelled job): one at a time
+        """Under "auto": the jobs a worker may hold after a job that ran run seconds: the
+        one it runs, and behind it as many such jobs as fit in ``AUTO_AHEAD``."""
+        if run is None or run >= AUTO_AHEAD:  # long, or not measured (cancelled)
             return 1
-        if run * self.prefetch <= AUTO_AHEAD:
+        if run * (self.prefetch - 1) <= AUTO_AHEAD:
             return self.prefetch
-        return max(1, int(AUTO_AHEAD / run))
+        return 1 + int(AUTO_AHEAD / run)
 
     def worker_lost(
         self,
@@ -378,7 +383,9 @@ class QueueCore:
         while open: closing, with its last worker gone, its queued jobs can never run."""
         return self._state is QueueState.OPEN
 
-    def _unservable_error(self, series: str | None) -> CorralError | ValueError:
+    def _unservable_error(self, series: str | None) -> BaseException:
+        if self._broken is not None:  # a pool that gave up starting its workers
+            return self._broken_error()
         if not (self._workers or self._starting):  # closing, every worker gone
             return PoolClosedError("run this job", f"{self._state.value} with no worker left")
         return ValueError(self._unservable_message(series))

@@ -273,6 +273,7 @@ class TaskQueue(QueueCore):
         (see ``imap``).
         """
         options = {"priority": priority, "series": series, "retries": retries}
+        await self._until_sized()
         return await map_list(
             self, fn, iterable, chunksize=chunksize, options=options, progress=progress
         )

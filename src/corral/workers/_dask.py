@@ -28,15 +28,16 @@ when a job is done.
   Python container item by item, several times slower), so a result that will not
   pickle fails with ``SerializationError`` naming it. A small outcome travels ahead as
   an event; the others are fetched together (see ``_dask_outcomes``).
-- Cores: the host gives every worker the same capacity (1 under ``strategy="fair"``,
-  ``prefetch`` under ``"prefetch"``), and this worker keeps that many jobs on the
-  cluster. To use a cluster's n threads, attach one DaskWorker under
+- Cores: the host decides how many jobs this worker holds (1 under ``strategy="fair"``,
+  ``prefetch`` under ``"prefetch"``, per job under ``"auto"``), and it keeps that many on
+  the cluster. To use a cluster's n threads, attach one DaskWorker under
   ``strategy="prefetch", prefetch=n`` (or more: Dask's scheduler then orders the tasks
   waiting for a thread by their Dask priority, and the round trip of one job hides behind
-  the others), or attach n DaskWorkers that share one client under ``"fair"`` (corral
-  orders every job and Dask sees one task per thread, at the cost of a round trip per
-  job). ``slots`` caps the tasks this worker keeps on the cluster below the host's
-  capacity; jobs sent beyond it wait here, in the order sent (cancelled here at no cost).
+  the others), or n DaskWorkers that share one client under ``"fair"`` (corral orders
+  every job and Dask sees one task per thread, at the cost of a round trip per job), which
+  is what ``Pool(cluster=...)`` does. ``slots`` caps the tasks this worker keeps on the
+  cluster below the host's capacity; jobs sent beyond it wait here, in the order sent
+  (cancelled here at no cost).
 - Dask workers lost: one that dies mid-task makes Dask reschedule the task up to
   ``distributed.scheduler.allowed-failures`` times (3 by default) before it gives up with
   ``KilledWorker``; this worker then runs the job again while ``job.retries`` > 0
@@ -144,7 +145,8 @@ class DaskWorker(Worker):
         if not isinstance(client_or_address, str | distributed.Client):
             raise TypeError(
                 "DaskWorker takes a distributed.Client or a scheduler address such as "
-                f"'tcp://127.0.0.1:8786', not {client_or_address!r}"
+                f"'tcp://127.0.0.1:8786' (of a LocalCluster: its .scheduler_address), "
+                f"not {client_or_address!r}"
             )
         if slots is not None and (
             isinstance(slots, bool) or not isinstance(slots, int) or slots < 1
