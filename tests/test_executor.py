@@ -678,3 +678,25 @@ def test_at_most_prefetch_less_one_calls_wait_behind_a_long_one(tmp_path: Path) 
         flag.touch()
         assert [f.result(timeout=BOUND) for f in short] == [i * i for i in range(20)]
         assert long.result(timeout=BOUND) > 0
+
+
+def test_shutdown_cancel_futures_cancels_calls_sent_ahead_too(tmp_path: Path) -> None:
+    """Under the default strategy a worker whose calls are short is sent later ones ahead;
+    ``shutdown(cancel_futures=True)`` cancels those it has not begun too, so only the two
+    running calls finish (as in the standard library, where only running calls do)."""
+    executor = _executor(2, prefetch=8)
+    assert list(executor.map(tasks.square, range(40))) == [i * i for i in range(40)]
+    gate = tmp_path / "gate"
+    fs = [
+        executor.submit(mark_then_wait, str(tmp_path / f"started-{i}"), str(gate))
+        for i in range(16)
+    ]
+    _until(lambda: len(list(tmp_path.glob("started-*"))) == 2)
+    executor.shutdown(wait=False, cancel_futures=True)
+    gate.touch()
+    assert not futures.wait(fs, timeout=BOUND).not_done
+    ran = [f for f in fs if not f.cancelled()]
+    assert len(ran) == 2
+    assert all(isinstance(f.result(), int) for f in ran)
+    executor.shutdown(wait=True)
+    assert len(list(tmp_path.glob("started-*"))) == 2  # the cancelled ones never began

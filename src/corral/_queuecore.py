@@ -409,6 +409,16 @@ class QueueCore:
                     self._settle(job, None, error)
         self._check_drained()
 
+    def _unstarted(self, job: Job[Any]) -> bool:
+        """Whether job has surely not begun: queued here, or sent ahead to a worker that
+        says it has not begun it."""
+        if job.state is JobState.PENDING:
+            return True
+        worker = self._in_flight.get(job)
+        return (
+            job.state is JobState.SENT and worker is not None and not worker.may_have_started(job)
+        )
+
     def cancel_job(self, job: Job[Any]) -> None:
         """Job callback: the job was cancelled. Pending: dropped. Sent: stopped in its worker."""
         if self._dispatcher.discard(job):

@@ -297,9 +297,10 @@ class _Bridge:
             while self.inbox:
                 self.inbox.popleft()[0].cancel()
             for future in list(self.live.values()):
-                # Queued here only: a call already sent ahead to a worker still runs.
+                # Queued, or sent ahead to a worker that has not begun it (process workers
+                # tell; other kinds' calls sent ahead run).
                 job = future._job
-                if job is not None and job.state is JobState.PENDING:
+                if job is not None and self.pool._unstarted(job):
                     future.cancel()
         else:
             self._submit(None)  # before the pool closes, which refuses new jobs
@@ -438,10 +439,9 @@ class Executor(concurrent.futures.Executor):
 
         Args:
             wait: block until every pending call is done and the workers have stopped.
-            cancel_futures: cancel the calls still queued in the executor. Calls already
-                sent ahead to a worker (under the default strategy up to ``prefetch - 1``
-                per worker beyond the one it runs) still run; ``ProcessPoolExecutor``
-                likewise runs the one call it queues beyond its workers.
+            cancel_futures: cancel the calls no worker has begun: those queued in the
+                executor and, on process workers, those sent ahead to a worker (under the
+                default strategy) that it has not begun. Running calls finish.
         """
         self._bridge.shutdown(wait, cancel_futures=cancel_futures)
 

@@ -170,3 +170,9 @@ class Worker(abc.ABC):
         """Resident memory of the worker's own process in bytes; None where it has none
         (or it is gone)."""
         return None
+
+    def may_have_started(self, job: Job[Any]) -> bool:
+        """Whether job, sent to this worker, may have begun. A worker that keeps jobs
+        queued ahead and knows which it began says False for the others, so that they can
+        be withdrawn (cancelled without interrupting anything); the default is True."""
+        return True

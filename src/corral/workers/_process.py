@@ -335,6 +335,17 @@ class ProcessWorker(Worker):
                 os.kill(self._pid, _child.INTERRUPT)
         self._overdue[job.id] = self._loop.call_later(grace, self._still_running, job.id)
 
+    def may_have_started(self, job: Job[Any]) -> bool:
+        # The child runs its jobs in the order sent and acknowledges each on the shared
+        # page; a job sent after the one it began has not begun. (A cancel racing the
+        # acknowledgement is settled by the child: see ``cancel``.)
+        page = self._page
+        return (
+            page is None
+            or page.started == job.id
+            or (job.stream is not None and job.stream.released)
+        )
+
     def _still_running(self, job_id: int) -> None:
         self._overdue.pop(job_id, None)
         if job_id in self._sent:
