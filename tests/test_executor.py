@@ -692,7 +692,8 @@ def test_shutdown_cancel_futures_cancels_calls_sent_ahead_too(tmp_path: Path) ->
         for i in range(16)
     ]
     _until(lambda: len(list(tmp_path.glob("started-*"))) == 2)
-    executor.shutdown(wait=False, cancel_futures=True)
+    executor.shutdown(wait=False, cancel_futures=True)  # the bridge cancels them soon after
+    _until(lambda: sum(f.cancelled() for f in fs) == len(fs) - 2)
     gate.touch()
     assert not futures.wait(fs, timeout=BOUND).not_done
     ran = [f for f in fs if not f.cancelled()]
