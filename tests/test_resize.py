@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -84,3 +85,29 @@ async def test_an_attached_worker_serves_but_is_not_kept_alive() -> None:
         await bounded(pool.detach(extra))
         assert pool.size == 1
         assert len(pool.workers) == 1
+
+
+async def test_a_pool_with_every_worker_detached_waits_then_fails_on_close(
+    tmp_path: Path,
+) -> None:
+    """The pool's last worker detached while a call waits behind the one it runs: the
+    waiting call stays queued (a resize serves it), and a call still waiting when the
+    pool closes with no worker fails with ``PoolClosedError`` instead of waiting forever."""
+    pool = corral.Pool(1, kind="thread")
+    await bounded(pool.start())
+    gate = tmp_path / "gate"
+    running = pool.submit(tasks.wait_for_file, str(gate), 60)
+    queued = pool.submit(tasks.add, 1, 2)
+    detaching = asyncio.ensure_future(pool.detach(pool.workers[0]))
+    await until(lambda: pool.size == 0)
+    gate.touch()
+    await bounded(detaching)
+    assert await bounded(running) > 0
+    assert not queued.done()
+    await bounded(pool.resize(1))
+    assert await bounded(queued) == 3
+    await bounded(pool.detach(pool.workers[0]))
+    waiting = pool.submit(tasks.add, 2, 2)
+    await bounded(pool.close())
+    with pytest.raises(corral.PoolClosedError, match="no worker left"):
+        await bounded(waiting)

@@ -393,8 +393,11 @@ class Pool(TaskQueue):
         self._spawn_task(self._start_worker(worker))
 
     def _may_gain_workers(self) -> bool:
-        # It starts its own, closing too, until it gives up (or has none left to keep).
-        return self._broken is None and (self.size > 0 or self._count_threads)
+        # It starts its own, closing too, until it gives up; with none left to keep (all
+        # detached), only a resize, while open, would bring one.
+        if self._broken is not None:
+            return False
+        return self.size > 0 or self._count_threads or self._state is QueueState.OPEN
 
     def _quota(self) -> int | None:
         return self.max_tasks_per_child
