@@ -52,6 +52,7 @@ from ._wire import (
     describe,
     dumps,
     dumps_error,
+    dumps_report,
     frame,
     framed,
     load_function,
@@ -209,13 +210,7 @@ class _Worker:
         job = self._running
         if not job:
             raise RuntimeError("corral.report() was called outside a running task")
-        try:
-            payload = dumps(obj)
-        except Exception as exc:
-            raise SerializationError(
-                f"the report {describe(obj)}", "in the worker", f"{type(exc).__name__}: {exc}"
-            ) from exc
-        self._send(frame(REPORT, job, payload))
+        self._send(frame(REPORT, job, dumps_report(obj)))
 
     def _interrupted(self, signum: int, frame: object) -> None:
         """The parent cancelled a job: if it is the one running, raise inside it."""

@@ -310,6 +310,17 @@ def load_function(reference: Any, known: dict[bytes, Any]) -> Any:
     return fn
 
 
+def dumps_report(obj: Any) -> Encoded:
+    """Pickle what a task passed to ``corral.report``; raises ``SerializationError`` naming
+    it, in the task that reported it."""
+    try:
+        return dumps(obj)
+    except Exception as exc:
+        raise SerializationError(
+            f"the report {describe(obj)}", "in the worker", f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
 def _call_error(fn: Callable[..., Any], args: Sequence[Any], exc: Exception) -> SerializationError:
     """Find which part of a call would not pickle, to name it in the error."""
     for what, obj in [("the function " + describe(fn), fn)] + [

@@ -35,7 +35,7 @@ from typing import Any
 
 from .._errors import SerializationError, SoftTimeLimitExceeded
 from .._report import set_reporter
-from .._wire import describe, dumps, dumps_error
+from .._wire import describe, dumps, dumps_error, dumps_report
 
 # A stream's batch ends at this many items, or once producing it took BATCH_SECONDS: large
 # enough that a Dask task's round trip (milliseconds) is shared by many small items, short
@@ -112,12 +112,7 @@ class _Reporter:
         self._worker: Any = None
 
     def __call__(self, obj: Any) -> None:
-        try:
-            payload = dumps(obj)
-        except Exception as exc:
-            raise SerializationError(
-                f"the report {describe(obj)}", "in the worker", f"{type(exc).__name__}: {exc}"
-            ) from exc
+        payload = dumps_report(obj)
         self.event("report", payload.data, [bytes(b) for b in payload.buffers])
         self.sent += 1
 
