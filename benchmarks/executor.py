@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._tasks import noop
-from .peers import run_fresh
+from .peers import Row, run_fresh
 
 WORKERS = 2
 LIBS = {
@@ -74,16 +74,6 @@ FULL = Sizes()
 QUICK = Sizes(
     latency_warmup=20, latency_calls=200, submit_calls=2000, map_items=10_000, map1_items=2000
 )
-
-
-@dataclass(frozen=True)
-class Row:
-    """One line of the report."""
-
-    measurement: str
-    metric: str
-    label: str
-    higher_is_better: bool
 
 
 def rows(sizes: Sizes) -> list[Row]:
