@@ -16,11 +16,11 @@ then fails the calls waiting for it instead of retrying.
 from __future__ import annotations
 
 import asyncio
-import importlib
 from typing import Any
 
 from ._errors import WorkerStartupError
 from .workers import DaskWorker
+from .workers._dask_remote import _distributed
 
 _WRONG_CLIENT = (
     "Pool(cluster=client) needs a distributed.Client made with asynchronous=True on the "
@@ -69,8 +69,7 @@ class ClusterLink:
         another event loop."""
         try:
             if self.owned:
-                # Installed: __init__ made a DaskWorker. Untyped, as DaskWorker uses it.
-                distributed: Any = importlib.import_module("distributed")
+                distributed = _distributed()  # installed: __init__ made a DaskWorker
                 # Made before it is awaited, so that close() can close what a failed or
                 # cancelled connection left open.
                 self._client = distributed.Client(

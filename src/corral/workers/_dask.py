@@ -84,13 +84,13 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
+from .._child import BATCH_ITEMS
 from .._errors import SerializationError, WorkerLostError, WorkerStartupError
 from .._job import JobState
 from .._wire import _call_error, describe
 from ._base import Worker, WorkerHost, WorkerState
 from ._dask_outcomes import Call, Outcomes, load_error, unpickling_failed
 from ._dask_remote import (
-    BATCH_ITEMS,
     Batch,
     _close_stream,
     _distributed,
@@ -239,8 +239,6 @@ class DaskWorker(Worker):
             self._loop.call_soon(self._lose_client)
             return
         if self.slots is not None and self._active >= self.slots:
-            if job.state is not JobState.CANCELLED:
-                job.state = JobState.SENT
             self._hold(call)
             self._waiting.append(call)
             return

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import ctypes
 import importlib
 import inspect
 import pickle
@@ -36,11 +35,14 @@ from typing import Any
 from .._errors import SerializationError, SoftTimeLimitExceeded
 from .._report import set_reporter
 from .._wire import describe, dumps, dumps_error, dumps_report
+from ._thread import _raise_in
+from ._thread import _running as _soft
+from ._thread import _SoftLimitInterrupt as _SoftLimit
 
-# A stream's batch ends at this many items, or once producing it took BATCH_SECONDS: large
-# enough that a Dask task's round trip (milliseconds) is shared by many small items, short
-# enough that a slow generator's items reach the consumer soon.
-BATCH_ITEMS = 1024
+# A stream's batch ends at ``_child.BATCH_ITEMS`` items (see ``_dask._batch``), or once
+# producing it took BATCH_SECONDS: longer than the child's, so that a Dask task's round trip
+# (milliseconds) is shared by many small items, short enough that a slow generator's items
+# reach the consumer soon.
 BATCH_SECONDS = 0.05
 
 # A call's outcome that pickles into at most this many bytes also travels as an event of
@@ -61,27 +63,6 @@ def _distributed() -> Any:
         raise ImportError(_INSTALL) from exc
 
 
-# Our own prototype, so the argument types of ctypes.pythonapi's shared one stay untouched.
-_set_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_object)(
-    ("PyThreadState_SetAsyncExc", ctypes.pythonapi)
-)
-
-
-_limits = threading.local()  # in a Dask worker thread: the soft limit of its call
-
-
-class _SoftLimit(SoftTimeLimitExceeded):
-    """Raised in a call at its soft limit. An asynchronous exception is raised as a class,
-    made without arguments in the target thread, so the limit is read from there; the
-    caller gets a plain ``SoftTimeLimitExceeded``."""
-
-    def __init__(self) -> None:
-        super().__init__(getattr(_limits, "soft_limit", 0.0))
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (SoftTimeLimitExceeded, (self.limit,), self.__dict__)
-
-
 class _Running:
     """One call running in a Dask worker thread, as its soft-limit timer sees it."""
 
@@ -94,13 +75,13 @@ class _Running:
         """Raise ``_SoftLimit`` in the call, if it still runs (the timer's thread)."""
         with self.lock:
             if self.running:
-                _set_async_exc(self.ident, ctypes.py_object(_SoftLimit))
+                _raise_in(self.ident, _SoftLimit)
 
     def end(self) -> None:
         """The call returned: withdraw an interrupt not yet raised; none comes later."""
         with self.lock:
             self.running = False
-            _set_async_exc(self.ident, ctypes.py_object())
+            _raise_in(self.ident, None)
 
 
 class _Reporter:
@@ -138,7 +119,7 @@ def _call(
     try:
         try:
             if soft_limit:
-                _limits.soft_limit = soft_limit
+                _soft.soft_time_limit = soft_limit
                 running = _Running()
                 timer = threading.Timer(soft_limit, running.interrupt)
                 timer.daemon = True
