@@ -160,6 +160,16 @@ BATCH_ITEMS = 1024
 BATCH_SECONDS = 0.01
 
 
+def next_batch_size(size: int, elapsed: float) -> int:
+    """A stream's next batch size after a batch took elapsed seconds: double (up to
+    ``BATCH_ITEMS``) under a quarter of ``BATCH_SECONDS``, halve above it."""
+    if elapsed < BATCH_SECONDS / 4:
+        return min(BATCH_ITEMS, size * 2)
+    if elapsed > BATCH_SECONDS:
+        return max(1, size // 2)
+    return size
+
+
 class _Stream:
     """A live iterator a worker holds for ``iterate``, and what it may still send."""
 
@@ -300,10 +310,7 @@ class _Worker:
         finally:
             self._running = 0
         elapsed = perf_counter() - start
-        if elapsed < BATCH_SECONDS / 4:
-            stream.size = min(BATCH_ITEMS, stream.size * 2)
-        elif elapsed > BATCH_SECONDS:
-            stream.size = max(1, stream.size // 2)
+        stream.size = next_batch_size(stream.size, elapsed)
         stream.run_time += elapsed
         if items:
             try:

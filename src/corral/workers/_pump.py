@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from itertools import islice
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from .._child import BATCH_ITEMS, BATCH_SECONDS  # one batching rule for every kind
+from .._child import next_batch_size  # one batching rule for every kind
 from .._wire import describe
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ class Batch(NamedTuple):
 class Stream:
     """An open stream: the iterator a worker holds for a job, and what it may still send."""
 
-    __slots__ = ("closing", "credit", "iterator", "job", "run_time", "size")
+    __slots__ = ("closed", "closing", "credit", "iterator", "job", "run_time", "size")
 
     def __init__(self, job: Job[Any], iterator: Iterator[Any], run_time: float) -> None:
         assert job.stream is not None
@@ -60,6 +60,7 @@ class Stream:
         self.credit = job.stream.window  # items it may send before the consumer takes any
         self.run_time = run_time  # seconds in the call and in the iterator so far
         self.closing = False  # cancelled: its next turn closes it
+        self.closed = False  # its iterator was closed: once is enough
         self.size = 1  # items per batch: grows while the generator is fast
 
     def limit(self) -> int:
@@ -82,10 +83,7 @@ class Stream:
         except BaseException as exc:
             error = exc
         elapsed = time.perf_counter() - start
-        if elapsed < BATCH_SECONDS / 4:
-            self.size = min(BATCH_ITEMS, self.size * 2)
-        elif elapsed > BATCH_SECONDS:
-            self.size = max(1, self.size // 2)
+        self.size = next_batch_size(self.size, elapsed)
         self.run_time += elapsed
         return Batch(items, ended, error)
 
@@ -94,7 +92,8 @@ class Stream:
         with: ``CancelledError``, or what the clean-up raised."""
         start = time.perf_counter()
         try:
-            close = getattr(self.iterator, "close", None)
+            close = None if self.closed else getattr(self.iterator, "close", None)
+            self.closed = True
             if close is not None:
                 close()
             error: BaseException = asyncio.CancelledError(
