@@ -198,9 +198,9 @@ class LocalWorker(Worker):
             self._job_done(self._skipped.pop(0), None, asyncio.CancelledError())
         if self._current is not None or self.state is WorkerState.DEAD:
             return
-        stream = self._streams.choose(bool(self._pending))
-        ending = self.state is WorkerState.STOPPING and not self._pending and self._streams
-        if ending and (stream is None or not stream.closing):  # cancelled ones close first
+        ending = bool(self.state is WorkerState.STOPPING and not self._pending and self._streams)
+        stream = self._streams.choose(bool(self._pending), ending=ending)
+        if ending and stream is None:  # cancelled ones close first
             self._shut()
             return
         if stream is not None:

@@ -156,17 +156,21 @@ class Streams:
         """Whether some stream has a turn to take: it is to be closed, or has credit."""
         return any(s.closing or s.credit > 0 for s in self._open.values())
 
-    def choose(self, jobs_waiting: bool) -> Stream | None:
+    def choose(self, jobs_waiting: bool, *, ending: bool = False) -> Stream | None:
         """The stream to serve now, or None: take a waiting job (or, with none, wait).
 
         A stream to close goes first (closing is quick, and ends a job); then streams with
-        credit and the waiting jobs take turns."""
+        credit and the waiting jobs take turns. ``ending`` (the worker is stopping and has
+        no job waiting): only a stream to close takes a turn; the rest are closed as the
+        worker goes."""
         ready = None
         for stream in self._open.values():
             if stream.closing:
                 return stream
             if ready is None and stream.credit > 0:
                 ready = stream
+        if ending:
+            return None
         if ready is None or (jobs_waiting and not self._streams_turn):
             self._streams_turn = True
             return None

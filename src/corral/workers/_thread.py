@@ -447,10 +447,8 @@ class ThreadWorker(Worker):
                 if self._abandoned:
                     return None
                 ending = self._closing and not self._pending
-                stream = self._streams.choose(bool(self._pending))
-                if stream is not None and not (ending and not stream.closing):
-                    # At the end only cancelled streams take a turn; the rest are closed
-                    # as the thread exits.
+                stream = self._streams.choose(bool(self._pending), ending=ending)
+                if stream is not None:
                     job = stream.job
                     self._limit = 0 if stream.closing else stream.limit()
                     break
