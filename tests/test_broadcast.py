@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from typing import TypeVar
 
 import pytest
 
@@ -14,9 +13,6 @@ import corral
 from corral.workers import ThreadWorker
 from tests import tasks
 from tests.waits import bounded
-
-T = TypeVar("T")
-BOUND = 60.0
 
 
 async def test_broadcast_runs_once_on_every_worker() -> None:

@@ -27,6 +27,7 @@ from distributed import Client, LocalCluster, get_worker
 import corral
 from corral.workers import DaskWorker
 from tests.conftest import _children, _fds
+from tests.waits import bounded
 
 BOUND = 60.0
 GPU = "gpu"
@@ -205,12 +206,8 @@ async def serving(
 ) -> AsyncIterator[tuple[corral.TaskQueue, Client]]:
     """A queue (made with options) served by one DaskWorker of a client on this loop."""
     async with connect(cluster) as client, corral.TaskQueue(**options) as queue:
-        await queue.attach(DaskWorker(client))
+        await bounded(queue.attach(DaskWorker(client)))
         yield queue, client
-
-
-async def bounded(awaitable: Any, timeout: float = BOUND) -> Any:
-    return await asyncio.wait_for(awaitable, timeout)
 
 
 async def gpu_address(client: Client) -> str:
@@ -303,7 +300,7 @@ async def test_a_dask_worker_killed_mid_task(tmp_path: Path) -> None:
             corral.TaskQueue() as queue,
         ):
             worker = DaskWorker(client)
-            await queue.attach(worker)
+            await bounded(queue.attach(worker))
             with pytest.raises(corral.WorkerLostError, match="Dask worker running it died"):
                 await bounded(queue.run(kill_own_process))
             assert worker.alive
@@ -428,7 +425,7 @@ async def test_slots_cap_the_tasks_on_the_cluster(cluster: LocalCluster) -> None
         connect(cluster) as client,
         corral.TaskQueue(strategy="prefetch", prefetch=6) as queue,
     ):
-        await queue.attach(DaskWorker(client, slots=1))
+        await bounded(queue.attach(DaskWorker(client, slots=1)))
         spans = sorted(await bounded(asyncio.gather(*(queue.run(span, 0.1) for _ in range(6)))))
         assert all(end <= next_start for (_, end), (next_start, _) in itertools.pairwise(spans))
 
@@ -440,7 +437,7 @@ async def test_an_address_makes_a_client_of_its_own_closed_on_stop(
     closes that client when it stops."""
     worker = DaskWorker(cluster.scheduler_address)
     async with corral.TaskQueue() as queue:
-        await queue.attach(worker)
+        await bounded(queue.attach(worker))
         assert await bounded(queue.run(add, 20, 22)) == 42
         client = worker.client
     assert client.status == "closed"

@@ -24,6 +24,7 @@ import pytest
 
 import corral
 from tests import tasks
+from tests.waits import bounded, until
 
 BOUND = 30.0  # seconds: the most any wait in these tests may take before it fails
 
@@ -646,19 +647,14 @@ async def test_cancelling_run_in_executor_stops_the_job(tmp_path: Path) -> None:
         task = asyncio.ensure_future(
             loop.run_in_executor(executor, mark_then_wait, started, gate, cleaned)
         )
-        deadline = time.monotonic() + BOUND
-        while not os.path.exists(started):
-            assert time.monotonic() < deadline, "the call never started"
-            await asyncio.sleep(0.005)
+        await until(lambda: os.path.exists(started))
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
-            await task
-        while not os.path.exists(cleaned):
-            assert time.monotonic() < deadline, "the call was not interrupted"
-            await asyncio.sleep(0.005)
+            await bounded(task)
+        await until(lambda: os.path.exists(cleaned))  # the call was interrupted
         assert not os.path.exists(gate)
         pid = int(Path(started).read_text())
-        assert await loop.run_in_executor(executor, tasks.pid) == pid
+        assert await bounded(loop.run_in_executor(executor, tasks.pid)) == pid
 
 
 # -- the default strategy, "auto" -----------------------------------------------------------

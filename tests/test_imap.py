@@ -162,9 +162,10 @@ async def test_endless_input_and_break(kind: str) -> None:
             n += 1
             if n == 20_000:
                 break
-        async for _ in pool.imap(tasks.sleep, sleeps_after(1), chunksize=1):
-            assert pool.stats().in_flight > 0  # long sleeps are running or queued
-            break
+        sleeping = pool.imap(tasks.sleep, sleeps_after(1), chunksize=1)
+        assert await bounded(anext(sleeping)) == 0.0
+        assert pool.stats().in_flight > 0  # long sleeps are running or queued
+        await bounded(sleeping.aclose())
         await until(lambda: pool.stats().in_flight == 0)
         assert await bounded(pool.run(tasks.add, 1, 2)) == 3
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from pathlib import Path
-from typing import TypeVar
 
 import psutil
 import pytest
@@ -14,9 +13,6 @@ import pytest
 import corral
 from tests import tasks
 from tests.waits import bounded, until
-
-T = TypeVar("T")
-BOUND = 60.0
 
 
 async def test_items_arrive_in_order() -> None:

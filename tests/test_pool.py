@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import Any, Self
 
 import psutil
 import pytest
@@ -28,12 +28,6 @@ import pytest
 import corral
 from tests import tasks
 from tests.waits import bounded, until
-
-T = TypeVar("T")
-
-# The longest any single wait in these tests may take; far above what each needs, so a
-# slow CI machine passes and a hang still fails fast.
-BOUND = 30.0
 
 START_METHODS = ["fork", "forkserver", "spawn"]
 

@@ -222,7 +222,7 @@ async def test_an_unreachable_scheduler_fails_start_in_bounded_time() -> None:
     began = time.monotonic()
     with pytest.raises(corral.WorkerStartupError, match="could not connect") as info:
         await bounded(pool.start(), 30)
-    assert time.monotonic() - began < 30
+    assert time.monotonic() - began < 5  # not the 60 s connection timeout  # startup_timeout is 1 s
     assert isinstance(info.value.__cause__, OSError)
     with pytest.raises(corral.WorkerStartupError, match="could not connect"):
         pool.submit(add, 1, 1)
@@ -251,7 +251,7 @@ async def test_closing_a_pool_still_connecting_returns_at_once() -> None:
     job.cancel()
     began = time.monotonic()
     await bounded(pool.close(), 10)
-    assert time.monotonic() - began < 10
+    assert time.monotonic() - began < 5  # not the 60 s connection timeout
     with pytest.raises(asyncio.CancelledError):
         await job
 

@@ -3,16 +3,13 @@ result, through ``job.reports()`` or a callback."""
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 import corral
 from tests import tasks
 from tests.waits import bounded
-
-T = TypeVar("T")
-BOUND = 60.0
 
 
 async def collect(job: corral.Job[Any]) -> list[Any]:

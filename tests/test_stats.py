@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import TypeVar
 
 import pytest
 
@@ -13,9 +12,6 @@ import corral
 from corral._stats import Percentiles
 from tests import tasks
 from tests.waits import bounded
-
-T = TypeVar("T")
-BOUND = 60.0
 
 
 @pytest.mark.parametrize("kind", ["process", "thread", "local"])
