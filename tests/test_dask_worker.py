@@ -79,20 +79,23 @@ def report_each(n: int) -> str:
 
 
 def stuck_until(flag: str, announce: bool = False) -> str:
-    """Stuck, from Dask's point of view, until the file flag exists."""
+    """Stuck, from Dask's point of view, until the file flag exists (BOUND s at most)."""
     if announce:
         corral.report("running")
-    while not os.path.exists(flag):
+    deadline = time.monotonic() + BOUND
+    while not os.path.exists(flag) and time.monotonic() < deadline:
         time.sleep(0.02)
     return "released"
 
 
 def catch_soft_limit() -> str:
+    deadline = time.monotonic() + BOUND
     try:
-        while True:
+        while time.monotonic() < deadline:
             time.sleep(0.001)
     except corral.SoftTimeLimitExceeded as exc:
         return f"caught: {exc}"
+    return "no soft limit came"
 
 
 def kill_own_process() -> None:

@@ -46,11 +46,13 @@ def catch_soft_limit(running: threading.Event) -> str:
 
 
 def stuck_after_first(running: threading.Event, closed: threading.Event) -> Iterator[int]:
-    """Yield 0, then spin in Python bytecode (so an interrupt lands at once) for ever."""
+    """Yield 0, then spin in Python bytecode (so an interrupt lands at once) until
+    interrupted (BOUND s at most: a lost interrupt must not spin into later tests)."""
     try:
         yield 0
         running.set()
-        while True:
+        deadline = time.monotonic() + BOUND
+        while time.monotonic() < deadline:
             pass
     finally:
         closed.set()

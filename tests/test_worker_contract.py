@@ -87,19 +87,22 @@ def block(running: threading.Event, release: threading.Event) -> str:
 
 
 def spin(running: threading.Event, release: threading.Event) -> str:
-    """Busy in Python bytecode (so an interrupt lands at once) until released."""
+    """Busy in Python bytecode (so an interrupt lands at once) until released (BOUND s at
+    most: a lost interrupt must not leave a thread spinning into later tests)."""
     running.set()
-    while not release.is_set():
+    deadline = time.monotonic() + BOUND
+    while not release.is_set() and time.monotonic() < deadline:
         pass
     return "released"
 
 
 def stubborn_call(running: threading.Event, release: threading.Event, caught: list[str]) -> str:
-    """Spins, swallowing every CancelledError, until released."""
-    while not release.is_set():
+    """Spins, swallowing every CancelledError, until released (BOUND s at most)."""
+    deadline = time.monotonic() + BOUND
+    while not release.is_set() and time.monotonic() < deadline:
         try:
             running.set()
-            while not release.is_set():
+            while not release.is_set() and time.monotonic() < deadline:
                 pass
         except asyncio.CancelledError:
             caught.append("cancelled")
