@@ -20,6 +20,7 @@ from typing import Any
 
 from ._errors import WorkerStartupError
 from .workers import DaskWorker
+from .workers._dask import check_target
 from .workers._dask_remote import _distributed
 
 _WRONG_CLIENT = (
@@ -42,9 +43,7 @@ class ClusterLink:
     """
 
     def __init__(self, target: Any) -> None:
-        # DaskWorker checks that Dask is installed (else ImportError with the fix) and
-        # that target is a client or an address (else TypeError), as for its own.
-        DaskWorker(target)
+        check_target(target)  # Dask installed (else ImportError), a client or an address
         if not isinstance(target, str) and not target.asynchronous:
             raise ValueError(f"{_WRONG_CLIENT}; {target!r} is not asynchronous here")
         self.target = target
@@ -69,7 +68,7 @@ class ClusterLink:
         another event loop."""
         try:
             if self.owned:
-                distributed = _distributed()  # installed: __init__ made a DaskWorker
+                distributed = _distributed()  # installed: __init__ checked
                 # Made before it is awaited, so that close() can close what a failed or
                 # cancelled connection left open.
                 self._client = distributed.Client(

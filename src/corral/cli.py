@@ -199,15 +199,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
+        if extra and args.command != "bench":  # only bench passes options on
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:  # --help, --version, or a usage error already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    if extra and args.command != "bench":  # only bench passes options on
-        print(
-            f"corral: error: unrecognized arguments: {' '.join(extra)}\n"
-            "Try 'corral --help' for more information.",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
     args.extra = extra
     if args.command is None:
         parser.print_usage(sys.stderr)

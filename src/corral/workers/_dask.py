@@ -141,13 +141,7 @@ class DaskWorker(Worker):
         slots: int | None = None,
     ) -> None:
         super().__init__(series=series, name=name)
-        distributed = _distributed()
-        if not isinstance(client_or_address, str | distributed.Client):
-            raise TypeError(
-                "DaskWorker takes a distributed.Client or a scheduler address such as "
-                f"'tcp://127.0.0.1:8786' (of a LocalCluster: its .scheduler_address), "
-                f"not {client_or_address!r}"
-            )
+        check_target(client_or_address)
         if slots is not None and (
             isinstance(slots, bool) or not isinstance(slots, int) or slots < 1
         ):
@@ -586,6 +580,17 @@ class DaskWorker(Worker):
             self._client = None
             with contextlib.suppress(Exception):
                 await client.close()
+
+
+def check_target(client_or_address: Any) -> None:
+    """What a DaskWorker connects through is a ``distributed.Client`` or a scheduler
+    address; ``ImportError`` with the fix when Dask is missing, else ``TypeError``."""
+    if not isinstance(client_or_address, str | _distributed().Client):
+        raise TypeError(
+            "DaskWorker takes a distributed.Client or a scheduler address such as "
+            f"'tcp://127.0.0.1:8786' (of a LocalCluster: its .scheduler_address), "
+            f"not {client_or_address!r}"
+        )
 
 
 def _batch(call: Call) -> int:

@@ -103,6 +103,15 @@ class _Reporter:
         self._worker.log_event(self.topic, (self.key, kind, *body))
 
 
+def _reporting(where: tuple[str, str]) -> tuple[_Reporter, contextvars.Context]:
+    """A reporter for one task's call, and the context to run it in, where
+    ``corral.report`` reaches that reporter alone."""
+    reporter = _Reporter(where)
+    context = contextvars.copy_context()
+    context.run(set_reporter, reporter)
+    return reporter, context
+
+
 def _error(exc: BaseException, run_time: float | None) -> tuple[bytes, list[bytes]]:
     """exc, its traceback text and run_time, pickled (a stand-in if exc will not pickle)."""
     encoded = dumps_error(exc, run_time)
@@ -170,9 +179,7 @@ def _run_call(
     """A job as a Dask task: (ok, value or pickled error, run_time, reports sent), pickled.
     Never raises, so Dask never retries or wraps the task's own exception. where: the
     topic of its events and its key. A small outcome is also sent ahead (``PUSH_MAX``)."""
-    reporter = _Reporter(where)
-    context = contextvars.copy_context()  # the reporter is this call's alone
-    context.run(set_reporter, reporter)
+    reporter, context = _reporting(where)
     if announce:
         reporter.event("started")
     start = time.perf_counter()
@@ -257,10 +264,8 @@ def _open_stream(
     fn: Callable[..., Any], args: tuple[Any, ...], where: tuple[str, str], n: int
 ) -> Batch:
     """Call fn, keep the iterator it returns under its task's key, take its first batch."""
-    reporter = _Reporter(where)
+    reporter, context = _reporting(where)
     key = reporter.key
-    context = contextvars.copy_context()
-    context.run(set_reporter, reporter)
     start = time.perf_counter()
     value, error = context.run(_call, fn, args, None)
     run_time = time.perf_counter() - start
@@ -282,9 +287,7 @@ def _pull_stream(where: tuple[str, str], handle: str, n: int) -> Batch:
     generator = _generators.get(handle)
     if generator is None:
         return _NO_ITEMS, True, None, 0.0, 0, None
-    reporter = _Reporter(where)
-    context = contextvars.copy_context()
-    context.run(set_reporter, reporter)
+    reporter, context = _reporting(where)
     return context.run(_take, handle, generator, n, reporter)
 
 
