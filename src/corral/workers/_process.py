@@ -340,11 +340,7 @@ class ProcessWorker(Worker):
         # page; a job sent after the one it began has not begun. (A cancel racing the
         # acknowledgement is settled by the child: see ``cancel``.)
         page = self._page
-        return (
-            page is None
-            or page.started == job.id
-            or (job.stream is not None and job.stream.released)
-        )
+        return page is None or _began(job, page.started)
 
     def _still_running(self, job_id: int) -> None:
         self._overdue.pop(job_id, None)
@@ -523,8 +519,7 @@ class ProcessWorker(Worker):
         started_id = self._page.started if self._page is not None else 0
         self._release()
         for job, _ in self._sent.values():
-            # A stream that has sent items has started, whatever it did since.
-            if job.id == started_id or (job.stream is not None and job.stream.released):
+            if _began(job, started_id):
                 if job.state is JobState.SENT:
                     job.state = JobState.RUNNING
                 started.append(job)
@@ -576,3 +571,9 @@ class ProcessWorker(Worker):
     def __del__(self) -> None:
         if self.state not in (WorkerState.NEW, WorkerState.DEAD) and not sys.is_finalizing():
             self.kill_now()
+
+
+def _began(job: Job[Any], started_id: int) -> bool:
+    """Whether the child began job, given the id it acknowledged last: that one, or a
+    stream that has sent items (it has started, whatever it did since)."""
+    return job.id == started_id or (job.stream is not None and job.stream.released)
