@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import corral
 from corral import Job, JobState
@@ -125,3 +125,13 @@ def send(worker: Worker, job: Job[Any]) -> Job[Any]:
     """Hand job to worker and return it, so a test can write ``job = send(worker, ...)``."""
     worker.send(job)
     return job
+
+
+W = TypeVar("W", bound=Worker)
+
+
+async def started(worker: W, host: Host) -> W:
+    """worker, started for host (within BOUND seconds)."""
+    async with asyncio.timeout(BOUND):
+        await worker.start(host)
+    return worker

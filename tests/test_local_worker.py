@@ -9,26 +9,17 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from typing import Any
 
 from corral import JobState
 from corral.workers._local import LocalWorker
-from tests.hosts import BOUND, Host, send
-
-
-async def started(host: Host, **options: Any) -> LocalWorker:
-    """A LocalWorker started for host."""
-    worker = LocalWorker(**options)
-    async with asyncio.timeout(BOUND):
-        await worker.start(host)
-    return worker
+from tests.hosts import Host, send, started
 
 
 async def test_send_only_queues_and_calls_run_in_the_loops_thread() -> None:
     """send() never runs the job: when it returns nothing has run and the job is SENT; the
     jobs start on a later loop turn, in the loop's own thread."""
     host = Host()
-    worker = await started(host)
+    worker = await started(LocalWorker(), host)
     log: list[str] = []
 
     async def record(tag: str) -> str:
@@ -57,7 +48,7 @@ async def test_soft_limit_is_not_enforced_on_a_plain_callable() -> None:
     """A plain callable cannot be interrupted in the loop: past its soft limit it runs to
     its end, and its value counts."""
     host = Host()
-    worker = await started(host)
+    worker = await started(LocalWorker(), host)
     try:
         plain = send(worker, host.job(time.sleep, 0.02, soft=0.001))
         assert await host.outcome(plain) == (None, None)

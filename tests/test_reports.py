@@ -16,16 +16,20 @@ async def collect(job: corral.Job[Any]) -> list[Any]:
     return [obj async for obj in job.reports()]
 
 
+async def check_reported_in_order(job: corral.Job[Any], n: int) -> None:
+    """job (``report_each(n)``) reports its n steps in order, through ``job.reports()``
+    and ``job.on_report``, all before its result."""
+    order: list[str] = []
+    job.on_report(lambda obj: order.append(f"report {obj['step']}"))
+    job.add_done_callback(lambda _: order.append("result"))
+    assert await bounded(collect(job)) == [{"step": i} for i in range(n)]
+    assert await bounded(job) == "finished"
+    assert order == [*(f"report {i}" for i in range(n)), "result"]
+
+
 async def test_reports_arrive_in_order_and_before_the_result() -> None:
     async with corral.Pool(1) as pool:
-        job = pool.submit(tasks.report_each, 500)
-        order: list[str] = []
-        job.on_report(lambda obj: order.append(f"report {obj['step']}"))
-        job.add_done_callback(lambda _: order.append("result"))
-        reports = await bounded(collect(job))
-        assert reports == [{"step": i} for i in range(500)]
-        assert await job == "finished"
-        assert order == [*(f"report {i}" for i in range(500)), "result"]
+        await check_reported_in_order(pool.submit(tasks.report_each, 500), 500)
 
 
 async def test_reports_sent_before_reading_are_kept() -> None:

@@ -20,6 +20,7 @@ from corral._stream import WINDOW
 from corral.workers._local import LocalWorker
 from corral.workers._thread import ThreadWorker
 from tests import tasks
+from tests.test_reports import check_reported_in_order, collect
 from tests.waits import bounded
 
 T = TypeVar("T")
@@ -202,14 +203,7 @@ async def test_reports_arrive_in_order_and_before_the_result(
     """From a plain call or a coroutine: every report, in order, through job.reports()
     and job.on_report, all before the result."""
     async with one_worker(kind, "queue") as queue:
-        job = queue.submit(fn, 300)
-        order: list[str] = []
-        job.on_report(lambda obj: order.append(f"report {obj['step']}"))
-        job.add_done_callback(lambda _: order.append("result"))
-        reports = await bounded(collect(job))
-        assert reports == [{"step": i} for i in range(300)]
-        assert await job == "finished"
-        assert order == [*(f"report {i}" for i in range(300)), "result"]
+        await check_reported_in_order(queue.submit(fn, 300), 300)
         kept = queue.submit(fn, 3)  # reports sent before anyone reads are kept
         assert await bounded(kept) == "finished"
         assert await bounded(collect(kept)) == [{"step": i} for i in range(3)]
@@ -226,7 +220,3 @@ async def test_reports_from_a_generator_reach_its_job(kind: str) -> None:
         assert [x async for x in stream] == list(range(100))
         assert got == [{"step": i} for i in range(100)]
         assert await bounded(queue.run(tasks.report_each, 1)) == "finished"
-
-
-async def collect(job: corral.Job[Any]) -> list[Any]:
-    return [obj async for obj in job.reports()]

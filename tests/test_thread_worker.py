@@ -12,24 +12,14 @@ import random
 import threading
 import time
 from collections.abc import Generator, Iterator
-from typing import Any
 
 import pytest
 
 import corral
 from corral.workers._thread import ThreadWorker
 from tests import tasks
-from tests.hosts import BOUND, Host, send
+from tests.hosts import BOUND, Host, send, started
 from tests.test_worker_contract import spin, wait_for
-
-
-async def started(host: Host, name: str | None = None, **options: Any) -> ThreadWorker:
-    """A ThreadWorker started for host."""
-    worker = ThreadWorker(name=name, **options)
-    async with asyncio.timeout(BOUND):
-        await worker.start(host)
-    return worker
-
 
 # -- tasks -------------------------------------------------------------------------------
 
@@ -71,7 +61,7 @@ async def test_coroutine_functions_run_on_the_threads_own_loop() -> None:
     """A coroutine function's coroutine runs to its end on an event loop of the worker's
     thread, not the caller's."""
     host = Host()
-    worker = await started(host, name="t-async")
+    worker = await started(ThreadWorker(name="t-async"), host)
     try:
         jobs = [host.job(coroutine_whoami, i) for i in range(3)]
         for job in jobs:
@@ -86,7 +76,7 @@ async def test_soft_limit_raises_inside_a_plain_call() -> None:
     """At its soft limit a running call gets SoftTimeLimitExceeded raised inside it: it
     may catch it; if not, the caller gets a plain SoftTimeLimitExceeded with the limit."""
     host = Host()
-    worker = await started(host)
+    worker = await started(ThreadWorker(), host)
     release = threading.Event()
     try:
         running = threading.Event()
@@ -117,7 +107,7 @@ async def test_cancel_interrupts_a_stream_making_its_batch() -> None:
     """A stream cancelled while its generator runs gets CancelledError raised inside it:
     its finally runs, the items made before arrive, then the job ends cancelled."""
     host = Host()
-    worker = await started(host)
+    worker = await started(ThreadWorker(), host)
     running, closed = threading.Event(), threading.Event()
     job = host.job(stuck_after_first, running, closed, window=100)
     worker.send(job)
@@ -138,7 +128,7 @@ async def test_cancels_racing_stream_batches_lose_nothing() -> None:
     batch is made) each end exactly once, with their items or CancelledError, and leave no
     generator open; the thread keeps serving."""
     host = Host()
-    worker = await started(host)
+    worker = await started(ThreadWorker(), host)
     rng = random.Random(11)
     made: list[Generator[int, None, None]] = []
 
@@ -185,7 +175,7 @@ async def test_interrupts_racing_the_end_of_calls_lose_nothing() -> None:
     timers race the thread) still give every job exactly one outcome, and the thread keeps
     serving."""
     host = Host()
-    worker = await started(host)
+    worker = await started(ThreadWorker(), host)
     rng = random.Random(7)
 
     def busy(seconds: float) -> float:

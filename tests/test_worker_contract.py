@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
 
@@ -25,7 +24,7 @@ from corral.workers._base import Worker
 from corral.workers._local import LocalWorker
 from corral.workers._thread import ThreadWorker
 from tests import tasks, waits
-from tests.hosts import BOUND, Host, send
+from tests.hosts import BOUND, Host, send, started
 
 # An event a call and the test share: an asyncio.Event for a call in the loop, a
 # threading.Event for one in another thread.
@@ -144,14 +143,6 @@ def kind(request: pytest.FixtureRequest) -> Kind:
 # -- helpers ---------------------------------------------------------------------------
 
 
-async def started(kind: Kind, host: Host, **options: Any) -> Worker:
-    """A worker of kind started for host."""
-    worker = kind.make(**options)
-    async with asyncio.timeout(BOUND):
-        await worker.start(host)
-    return worker
-
-
 async def wait_for(event: Event) -> None:
     """Wait (bounded) for an asyncio.Event, or for a threading.Event without blocking the
     loop."""
@@ -232,7 +223,7 @@ async def test_values_and_exceptions_come_back_unwrapped(kind: Kind) -> None:
     once stop() returns no thread of the worker is left."""
     before = set(threading.enumerate())
     host = Host()
-    worker = await started(kind, host)
+    worker = await started(kind.make(), host)
     try:
         assert worker.alive
         assert worker.pid is None
@@ -271,7 +262,7 @@ async def test_send_never_blocks_and_jobs_run_one_at_a_time_in_order(kind: Kind)
     """send() returns while the worker is busy; the jobs sent run afterwards, one after
     another, in order, never two at once: coroutines and plain calls alike."""
     host = Host()
-    worker = await started(kind, host)
+    worker = await started(kind.make(), host)
     running, release = kind.event(), kind.event()
     log: list[tuple[str, int]] = []
 
@@ -317,7 +308,7 @@ async def test_initializer_plain_or_async_runs_first_where_the_calls_run(kind: K
 
     host = Host()
     for initializer in (init, async_init):
-        worker = await started(kind, host, initializer=initializer, initargs=("ready in ",))
+        worker = await started(kind.make(initializer=initializer, initargs=("ready in ",)), host)
         try:
             assert seen == [f"ready in {kind.thread(worker)}"]
             assert await host.outcome(send(worker, host.job(tasks.add, 1, 1))) == (2, None)
@@ -355,7 +346,7 @@ async def test_bad_arguments_and_lifecycle_errors(kind: Kind) -> None:
     await kind.make().stop()
     await kind.make().kill()
     host = Host()
-    worker = await started(kind, host)
+    worker = await started(kind.make(), host)
     with pytest.raises(RuntimeError, match="cannot start"):
         await worker.start(host)
     await worker.stop()
@@ -369,7 +360,7 @@ async def test_soft_limit_cancels_a_coroutine(kind: Kind) -> None:
     SoftTimeLimitExceeded with the limit, caused by the cancellation, unless the coroutine
     handles the CancelledError and returns; the worker serves on."""
     host = Host()
-    worker = await started(kind, host)
+    worker = await started(kind.make(), host)
     try:
         slow = send(worker, host.job(asyncio.sleep, BOUND, soft=0.05))
         _, error = await host.outcome(slow)
@@ -390,7 +381,7 @@ async def test_cancel_a_job_not_started_or_already_cancelled(kind: Kind) -> None
     CANCELLED while queued never run, and have no run_time; each is reported through
     job_done with CancelledError, freeing its slot while the busy job still runs."""
     host = Host()
-    worker = await started(kind, host)
+    worker = await started(kind.make(), host)
     running, release = kind.event(), kind.event()
     ran: list[str] = []
     try:
@@ -423,7 +414,7 @@ async def test_cancel_interrupts_a_running_call_and_the_worker_serves_on(kind: K
     """Cancelling a running call, or a running coroutine, interrupts it with
     CancelledError; job_done reports that, and the worker serves the next job (no loss)."""
     host = Host()
-    worker = await started(kind, host)
+    worker = await started(kind.make(), host)
     running, release = kind.event(), kind.event()
     try:
         job = send(worker, host.job(kind.interruptible, running, release))
@@ -449,7 +440,7 @@ async def test_a_call_ignoring_cancel_is_abandoned_after_grace(kind: Kind) -> No
     worker gives up, is dead, and reports the call as started and the queued job as
     unstarted; the abandoned call's outcome is never reported."""
     host = Host()
-    worker = await started(kind, host)
+    worker = await started(kind.make(), host)
     running, release = kind.event(), kind.event()
     caught: list[str] = []
     try:
@@ -483,7 +474,7 @@ async def test_grace_zero_gives_up_at_once(kind: Kind, handles: bool) -> None:
     returning); the call is cancelled, its thread (if it has one) ends without being
     released, and its outcome is ignored."""
     host = Host()
-    worker = await started(kind, host)
+    worker = await started(kind.make(), host)
     running, release = kind.event(), kind.event()
     try:
         if handles:
@@ -506,7 +497,7 @@ async def test_stop_finishes_the_jobs_already_sent(kind: Kind) -> None:
     no thread of the worker is left; no loss is reported."""
     before = set(threading.enumerate())
     host = Host()
-    worker = await started(kind, host)
+    worker = await started(kind.make(), host)
     jobs = [host.job(asyncio.sleep, 0.01, i) for i in range(5)]
     jobs += [host.job(time.sleep, 0.01) for _ in range(5)]
     for job in jobs:
@@ -525,7 +516,7 @@ async def test_kill_reports_what_it_held(kind: Kind) -> None:
     order, and returns without waiting for the running call; the call's later outcome is
     ignored."""
     host = Host()
-    worker = await started(kind, host)
+    worker = await started(kind.make(), host)
     running, release = kind.event(), kind.event()
     try:
         busy = host.job(kind.block, running, release)
@@ -551,7 +542,7 @@ async def test_kill_when_idle_leaves_nothing_and_reports_nothing(kind: Kind) -> 
     left when kill() returns."""
     before = set(threading.enumerate())
     host = Host()
-    worker = await started(kind, host)
+    worker = await started(kind.make(), host)
     async with asyncio.timeout(BOUND):
         await worker.kill()
     assert not worker.alive
@@ -563,7 +554,7 @@ async def test_run_time_is_the_time_in_the_call(kind: Kind) -> None:
     """run_time, set before job_done, is the time the call took (0.2 s: within 10%), for
     a coroutine and for a plain call."""
     host = Host()
-    worker = await started(kind, host)
+    worker = await started(kind.make(), host)
     try:
         for fn in (asyncio.sleep, time.sleep):
             job = send(worker, host.job(fn, 0.2))
@@ -583,7 +574,7 @@ async def test_a_stream_runs_ahead_only_as_far_as_its_credit(kind: Kind) -> None
     serves other jobs; credit(n) lets it make n more; cancel closes the generator in the
     thread the calls run in and ends the job with CancelledError, after its items."""
     host = Host()
-    worker = await started(kind, host)
+    worker = await started(kind.make(), host)
     produced, closed, where = [0], threading.Event(), list[str]()
     job = send(worker, host.job(counting, produced, closed, where, window=10))
     try:
@@ -610,7 +601,7 @@ async def test_reports_and_items_come_in_order_before_done(kind: Kind) -> None:
     order, in the loop's thread, before job_done (a generator's before the items made
     after it); the reporter is set only while the job runs."""
     host = Host()
-    worker = await started(kind, host)
+    worker = await started(kind.make(), host)
     try:
         for fn in (tasks.report_numbers, async_report_each):
             job = send(worker, host.job(fn, 3))
@@ -637,7 +628,7 @@ async def test_stop_and_kill_close_open_streams_and_report_them_lost(kind: Kind,
     the loop closes it), as a process child does at EOF, and reports the stream as
     started in worker_lost."""
     host = Host()
-    worker = await started(kind, host)
+    worker = await started(kind.make(), host)
     produced, closed, where = [0], threading.Event(), list[str]()
     job = send(worker, host.job(counting, produced, closed, where, window=2))
     await host.until_items(job, 2)
