@@ -165,7 +165,7 @@ async def test_a_running_call_fails_at_once_and_unsent_calls_go_back_to_the_queu
         assert queue.workers == []
         assert held.state is queued.state is corral.JobState.PENDING
         if target == "address":
-            await bounded(until(lambda: worker.client is None))  # it closes its own client
+            await until(lambda: worker.client is None)  # it closes its own client
         held.cancel()
         queued.cancel()
 
@@ -192,9 +192,9 @@ async def test_a_shared_client_that_gives_up_reconnecting(cluster: Cluster, tmp_
         assert client.status == "connecting"
         await lost(queue.submit(add, 1, 2, series="spare"), killed, WITHIN)
         assert not spare.alive
-        await bounded(until(lambda: client.status == "closed"))
+        await until(lambda: client.status == "closed")
         after = queue.submit(add, 3, 4, series="late")
-        await bounded(until(lambda: not late.alive or after.done()))
+        await until(lambda: not late.alive or after.done())
         assert not after.done(), f"failed with {after.exception()!r}"
         assert after.state is corral.JobState.PENDING
         assert queue.workers == []
@@ -260,9 +260,9 @@ async def test_a_stream_waiting_for_its_consumer_ends_with_worker_lost(
         stream = queue.iterate(chunks, 100, 8, window=10)
         sent = stream.job.stream
         assert sent is not None
-        await bounded(until(lambda: len(sent.items) == 10))  # its credit is spent
+        await until(lambda: len(sent.items) == 10)  # its credit is spent
         cluster.kill_scheduler()
-        await bounded(until(lambda: client.status == "closed"))
+        await until(lambda: client.status == "closed")
         taken = []
         with pytest.raises(corral.WorkerLostError, match="lost the scheduler"):
             async for item in stream:

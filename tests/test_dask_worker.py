@@ -27,7 +27,7 @@ from distributed import Client, LocalCluster, get_worker
 import corral
 from corral.workers import DaskWorker
 from tests.conftest import _children, _fds
-from tests.waits import bounded
+from tests.waits import bounded, wait_until
 
 BOUND = 60.0
 GPU = "gpu"
@@ -143,10 +143,7 @@ def cluster() -> Iterator[LocalCluster]:
     ):
         gpu = sorted(client.scheduler_info()["workers"])[0]
         client.run(declare_gpu, workers=[gpu])
-        deadline = time.monotonic() + BOUND
-        while client.run_on_scheduler(_gpu_workers) != [gpu]:
-            assert time.monotonic() < deadline, "the scheduler never saw the gpu resource"
-            time.sleep(0.05)
+        wait_until(lambda: client.run_on_scheduler(_gpu_workers) == [gpu])
         # The workers import this module (for the tasks) before the first test runs.
         client.gather([client.submit(add, i, 1, pure=False) for i in range(8)])
         yield local

@@ -14,7 +14,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -24,17 +24,9 @@ import pytest
 
 import corral
 from tests import tasks
-from tests.waits import bounded, until
+from tests.waits import bounded, until, wait_until
 
 BOUND = 30.0  # seconds: the most any wait in these tests may take before it fails
-
-
-def _until(predicate: Callable[[], object], bound: float = BOUND) -> None:
-    """Wait until predicate() is true, polling; fail after bound seconds."""
-    deadline = time.monotonic() + bound
-    while not predicate():
-        assert time.monotonic() < deadline, "gave up waiting"
-        time.sleep(0.005)
 
 
 def _executor(workers: int = 2, **options: Any) -> corral.Executor:
@@ -230,7 +222,7 @@ def test_map_timeout_raises_from_the_iterator_and_stops_the_late_call(tmp_path: 
         with pytest.raises(futures.TimeoutError):
             results.extend(mapped)
         assert results == [0, 2]
-        _until(lambda: os.path.exists(cleaned))  # interrupted, though the gate never opened
+        wait_until(lambda: os.path.exists(cleaned))  # interrupted, though the gate never opened
         assert not os.path.exists(gate)
 
 
@@ -385,7 +377,7 @@ def test_shutdown_cancel_futures_spares_the_running_call(tmp_path: Path) -> None
     executor = _executor(1)
     running = executor.submit(mark_then_wait, started, gate)
     queued = [executor.submit(tasks.record, ledger, i) for i in range(5)]
-    _until(lambda: os.path.exists(started))
+    wait_until(lambda: os.path.exists(started))
     executor.shutdown(wait=False, cancel_futures=True)
     done, _ = futures.wait(queued, timeout=BOUND)
     assert all(f.cancelled() for f in done) and len(done) == 5
@@ -477,7 +469,7 @@ def test_as_completed_yields_every_future(tmp_path: Path) -> None:
         failed = executor.submit(tasks.fail, "no")
         blocker = executor.submit(mark_then_wait, started, gate)
         pending = executor.submit(tasks.add, 3, 4)
-        _until(lambda: os.path.exists(started))
+        wait_until(lambda: os.path.exists(started))
         assert pending.cancel()
         assert blocker.cancel()  # running: stopped in its worker
         seen = set(futures.as_completed([ok, failed, blocker, pending], timeout=BOUND))
@@ -493,7 +485,7 @@ def test_as_completed_wakes_for_a_future_cancelled_while_it_waits(tmp_path: Path
     started, gate = str(tmp_path / "started"), str(tmp_path / "gate")
     with _executor(1) as executor:
         running = executor.submit(mark_then_wait, started, gate)
-        _until(lambda: os.path.exists(started))
+        wait_until(lambda: os.path.exists(started))
         yielded: list[futures.Future[int]] = []
         waiter = threading.Thread(
             target=lambda: yielded.extend(futures.as_completed([running], timeout=BOUND))
@@ -554,7 +546,7 @@ def test_a_pending_call_is_cancelled_and_never_runs(tmp_path: Path) -> None:
         blocker = executor.submit(mark_then_wait, started, gate)
         victim = executor.submit(tasks.record, ledger, 1)
         after = executor.submit(tasks.record, ledger, 2)
-        _until(lambda: os.path.exists(started))
+        wait_until(lambda: os.path.exists(started))
         assert not victim.running()
         assert victim.cancel()
         assert victim.cancelled() and victim.done()
@@ -573,13 +565,13 @@ def test_a_running_call_is_cancelled_and_stopped_in_its_worker(tmp_path: Path) -
     started, gate, cleaned = (str(tmp_path / name) for name in ("started", "gate", "cleaned"))
     with _executor(1) as executor:
         future = executor.submit(mark_then_wait, started, gate, cleaned)
-        _until(lambda: os.path.exists(started))
-        _until(future.running)  # the bridge's thread records the hand-over a moment later
+        wait_until(lambda: os.path.exists(started))
+        wait_until(future.running)  # the bridge's thread records the hand-over a moment later
         assert future.cancel()
         assert future.cancelled() and future.done() and not future.running()
         with pytest.raises(futures.CancelledError):
             future.result()
-        _until(lambda: os.path.exists(cleaned))
+        wait_until(lambda: os.path.exists(cleaned))
         assert not os.path.exists(gate)  # it did not simply finish: it was interrupted
         pid = int(Path(started).read_text())
         assert Path(cleaned).read_text() == str(pid)
@@ -605,7 +597,7 @@ def test_concurrent_cancels_agree(tmp_path: Path) -> None:
     with _executor(1) as executor:
         running = executor.submit(mark_then_wait, started, gate)
         queued = [executor.submit(tasks.add, i, i) for i in range(20)]
-        _until(lambda: os.path.exists(started))
+        wait_until(lambda: os.path.exists(started))
         everything = [*queued, running]
         barrier = threading.Barrier(3)
         answers: list[bool] = []
@@ -669,7 +661,7 @@ def test_at_most_prefetch_less_one_calls_wait_behind_a_long_one(tmp_path: Path) 
         flag = tmp_path / "go"
         long = executor.submit(tasks.wait_for_file, str(flag), BOUND)
         short = [executor.submit(tasks.square, i) for i in range(20)]
-        _until(lambda: sum(f.done() for f in short) >= len(short) - 3)
+        wait_until(lambda: sum(f.done() for f in short) >= len(short) - 3)
         assert not long.done()
         flag.touch()
         assert [f.result(timeout=BOUND) for f in short] == [i * i for i in range(20)]
@@ -687,9 +679,9 @@ def test_shutdown_cancel_futures_cancels_calls_sent_ahead_too(tmp_path: Path) ->
         executor.submit(mark_then_wait, str(tmp_path / f"started-{i}"), str(gate))
         for i in range(16)
     ]
-    _until(lambda: len(list(tmp_path.glob("started-*"))) == 2)
+    wait_until(lambda: len(list(tmp_path.glob("started-*"))) == 2)
     executor.shutdown(wait=False, cancel_futures=True)  # the bridge cancels them soon after
-    _until(lambda: sum(f.cancelled() for f in fs) == len(fs) - 2)
+    wait_until(lambda: sum(f.cancelled() for f in fs) == len(fs) - 2)
     gate.touch()
     assert not futures.wait(fs, timeout=BOUND).not_done
     ran = [f for f in fs if not f.cancelled()]

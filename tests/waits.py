@@ -4,6 +4,7 @@ bounds are generous, so a slow CI machine still passes. Never a fixed sleep."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -26,3 +27,12 @@ async def until(predicate: Callable[[], bool], timeout: float = BOUND) -> None:
             await asyncio.sleep(0.01)
 
     await asyncio.wait_for(check(), timeout)
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = BOUND) -> None:
+    """``until`` for code without an event loop: poll predicate() every 5 ms, failing the
+    test after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "gave up waiting"
+        time.sleep(0.005)
