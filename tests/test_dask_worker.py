@@ -171,15 +171,21 @@ def no_leaks() -> Iterator[None]:
 
 
 def _connections_to_children() -> set[int]:
-    """The fds of this process that are TCP connections to one of its child processes."""
+    """The fds of this process that are TCP connections to one of its child processes, or
+    that the scheduler in this process accepted (a worker's pooled connection whose other
+    end has gone, closing, no longer names a child). A client's own end, connecting to the
+    scheduler, is neither: a client left open is still counted."""
     ports: set[int] = set()
     for child in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.Error):
             ports.update(conn.laddr.port for conn in child.net_connections(kind="tcp"))
+    connections = psutil.Process().net_connections(kind="tcp")
+    listening = {conn.laddr.port for conn in connections if conn.status == psutil.CONN_LISTEN}
     return {
         conn.fd
-        for conn in psutil.Process().net_connections(kind="tcp")
-        if conn.raddr and conn.raddr.port in ports
+        for conn in connections
+        if (conn.raddr and conn.raddr.port in ports)
+        or (conn.status != psutil.CONN_LISTEN and conn.laddr and conn.laddr.port in listening)
     }
 
 
