@@ -4,13 +4,34 @@ worker, shutdown with jobs in every state, and terminate against a stubborn work
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 import corral
 from tests import tasks
+from tests.waits import bounded, until, wait_until
+
+
+def exit_soon_once(marker: str, delay: float) -> None:
+    """Initializer: the first worker to run it (the one that creates marker) exits with
+    code 0 delay seconds later, after it has announced itself; later ones start normally."""
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    threading.Timer(delay, os._exit, (0,)).start()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 @pytest.mark.timeout(60)
@@ -68,3 +89,23 @@ async def test_terminate_does_not_hang_on_a_worker_that_ignores_sigterm() -> Non
     await asyncio.wait_for(pool.terminate(), 10)
     assert time.monotonic() - started < 5
     assert job.cancelled()
+
+
+@pytest.mark.timeout(60)
+async def test_a_worker_dead_before_start_resumes_is_replaced_not_served(tmp_path: Path) -> None:
+    """The first worker announces itself, then exits while the parent's loop is blocked, so
+    its UP and its death are handled together before start() resumes: the pool counts it as
+    a failed start and starts another, instead of marking the dead worker ready and failing
+    every job sent to it."""
+    pool = corral.Pool(1, initializer=exit_soon_once, initargs=(str(tmp_path / "once"), 0.3))
+    starting = asyncio.create_task(pool.start())
+    await until(lambda: any(w.pid for w in pool.stats().workers))
+    (first,) = [w.pid for w in pool.stats().workers if w.pid]
+    assert first is not None
+    wait_until(lambda: _gone(first))  # the loop stays blocked until the worker has exited
+    try:
+        await bounded(starting)
+        assert await bounded(pool.run(tasks.pid)) != first
+        assert await bounded(pool.run(tasks.add, 1, 2)) == 3
+    finally:
+        await bounded(pool.close())

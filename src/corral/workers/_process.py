@@ -192,6 +192,7 @@ class ProcessWorker(Worker):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._linger: asyncio.TimerHandle | None = None
         self._expected_exit = False
+        self._exitcode: int | None = None  # once it is DEAD (None: unknown)
 
     @property
     def pid(self) -> int | None:
@@ -227,6 +228,13 @@ class ProcessWorker(Worker):
         except BaseException:  # the initializer raised, the process died, or cancelled
             await self.kill()  # when start() raises, nothing of the worker is left
             raise
+        if self.state is WorkerState.DEAD:
+            # It said UP, then died before this task resumed (its UP and its death handled
+            # in one turn of a busy loop). Its death was not reported, since it was still
+            # STARTING: marking it READY would have the queue send jobs to a dead worker.
+            raise WorkerStartupError(
+                1, f"{self.name} {_how(self._exitcode)} right after announcing itself"
+            )
         self.state = WorkerState.READY
 
     def _launch(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -503,14 +511,9 @@ class ProcessWorker(Worker):
             error = WorkerLostError(self.name, signal=-exitcode)
         else:
             error = WorkerLostError(self.name, exitcode=exitcode)
+        self._exitcode = exitcode
         if self._up is not None and not self._up.done():
-            if exitcode is None:
-                how = "died"
-            elif exitcode < 0:
-                how = f"was killed by signal {-exitcode}"
-            else:
-                how = f"exited with code {exitcode}"
-            reason = f"{self.name} {how} before announcing itself"
+            reason = f"{self.name} {_how(exitcode)} before announcing itself"
             self._up.set_exception(WorkerStartupError(1, reason))
             self._up.exception()  # retrieved: start() may already have given up on it
         unstarted: list[Job[Any]] = []
@@ -571,6 +574,15 @@ class ProcessWorker(Worker):
     def __del__(self) -> None:
         if self.state not in (WorkerState.NEW, WorkerState.DEAD) and not sys.is_finalizing():
             self.kill_now()
+
+
+def _how(exitcode: int | None) -> str:
+    """How a process ended, from its exit code (None: unknown)."""
+    if exitcode is None:
+        return "died"
+    if exitcode < 0:
+        return f"was killed by signal {-exitcode}"
+    return f"exited with code {exitcode}"
 
 
 def _began(job: Job[Any], started_id: int) -> bool:
