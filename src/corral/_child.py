@@ -75,7 +75,9 @@ class Channels(NamedTuple):
     results_region: Connection  # memfd of the region for large results
 
 
-def main(channels: Channels, setup: bytes, inherited: list[int]) -> None:
+def main(
+    channels: Channels, setup: bytes | tuple[Any, tuple[Any, ...]], inherited: list[int]
+) -> None:
     """Entry point of a worker process (the target of its ``multiprocessing.Process``).
 
 
@@ -151,6 +153,16 @@ def _let_go_of_the_forkserver() -> None:
         with contextlib.suppress(OSError):
             os.close(fd)
         server._forkserver_alive_fd = None  # type: ignore[union-attr]
+
+
+def _unpack_setup(setup: bytes | tuple[Any, tuple[Any, ...]]) -> tuple[Any, tuple[Any, ...]]:
+    """The initializer and its arguments: pickled by corral (a frame), or carried as they
+    are by multiprocessing (they hold objects only inheritance may hand over)."""
+    if isinstance(setup, bytes):
+        (setup_frame,) = FrameDecoder().feed(setup)
+        initializer, initargs = loads(setup_frame.kind, setup_frame.body)
+        return initializer, initargs
+    return setup
 
 
 # A stream's batches grow to this many items while producing one takes under a quarter of
@@ -235,11 +247,10 @@ class _Worker:
         if limit:
             raise SoftTimeLimitExceeded(limit)
 
-    def serve(self, setup: bytes) -> None:
+    def serve(self, setup: bytes | tuple[Any, tuple[Any, ...]]) -> None:
         """Run the initializer, say UP, and answer calls until the parent closes the pipe."""
         try:
-            (setup_frame,) = FrameDecoder().feed(setup)
-            initializer, initargs = loads(setup_frame.kind, setup_frame.body)
+            initializer, initargs = _unpack_setup(setup)
             if initializer is not None:
                 initializer(*initargs)
         except BaseException as exc:

@@ -51,9 +51,14 @@ REPORT = 16  # corral.report(obj) in a running call; body: pickle of obj
 OUT_OF_BAND = 0x80  # flag on kind: the body starts with a table of out-of-band buffers
 SHARED = 0x40  # flag on kind: those buffers lie in the sender's shared region, not the body
 KIND_MASK = 0x3F
+# Set by the receiving decoder, never sent: there was no memory for the body, so it was
+# read and thrown away; ``loads`` raises MemoryError for it. With OUT_OF_BAND, so that the
+# common small frame's path in ``loads`` tests nothing more.
+DROPPED = 0x100 | OUT_OF_BAND
 
 HEADER = struct.Struct("<QQB")
 _COUNT = struct.Struct("<I")
+_LENGTH = struct.Struct("<Q")
 
 # Buffers smaller than this travel inside the pickle: a separate iovec and table entry cost
 # more than copying a few KiB, while above it skipping the copy wins.
@@ -152,6 +157,9 @@ def loads(
     or of the sender's shared region, which ``region(size)`` returns, for a SHARED frame."""
     if not kind & OUT_OF_BAND:
         return pickle.loads(body)
+    if kind & DROPPED == DROPPED:
+        (length,) = _LENGTH.unpack(body)
+        raise MemoryError(f"there was no memory to receive its {length:,} bytes")
     view = memoryview(body)
     (count,) = _COUNT.unpack_from(view, 0)
     lengths = struct.unpack_from(f"<{count}Q", view, _COUNT.size)
@@ -414,6 +422,7 @@ class FrameDecoder:
         self._big_view = memoryview(b"")  # the part of it the body fills
         self._big_filled = 0
         self._big_head = (0, 0)  # kind, job of the big frame
+        self._skip = 0  # bytes still to throw away of a body there was no memory for
 
     def get_buffer(self) -> memoryview:
         """Where the next read should go (never empty)."""
@@ -440,6 +449,10 @@ class FrameDecoder:
             self._big, self._big_view = None, memoryview(b"")
             return [Frame(kind, job, body), *self._parse()]
         self._end += nbytes
+        if self._skip:
+            dropped = min(self._skip, self._end - self._start)
+            self._skip -= dropped
+            self._start += dropped
         return self._parse()
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
@@ -473,7 +486,15 @@ class FrameDecoder:
                 start = body + length
             elif length > len(buf) // 2:
                 have = end - body
-                big = _take_spare(length)
+                try:
+                    big = _take_spare(length)
+                except MemoryError:
+                    # Only this frame is lost: its body is skipped as it arrives, the
+                    # frames after it still decode, and its receiver learns why.
+                    frames.append(Frame(kind | DROPPED, job, _LENGTH.pack(length)))
+                    self._skip = length - have
+                    start = end
+                    break
                 big_view = memoryview(big)[:length]
                 big_view[:have] = view[body:end]
                 self._big, self._big_view = big, big_view

@@ -142,6 +142,25 @@ def _kill_leftovers() -> None:
         worker.kill_now()
 
 
+def _setup(initializer: Any, initargs: tuple[Any, ...]) -> bytes | tuple[Any, tuple[Any, ...]]:
+    """What the child needs to run the initializer: pickled here, so a lambda or a closure
+    travels (cloudpickle) and one that cannot travel fails at the call that gave it.
+
+    A multiprocessing ``Lock``, ``Queue``, ``Event`` or ``Value`` refuses to be pickled
+    except while a process is being started (it shares an OS object, which only
+    inheritance may hand over): such a setup is handed to ``Process`` as it is, for
+    multiprocessing to carry across as it does for ``multiprocessing.Pool``.
+    """
+    try:
+        return b"".join(frame(CALL, 0, dumps((initializer, initargs))))  # the child decodes it
+    except RuntimeError:  # "... should only be shared between processes through inheritance"
+        return (initializer, initargs)
+    except Exception as exc:
+        raise SerializationError(
+            "the initializer or its arguments", "in the parent", f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
 class ProcessWorker(Worker):
     """A worker process whose pipes the event loop drives."""
 
@@ -169,13 +188,7 @@ class ProcessWorker(Worker):
             raise ValueError(f"startup_timeout must be positive, not {startup_timeout!r}")
         self.start_method = method
         self.startup_timeout = startup_timeout
-        try:
-            setup = dumps((initializer, tuple(initargs)))
-        except Exception as exc:
-            raise SerializationError(
-                "the initializer or its arguments", "in the parent", f"{type(exc).__name__}: {exc}"
-            ) from exc
-        self._setup = b"".join(frame(CALL, 0, setup))  # one frame; the child decodes it
+        self._setup = _setup(initializer, tuple(initargs))
         self._host: WorkerHost | None = None
         self._process: BaseProcess | None = None
         self._reader: LoopReader | None = None
@@ -429,14 +442,21 @@ class ProcessWorker(Worker):
                     overdue.cancel()
                 value, error = self._decode_outcome(k, kind, body, job)
                 host.job_done(self, job, value, error)
-            elif k == ITEMS:
+            elif k in (ITEMS, REPORT):
                 entry = sent.get(job_id)
-                if entry is not None:
-                    host.job_items(self, entry[0], loads(kind, body))
-            elif k == REPORT:
-                entry = sent.get(job_id)
-                if entry is not None:
-                    host.job_report(self, entry[0], loads(kind, body))
+                if entry is None:
+                    continue
+                job = entry[0]
+                try:
+                    obj = loads(kind, body)
+                except BaseException as decode_exc:  # see _decode_outcome
+                    what = "items of the stream" if k == ITEMS else "a report"
+                    self._abandon(job, _unpickling_failed(what, decode_exc))
+                    continue
+                if k == ITEMS:
+                    host.job_items(self, job, obj)
+                else:
+                    host.job_report(self, job, obj)
             elif k == ACK:  # asked for by calls with a hard time limit
                 entry = sent.get(job_id)
                 if entry is not None:
@@ -463,20 +483,30 @@ class ProcessWorker(Worker):
                     value, job.run_time = loads(kind, body)
                     return value, None
                 assert self._regions is not None and self._page is not None
-                value, job.run_time = loads(kind, body, self._regions[1].view)
-                self._page.words[RESULTS_TAKEN] += 1  # copied out: the region is free
+                try:
+                    value, job.run_time = loads(kind, body, self._regions[1].view)
+                finally:
+                    self._page.words[RESULTS_TAKEN] += 1  # copied out, or given up: it is free
                 return value, None
             exc, tb, job.run_time = loads(kind, body)
-        except Exception as decode_exc:
+        # Whatever unpickling raises is this call's failure, not the loop's: MemoryError (no
+        # room for the body: the decoder skipped it, the worker is fine), or SystemExit and
+        # KeyboardInterrupt raised by a __reduce__ target, which would otherwise stop the
+        # event loop and with it every other call.
+        except BaseException as decode_exc:
             what = "the result" if k == RESULT else "the exception"
-            error = SerializationError(
-                what,
-                "in the parent",
-                f"unpickling failed: {type(decode_exc).__name__}: {decode_exc}",
-            )
-            return None, error
+            return None, _unpickling_failed(what, decode_exc)
         exc.__cause__ = RemoteTraceback(tb)
         return None, exc
+
+    def _abandon(self, job: Job[Any], error: BaseException) -> None:
+        """Fail job now, though its worker still runs it: stop it there (a stream is closed,
+        a running call interrupted) and drop whatever it still sends for it."""
+        self.cancel(job)
+        del self._sent[job.id]
+        self.tasks_done += 1
+        assert self._host is not None
+        self._host.job_done(self, job, None, error)
 
     def _on_eof(self) -> None:
         # The child closed its out-pipe: it is exiting, and the death fd will say so. One
@@ -583,6 +613,16 @@ def _how(exitcode: int | None) -> str:
     if exitcode < 0:
         return f"was killed by signal {-exitcode}"
     return f"exited with code {exitcode}"
+
+
+def _unpickling_failed(what: str, exc: BaseException) -> SerializationError:
+    """The error of a call whose outcome (what) the parent could not unpickle; exc is the
+    cause."""
+    error = SerializationError(
+        what, "in the parent", f"unpickling failed: {type(exc).__name__}: {exc}"
+    )
+    error.__cause__ = exc
+    return error
 
 
 def _began(job: Job[Any], started_id: int) -> bool:

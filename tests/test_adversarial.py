@@ -1,0 +1,175 @@
+"""What crosses between parent and worker survives hostile tasks and a hostile OS: tasks
+that close fds they do not own, fds and memory running out, unpickling that blocks or
+raises, a fork that fails, and objects only inheritance may carry."""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import corral
+from tests import tasks
+from tests.waits import bounded
+
+START_METHODS = ["fork", "forkserver", "spawn"]
+
+# What an initializer received, kept in the worker for the tasks below.
+_shared: dict[str, Any] = {}
+
+
+def keep_primitives(lock: Any, queue: Any, event: Any, value: Any) -> None:
+    """Initializer: keep the multiprocessing primitives every worker was handed."""
+    _shared.update(lock=lock, queue=queue, event=event, value=value)
+
+
+def use_primitives(n: int) -> int:
+    """Count n in the shared value under the shared lock, announce it on the queue and set
+    the event: every primitive works in the worker."""
+    with _shared["lock"]:
+        _shared["value"].value += n
+        total = int(_shared["value"].value)
+    _shared["queue"].put(n)
+    _shared["event"].set()
+    return total
+
+
+@pytest.fixture(scope="module")
+def shared_heap() -> Any:
+    """multiprocessing's shared heap, opened before the leak check counts fds: its first
+    ``Value`` opens a file the heap keeps for the rest of the process."""
+    return multiprocessing.RawValue("i", 0)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.usefixtures("shared_heap")
+@pytest.mark.parametrize("start_method", START_METHODS)
+async def test_multiprocessing_primitives_in_initargs(start_method: str) -> None:
+    """A Lock, Queue, Event and Value of the pool's start method, passed in initargs (the
+    standard way to share one with every worker), reach each worker as the same objects,
+    as with multiprocessing.Pool: they are handed over as the process starts, not refused
+    at construction."""
+    ctx = multiprocessing.get_context(start_method)
+    lock, queue, event, value = ctx.Lock(), ctx.Queue(), ctx.Event(), ctx.Value("i", 0)
+    try:
+        async with corral.Pool(
+            2,
+            start_method=start_method,
+            initializer=keep_primitives,
+            initargs=(lock, queue, event, value),
+        ) as pool:
+            await bounded(pool.map(use_primitives, [1, 2, 3, 4]))
+        assert value.value == 10
+        assert event.is_set()
+        assert sorted(queue.get(timeout=30) for _ in range(4)) == [1, 2, 3, 4]
+    finally:
+        queue.close()
+        queue.join_thread()
+        del queue, pool
+        gc.collect()  # the pool's reference cycles hold the queue, and with it its pipe
+
+
+def test_unpicklable_initializer_still_fails_at_the_call() -> None:
+    """An initializer argument that no pickler can carry (a thread lock) is still refused
+    when the pool is made, naming what failed, not when a worker starts."""
+    import threading
+
+    with pytest.raises(corral.SerializationError, match="initializer"):
+        corral.Pool(1, initializer=keep_primitives, initargs=(threading.Lock(), 0, 0, 0))
+
+
+def _raise(name: str) -> None:
+    """Raise the named BaseException (the parent calls it, unpickling a result)."""
+    raise {"SystemExit": SystemExit, "KeyboardInterrupt": KeyboardInterrupt}[name]()
+
+
+class RaisesInTheParent:
+    """A result that pickles fine in the worker and raises name when unpickled."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_raise, (self.name,))
+
+
+def make_raising_result(name: str) -> RaisesInTheParent:
+    """Return a result whose unpickling raises the BaseException name."""
+    return RaisesInTheParent(name)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", ["SystemExit", "KeyboardInterrupt"])
+async def test_base_exception_unpickling_a_result_fails_only_that_call(name: str) -> None:
+    """SystemExit or KeyboardInterrupt raised while the parent unpickles a result becomes
+    that call's SerializationError, with the exception as its cause; the event loop and the
+    worker go on (the same process answers the next call)."""
+    async with corral.Pool(1) as pool:
+        before = await bounded(pool.run(tasks.pid))
+        with pytest.raises(corral.SerializationError, match=name) as caught:
+            await bounded(pool.run(make_raising_result, name))
+        assert type(caught.value.__cause__).__name__ == name
+        assert await bounded(pool.run(tasks.pid)) == before
+
+
+OUT_OF_MEMORY_SCRIPT = """
+import asyncio, resource, sys
+import corral, psutil, uvloop
+
+def big_list(n):
+    return [b"x" * n]  # in band: the whole body comes through the pipe
+
+def pid():
+    import os
+    return os.getpid()
+
+async def main():
+    async with corral.Pool(1) as pool:
+        before = await pool.run(pid)
+        # From here the parent cannot allocate 256 MiB more (the worker can).
+        vms = psutil.Process().memory_info().vms
+        resource.setrlimit(resource.RLIMIT_AS, (vms + 128 * 2**20, resource.RLIM_INFINITY))
+        try:
+            await pool.run(big_list, 256 * 2**20)
+        except corral.SerializationError as exc:
+            assert "MemoryError" in str(exc), exc
+        else:
+            raise AssertionError("the result arrived")
+        after = await pool.run(pid)
+        assert after == before, (before, after)
+        assert await pool.run(big_list, 10) == [b"x" * 10]
+    print("ok")
+
+if __name__ == "__main__":
+    factory = uvloop.new_event_loop if sys.argv[1] == "uvloop" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main())
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_parent_out_of_memory_for_a_result_fails_only_that_call(loop: str, tmp_path: Path) -> None:
+    """When the parent has no memory for a large result's body (a real MemoryError, under
+    RLIMIT_AS in a process of its own), that call fails with SerializationError naming the
+    MemoryError; the worker is not taken for killed, and the same process serves on (the
+    body is skipped as it arrives, so the frames after it still decode)."""
+    script = tmp_path / "oom.py"
+    script.write_text(OUT_OF_MEMORY_SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script), loop],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
