@@ -9,7 +9,6 @@ import multiprocessing
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -173,3 +172,35 @@ def test_parent_out_of_memory_for_a_result_fails_only_that_call(loop: str, tmp_p
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def corral_memory() -> set[int]:
+    """The inodes of the corral memfds this process maps or holds an fd of."""
+    found = set()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if "memfd:corral" in line:
+                found.add(int(line.split()[4]))
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:corral"):
+                found.add(os.fstat(int(fd)).st_ino)
+        except OSError:
+            continue  # the fd listing's own fd, closed by now
+    return found
+
+
+@pytest.mark.timeout(60)
+async def test_forked_worker_holds_no_sibling_memory() -> None:
+    """Under fork, each worker maps and holds only its own shared page and payload regions:
+    none of a sibling's (which it would otherwise inherit from the parent), so it can
+    neither touch a sibling's acknowledgements and payloads nor keep a dead sibling's
+    memory allocated."""
+    async with corral.Pool(3, start_method="fork") as pool:
+        await bounded(pool.run(tasks.make_bytes, 4 << 20))  # a region grown and in use
+        held = await bounded(pool.broadcast(corral_memory))
+    assert len(held) == 3
+    assert all(held), held  # each maps its own
+    for i, mine in enumerate(held):
+        for other in held[i + 1 :]:
+            assert not mine & other, (mine, other)

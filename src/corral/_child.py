@@ -32,7 +32,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._errors import SerializationError, SoftTimeLimitExceeded
 from ._report import set_reporter
-from ._shared import ARGS_TAKEN, RESULTS_TAKEN, STARTED, SharedPage, SharedRegion
+from ._shared import (
+    ARGS_TAKEN,
+    RESULTS_TAKEN,
+    STARTED,
+    SharedPage,
+    SharedRegion,
+    release_inherited,
+)
 from ._wire import (
     ACK,
     CALL,
@@ -95,6 +102,7 @@ def main(
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     with contextlib.suppress(ValueError):  # a forked child must not poke the parent's loop
         signal.set_wakeup_fd(-1)
+    release_inherited()  # forked: the siblings' memory is none of this worker's business
     page = SharedPage(channels.page.fileno())
     channels.page.close()
     args_region = SharedRegion(os.dup(channels.args_region.fileno()))

@@ -15,8 +15,22 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import weakref
 
 SIZE = mmap.PAGESIZE
+
+# Every page and region mapped in this process. A child made by fork inherits all of them,
+# its siblings' included: it would hold their memory alive (a dead worker's region, grown
+# to the largest payload it ever carried, would outlive it) and could read and write their
+# acknowledgements and payloads. ``release_inherited`` lets go of them.
+_mapped: weakref.WeakSet[SharedPage | SharedRegion] = weakref.WeakSet()
+
+
+def release_inherited() -> None:
+    """Unmap and close every page and region this process inherited (in a forked worker,
+    before it maps its own; elsewhere there are none)."""
+    for shared in list(_mapped):
+        shared.close()
 
 
 class SharedPage:
@@ -27,6 +41,7 @@ class SharedPage:
         self.words = memoryview(self._map).cast("Q")  # words[0]: the job id started last
         self._seen = 0  # the cancellation count last read (worker's side)
         self._cancelled: set[int] = set()
+        _mapped.add(self)
 
     @classmethod
     def create(cls) -> tuple[SharedPage, int]:
@@ -88,6 +103,7 @@ class SharedRegion:
         self._fd = fd
         self._map = mmap.mmap(fd, os.fstat(fd).st_size)
         self.sent = 0  # payloads written (the sender's count; the receiver's is in the page)
+        _mapped.add(self)
 
     @classmethod
     def create(cls) -> tuple[SharedRegion, int]:
