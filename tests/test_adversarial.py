@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -204,3 +205,58 @@ async def test_forked_worker_holds_no_sibling_memory() -> None:
     for i, mine in enumerate(held):
         for other in held[i + 1 :]:
             assert not mine & other, (mine, other)
+
+
+class QuietHost:
+    """A host for a lone ProcessWorker that only needs to start and stop."""
+
+    def job_started(self, worker: Any, job: Any) -> None: ...
+    def job_items(self, worker: Any, job: Any, items: Any) -> None: ...
+    def job_report(self, worker: Any, job: Any, obj: Any) -> None: ...
+    def job_done(self, worker: Any, job: Any, value: Any, error: Any) -> None: ...
+    def worker_lost(self, *args: Any) -> None: ...
+
+
+def _open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("start_method", ["fork", "forkserver"])
+async def test_running_out_of_fds_while_starting_a_worker(start_method: str) -> None:
+    """With the fd limit set so that creating a worker runs out of fds (EMFILE) at each
+    step in turn, the start fails with WorkerStartupError and leaves nothing behind: no fd
+    (no memfd either), no process, and no fd number closed twice, which would close files
+    the program opened in the meantime once the stray owner is collected."""
+    from corral.workers import ProcessWorker
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    failures = 0
+    for spare in range(40):
+        before = _open_fds()
+        lowest = min(set(range(max(before) + 2)) - before)
+        worker = ProcessWorker(start_method=start_method)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest + spare, hard))
+        try:
+            await bounded(worker.start(QuietHost()))  # type: ignore[arg-type]
+        except corral.WorkerStartupError:
+            failures += 1
+            started = False
+        else:
+            started = True
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        if started:
+            await bounded(worker.stop())
+        # The program opens files; a stray owner of a number closed already closes them.
+        files = [os.open(os.devnull, os.O_RDONLY) for _ in range(12)]
+        identities = [os.fstat(fd).st_ino for fd in files]
+        del worker
+        gc.collect()
+        assert [os.fstat(fd).st_ino for fd in files] == identities
+        for fd in files:
+            os.close(fd)
+        assert _open_fds() == before, f"with {spare} fds to spare"
+        if started:
+            break
+    assert failures >= 5  # it ran out at several different steps before it could start

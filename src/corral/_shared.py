@@ -16,8 +16,11 @@ import contextlib
 import mmap
 import os
 import weakref
+from collections.abc import Callable
+from typing import TypeVar
 
 SIZE = mmap.PAGESIZE
+T = TypeVar("T")
 
 # Every page and region mapped in this process. A child made by fork inherits all of them,
 # its siblings' included: it would hold their memory alive (a dead worker's region, grown
@@ -47,7 +50,7 @@ class SharedPage:
     def create(cls) -> tuple[SharedPage, int]:
         """A new page and the fd to hand to the worker (the caller closes it)."""
         fd = _memfd("corral-worker")
-        return cls(fd), fd
+        return _owning(cls, fd), fd
 
     def cancel(self, job: int) -> None:
         """Name job as cancelled (the parent's side): it will not start, and if it is
@@ -109,7 +112,7 @@ class SharedRegion:
     def create(cls) -> tuple[SharedRegion, int]:
         """A new region; the returned fd is the region's own (do not close it)."""
         fd = _memfd("corral-payload")
-        return cls(fd), fd
+        return _owning(cls, fd), fd
 
     def write(self, buffers: list[memoryview]) -> bool:
         """Copy buffers in, one after another, growing the region as needed.
@@ -143,6 +146,15 @@ class SharedRegion:
             with contextlib.suppress(BufferError):  # a view is held: it goes when that does
                 self._map.close()
             os.close(fd)
+
+
+def _owning(cls: Callable[[int], T], fd: int) -> T:
+    """cls(fd), closing fd if that fails (mapping dups the fd: it may find none left)."""
+    try:
+        return cls(fd)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _memfd(name: str) -> int:

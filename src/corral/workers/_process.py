@@ -251,72 +251,78 @@ class ProcessWorker(Worker):
         self.state = WorkerState.READY
 
     def _launch(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Create the pipes and the process; only the parent's ends stay open here."""
+        """Create the pipes, the shared memory and the process; only the parent's ends stay
+        open here.
+
+        Anything may fail half-way (no fd left: EMFILE; no process: EAGAIN). Each fd has one
+        owner from the moment it exists, and one closer: the child's ends their
+        ``Connection`` (closed here once the child has them), the parent's pipe ends their
+        ``LoopReader``/``LoopWriter``, the memfds their page or region. A failure undoes
+        what was made, closing each once: a number closed twice may by then be a file of
+        the program's own.
+        """
         ctx: BaseContext = multiprocessing.get_context(self.start_method)
         if self.start_method == "forkserver":
             _preload_in_forkserver(ctx)
-        in_r, in_w = os.pipe()
-        out_r, out_w = os.pipe()
-        enlarge(in_w)
-        enlarge(out_w)
-        inherited = [*open_fds(), in_w, out_r] if self.start_method == "fork" else []
-        child_in = Connection(in_r, writable=False)
-        child_out = Connection(out_w, readable=False)
-        try:
+        with contextlib.ExitStack() as child_ends, contextlib.ExitStack() as undo:
+            in_r, in_w = os.pipe()
+            child_in = child_ends.enter_context(Connection(in_r, writable=False))
+            writer = LoopWriter(loop, in_w, self._on_write_error)
+            undo.callback(writer.close)
+            out_r, out_w = os.pipe()
+            child_out = child_ends.enter_context(Connection(out_w, readable=False))
+            reader = LoopReader(loop, out_r, FrameDecoder(), self._on_frames, self._on_eof)
+            undo.callback(reader.close)
+            enlarge(in_w)
+            enlarge(out_w)
             page, page_fd = SharedPage.create()
-            (args_region, args_fd), (results_region, results_fd) = (
-                SharedRegion.create(),
-                SharedRegion.create(),
+            undo.callback(page.close)
+            child_page = child_ends.enter_context(Connection(page_fd))
+            # The regions keep their own fds, so the child gets copies.
+            args_region, args_fd = SharedRegion.create()
+            undo.callback(args_region.close)
+            child_args = child_ends.enter_context(Connection(os.dup(args_fd)))
+            results_region, results_fd = SharedRegion.create()
+            undo.callback(results_region.close)
+            child_results = child_ends.enter_context(Connection(os.dup(results_fd)))
+            # Connections carry fds through every start method (pass_fds, SCM_RIGHTS or
+            # fork). A forked child also gets every parent-side pipe end, these included.
+            channels = _child.Channels(child_in, child_out, child_page, child_args, child_results)
+            inherited = open_fds() if self.start_method == "fork" else []
+            process = ctx.Process(  # type: ignore[attr-defined]
+                target=_child.main,
+                args=(channels, self._setup, inherited),
+                name=f"corral-{self.name}",
             )
-        except BaseException:
-            for fd in (in_r, in_w, out_r, out_w):
-                os.close(fd)
-            raise
-        # Connections carry fds through every start method (pass_fds, SCM_RIGHTS or fork);
-        # the regions keep their own fds, so the child gets copies.
-        channels = _child.Channels(
-            child_in,
-            child_out,
-            Connection(page_fd),
-            Connection(os.dup(args_fd)),
-            Connection(os.dup(results_fd)),
-        )
-        process = ctx.Process(  # type: ignore[attr-defined]
-            target=_child.main,
-            args=(channels, self._setup, inherited),
-            name=f"corral-{self.name}",
-        )
-        # Born with SIGINT blocked (the mask survives fork, exec and the forkserver), the
-        # child ignores it before unblocking: a Ctrl-C during its start-up cannot print a
-        # KeyboardInterrupt traceback from it. Here it is only held for the moment of start.
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            process.start()
-        except BaseException:
-            os.close(in_w)
-            os.close(out_r)
-            page.close()
-            args_region.close()
-            results_region.close()
-            raise
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)
-            for connection in channels:
-                connection.close()
+            # Born with SIGINT blocked (the mask survives fork, exec and the forkserver), the
+            # child ignores it before unblocking: a Ctrl-C during its start-up cannot print
+            # a KeyboardInterrupt traceback from it. Here it is only held for the moment of
+            # start.
+            _check_fd_room(in_w)
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                process.start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
+            undo.callback(_reap, process)  # run first: the process goes before its pipes
+            if self.start_method != "forkserver" and hasattr(os, "pidfd_open"):
+                # Readable once the process is a zombie, so its exit status is ready to reap.
+                death_fd = os.pidfd_open(process.pid)
+                owns_death_fd = True
+            else:
+                # The forkserver reaps its children and writes the status to this pipe.
+                death_fd = process.sentinel
+                owns_death_fd = False
+            undo.pop_all()
         self._process = process
         self._pid = process.pid
         self._page = page
         self._regions = (args_region, results_region)
+        self._reader = reader
+        self._writer = writer
+        self._death_fd = death_fd
+        self._owns_death_fd = owns_death_fd
         _live.add(self)
-        self._reader = LoopReader(loop, out_r, FrameDecoder(), self._on_frames, self._on_eof)
-        self._writer = LoopWriter(loop, in_w, self._on_write_error)
-        if self.start_method != "forkserver" and hasattr(os, "pidfd_open"):
-            # Readable once the process is a zombie, so its exit status is ready to reap.
-            self._death_fd = os.pidfd_open(process.pid)
-            self._owns_death_fd = True
-        else:
-            # The forkserver reaps its children and writes the status to this pipe.
-            self._death_fd = process.sentinel
         loop.add_reader(self._death_fd, self._on_death)
 
     def send(self, job: Job[Any]) -> None:
@@ -613,6 +619,34 @@ def _how(exitcode: int | None) -> str:
     if exitcode < 0:
         return f"was killed by signal {-exitcode}"
     return f"exited with code {exitcode}"
+
+
+# The fds starting a process takes at once: multiprocessing's fork and forkserver starts
+# make two pipes (and the forkserver's a socket and a copy), and a pidfd follows.
+START_FDS = 6
+
+
+def _check_fd_room(fd: int) -> None:
+    """Raise EMFILE unless START_FDS more fds can be opened now.
+
+    When multiprocessing's fork or forkserver start cannot make its second pipe, it leaks
+    the first; asking first keeps that from happening, except to a thread that takes the
+    last fds in between.
+    """
+    copies: list[int] = []
+    try:
+        for _ in range(START_FDS):
+            copies.append(os.dup(fd))
+    finally:
+        for copy in copies:
+            os.close(copy)
+
+
+def _reap(process: BaseProcess) -> None:
+    """Kill a process whose start could not be completed, wait for it, and close it."""
+    process.kill()
+    process.join()
+    process.close()
 
 
 def _unpickling_failed(what: str, exc: BaseException) -> SerializationError:
