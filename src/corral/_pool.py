@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, Self
@@ -412,6 +413,13 @@ class Pool(TaskQueue):
             super()._startup_failed(worker, exc)  # attached by the caller: theirs to handle
             return
         self._own.discard(worker)
+        if self._state.value != "closed" and _killed_from_outside(exc):
+            # SIGKILL is no fault of the worker's start-up (another process sent it, or the
+            # OOM killer): the next start may well succeed, so it is not counted towards
+            # giving up. Chaos that kills workers in their first milliseconds must not
+            # break the pool.
+            self._add_worker()
+            return
         if isinstance(exc, WorkerLostError):
             exc = WorkerStartupError(1, f"{worker.name} died while starting: {exc}")
         assert isinstance(exc, WorkerStartupError)
@@ -478,6 +486,17 @@ class Pool(TaskQueue):
             self._check_drained()
             return
         self._add_worker()
+
+
+def _killed_from_outside(exc: CorralError) -> bool:
+    """Whether a failed start was a worker process SIGKILLed while starting (not a broadcast
+    it was replaying: one that kills every worker must still stop the pool retrying)."""
+    cause = exc.__cause__
+    return (
+        isinstance(exc, WorkerStartupError)
+        and isinstance(cause, WorkerLostError)
+        and cause.signal == signal.SIGKILL
+    )
 
 
 def check_cluster_options(options: dict[str, Any]) -> None:

@@ -247,7 +247,7 @@ class ProcessWorker(Worker):
             # STARTING: marking it READY would have the queue send jobs to a dead worker.
             raise WorkerStartupError(
                 1, f"{self.name} {_how(self._exitcode)} right after announcing itself"
-            )
+            ) from _lost(self.name, self._exitcode)
         self.state = WorkerState.READY
 
     def _launch(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -541,16 +541,12 @@ class ProcessWorker(Worker):
         was = self.state
         self.state = WorkerState.DEAD
         _live.discard(self)
-        if exitcode is None:
-            error = WorkerLostError(self.name)
-        elif exitcode < 0:
-            error = WorkerLostError(self.name, signal=-exitcode)
-        else:
-            error = WorkerLostError(self.name, exitcode=exitcode)
+        error = _lost(self.name, exitcode)
         self._exitcode = exitcode
         if self._up is not None and not self._up.done():
-            reason = f"{self.name} {_how(exitcode)} before announcing itself"
-            self._up.set_exception(WorkerStartupError(1, reason))
+            failed = WorkerStartupError(1, f"{self.name} {_how(exitcode)} before announcing itself")
+            failed.__cause__ = _lost(self.name, exitcode)  # how it died, for the pool to judge
+            self._up.set_exception(failed)
             self._up.exception()  # retrieved: start() may already have given up on it
         unstarted: list[Job[Any]] = []
         started: list[Job[Any]] = []
@@ -610,6 +606,15 @@ class ProcessWorker(Worker):
     def __del__(self) -> None:
         if self.state not in (WorkerState.NEW, WorkerState.DEAD) and not sys.is_finalizing():
             self.kill_now()
+
+
+def _lost(name: str, exitcode: int | None) -> WorkerLostError:
+    """The error for a worker that ended with exitcode (None: unknown)."""
+    if exitcode is None:
+        return WorkerLostError(name)
+    if exitcode < 0:
+        return WorkerLostError(name, signal=-exitcode)
+    return WorkerLostError(name, exitcode=exitcode)
 
 
 def _how(exitcode: int | None) -> str:
