@@ -4,12 +4,14 @@ raises, a fork that fails, and objects only inheritance may carry."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import multiprocessing
 import os
 import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import pytest
 
 import corral
 from tests import tasks
-from tests.waits import bounded
+from tests.waits import BOUND, bounded, until
 
 START_METHODS = ["fork", "forkserver", "spawn"]
 
@@ -260,3 +262,49 @@ async def test_running_out_of_fds_while_starting_a_worker(start_method: str) -> 
         if started:
             break
     assert failures >= 5  # it ran out at several different steps before it could start
+
+
+def _block_when_unpickled(marker: str) -> None:
+    """Unpickled in the worker: say so in marker, then block (bounded, so a lost kill
+    cannot leave a process behind for ever)."""
+    Path(marker).touch()
+    time.sleep(BOUND)
+
+
+class BlocksWhenUnpickled:
+    """An argument whose unpickling in the worker blocks."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_block_when_unpickled, (self.marker,))
+
+
+@pytest.mark.timeout(90)
+async def test_blocking_unpickling_is_under_the_hard_time_limit(tmp_path: Path) -> None:
+    """An argument whose unpickling blocks cannot escape ``time_limit``: the limit counts
+    from when the worker takes the call up, so the call fails with TimeLimitExceeded, the
+    worker is replaced, the pool serves on and close() returns."""
+    marker = str(tmp_path / "unpickling")
+    async with corral.Pool(1) as pool:
+        with pytest.raises(corral.TimeLimitExceeded):
+            await bounded(pool.run(tasks.identity, BlocksWhenUnpickled(marker), time_limit=0.5))
+        assert os.path.exists(marker)
+        assert await bounded(pool.run(tasks.add, 1, 2)) == 3
+        await bounded(pool.close())
+
+
+@pytest.mark.timeout(90)
+async def test_cancel_interrupts_blocking_unpickling(tmp_path: Path) -> None:
+    """Cancelling a call whose arguments are still being unpickled in the worker stops it
+    there: the caller gets CancelledError, the pool serves on and close() returns."""
+    marker = tmp_path / "unpickling"
+    async with corral.Pool(1) as pool:
+        job = pool.submit(tasks.identity, BlocksWhenUnpickled(str(marker)))
+        await until(marker.exists)
+        job.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await bounded(job)
+        assert await bounded(pool.run(tasks.add, 1, 2)) == 3
+        await bounded(pool.close())

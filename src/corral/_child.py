@@ -36,12 +36,14 @@ from ._shared import (
     ARGS_TAKEN,
     RESULTS_TAKEN,
     STARTED,
+    TAKEN,
     SharedPage,
     SharedRegion,
     release_inherited,
 )
 from ._wire import (
     ACK,
+    ACK_WANTED,
     CALL,
     CLOSE,
     CREDIT,
@@ -367,21 +369,32 @@ class _Worker:
 
     def _call(self, f: Frame) -> None:
         job = f.job
+        # Unpickling runs code of the caller's choosing (a __reduce__ target) that may
+        # block: from here the parent may interrupt it (a cancel) or kill it (a hard limit,
+        # which counts from the ACK, sent before any interrupt can cut it short).
+        self._words[TAKEN] = job
+        if f.kind & ACK_WANTED:
+            self._send(frame(ACK, job))
+        self._running = job  # a cancel interrupts it (SIGUSR1), unpickling or running
         try:
             call = loads(f.kind, f.body, self._args_region.view)
             reference, args = call[0], call[1]
-            soft_limit, ack, credit = call[2:] if len(call) > 2 else (None, False, 0)
+            soft_limit, credit = call[2:] if len(call) > 2 else (None, 0)
             fn = load_function(reference, self._functions)
             if f.kind & SHARED:
                 self._words[ARGS_TAKEN] += 1  # copied out: the parent may reuse the region
         except BaseException as exc:
-            error = SerializationError(
-                "the call", "in the worker", f"unpickling failed: {type(exc).__name__}: {exc}"
+            self._running = 0
+            error = (
+                exc
+                if isinstance(exc, asyncio.CancelledError)
+                else SerializationError(
+                    "the call", "in the worker", f"unpickling failed: {type(exc).__name__}: {exc}"
+                )
             )
             self._send(frame(ERROR, job, dumps_error(error)))
             return
         del f, call
-        self._running = job  # from here a cancel interrupts it (SIGUSR1)
         self._words[STARTED] = job  # the acknowledgement
         # Checked after the acknowledgement, never only before: the parent marks a job
         # cancelled and then reads the acknowledgement, so either the mark is seen here or
@@ -391,8 +404,6 @@ class _Worker:
             self._running = 0
             self._send(frame(ERROR, job, dumps_error(asyncio.CancelledError())))
             return
-        if ack:
-            self._send(frame(ACK, job))
         if soft_limit:
             self._soft_limit = soft_limit
             signal.setitimer(signal.ITIMER_REAL, soft_limit)

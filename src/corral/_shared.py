@@ -73,6 +73,11 @@ class SharedPage:
         """The id of the job the worker started last (0: none yet)."""
         return int(self.words[STARTED])
 
+    @property
+    def taken(self) -> int:
+        """The id of the job the worker took up last: it is unpickling it, or has started it."""
+        return int(self.words[TAKEN])
+
     def close(self) -> None:
         """Unmap the page. Idempotent."""
         if not self._map.closed:
@@ -85,6 +90,7 @@ STARTED = 0  # the job id the worker started last (written by the worker)
 ARGS_TAKEN = 1  # large payloads the worker has copied out of the parent's region
 RESULTS_TAKEN = 2  # large payloads the parent has copied out of the worker's region
 CANCELS = 3  # how many job ids the parent has written to the ring (written by the parent)
+TAKEN = 4  # the job id the worker took up last, before unpickling it (written by the worker)
 # The ring: the ids of the last RING_SIZE jobs cancelled. A worker holds at most `prefetch`
 # jobs, far fewer, so an id still pending is never overwritten before the worker sees it.
 RING = 256

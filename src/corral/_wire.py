@@ -36,12 +36,12 @@ if TYPE_CHECKING:
     from ._shared import SharedRegion
 
 # Message kinds. Parent to worker:
-CALL = 1  # body: pickle of (function, args) or (function, args, soft limit, ack, credit)
+CALL = 1  # body: pickle of (function, args) or (function, args, soft limit, credit)
 CREDIT = 2  # a stream's consumer took items: body: pickle of how many more may be sent
 CLOSE = 3  # close a stream (its consumer left); no body
 # Worker to parent (acknowledgements go through shared memory, see _shared.py):
 UP = 10  # the worker is ready (its initializer ran); body: pickle of its pid
-ACK = 11  # the job started; sent only when the call asked (a hard time limit counts from it)
+ACK = 11  # the worker took the call up, before unpickling it; only when the call asks
 RESULT = 12  # body: pickle of (return value, seconds the call ran)
 ERROR = 13  # body: pickle of (exception, traceback text, seconds the call ran or None)
 INIT_FAILED = 14  # the initializer raised; body as ERROR; the worker then exits
@@ -50,7 +50,10 @@ REPORT = 16  # corral.report(obj) in a running call; body: pickle of obj
 
 OUT_OF_BAND = 0x80  # flag on kind: the body starts with a table of out-of-band buffers
 SHARED = 0x40  # flag on kind: those buffers lie in the sender's shared region, not the body
-KIND_MASK = 0x3F
+# Flag on a CALL: answer ACK when you take it up. A hard time limit counts from that ACK,
+# so it covers unpickling too: arguments whose unpickling blocks cannot escape it.
+ACK_WANTED = 0x20
+KIND_MASK = 0x1F
 # Set by the receiving decoder, never sent: there was no memory for the body, so it was
 # read and thrown away; ``loads`` raises MemoryError for it. With OUT_OF_BAND, so that the
 # common small frame's path in ``loads`` tests nothing more.
@@ -81,11 +84,13 @@ class Encoded(NamedTuple):
     ``copied`` says every buffer is copied when unpickled (they are all large ``bytes`` or
     ``bytearray`` objects wrapped by ``out_of_band``), so no object will keep pointing
     into the memory they arrive in: they may travel through a reused shared region.
+    ``flags`` go on the kind of the frame that carries it (``ACK_WANTED``).
     """
 
     data: bytes
     buffers: list[memoryview]
     copied: bool = False
+    flags: int = 0
 
 
 class _OutOfBand:
@@ -185,7 +190,8 @@ def frame(kind: int, job: int, payload: Encoded | None = None) -> list[Buffer]:
     """Return the buffers of one frame, ready for ``writev``; nothing is copied."""
     if payload is None:
         return [HEADER.pack(0, job, kind)]
-    data, buffers, _ = payload
+    data, buffers, _, flags = payload
+    kind |= flags
     if not buffers:
         return [HEADER.pack(len(data), job, kind), data]
     lengths = [b.nbytes for b in buffers]
@@ -196,11 +202,11 @@ def frame(kind: int, job: int, payload: Encoded | None = None) -> list[Buffer]:
 
 def shared_frame(kind: int, job: int, payload: Encoded) -> list[Buffer]:
     """A frame whose buffers the sender has already copied into its shared region."""
-    data, buffers, _ = payload
+    data, buffers, _, flags = payload
     lengths = [b.nbytes for b in buffers]
     table = struct.pack(f"<I{len(lengths)}Q", len(lengths), *lengths)
     size = len(table) + len(data)
-    return [HEADER.pack(size, job, kind | OUT_OF_BAND | SHARED), table, data]
+    return [HEADER.pack(size, job, kind | flags | OUT_OF_BAND | SHARED), table, data]
 
 
 # Payloads at least this large go through a shared region when they may: below it the
@@ -246,8 +252,8 @@ def dumps_call(
 ) -> Encoded:
     """Pickle a call, raising ``SerializationError`` that names the part that failed.
 
-    ``soft_time_limit`` is armed in the worker; ``ack`` asks the worker to say when the call
-    starts (for a hard time limit, which the parent keeps); ``credit`` > 0 makes it a
+    ``soft_time_limit`` is armed in the worker; ``ack`` asks the worker to say when it takes
+    the call up (for a hard time limit, which the parent keeps); ``credit`` > 0 makes it a
     stream: the worker iterates what fn returns and may send that many items before the
     parent grants more.
 
@@ -266,12 +272,14 @@ def dumps_call(
         elif callable(arg) and _by_value(arg):
             by_value = True
     call: tuple[Any, ...] = (reference or fn, sent)
-    if soft_time_limit is not None or ack or credit:
-        call = (*call, soft_time_limit, ack, credit)
+    if soft_time_limit is not None or credit:
+        call = (*call, soft_time_limit, credit)
     try:
-        return dumps(call, by_value=by_value, wrapped=wrapped)
+        encoded = dumps(call, by_value=by_value, wrapped=wrapped)
     except Exception as exc:
         raise _call_error(fn, args, exc) from exc
+    # The worker must see the request before it unpickles anything: it goes in the header.
+    return encoded._replace(flags=ACK_WANTED) if ack else encoded
 
 
 # The pickled references of plain module-level functions, by function. Pickling a function

@@ -352,7 +352,7 @@ class ProcessWorker(Worker):
         if job.stream is not None and self._writer is not None and grace > 0:
             self._writer.write(frame(CLOSE, job.id))
         page.cancel(job.id)
-        if page.started != job.id:
+        if job.id not in (page.started, page.taken):  # taken: maybe stuck unpickling it
             return  # the worker will skip it when it comes to it
         if grace <= 0:
             self._sigkill()
@@ -560,7 +560,7 @@ class ProcessWorker(Worker):
                 started.append(job)
             else:
                 unstarted.append(job)
-        if not started and unstarted and unstarted[0].state is JobState.SENT:
+        if not started and unstarted and unstarted[0].state in _DELIVERED:
             # The child ran nothing it held, so it died idle or unpickling the first job;
             # if that job had arrived whole, it is the likely culprit.
             job, end = next(iter(self._sent.values()))
@@ -662,6 +662,11 @@ def _unpickling_failed(what: str, exc: BaseException) -> SerializationError:
     )
     error.__cause__ = exc
     return error
+
+
+# A job the child held, not cancelled and not yet started: RUNNING once it was taken up
+# (ACK_WANTED), before it was unpickled.
+_DELIVERED = frozenset({JobState.SENT, JobState.RUNNING})
 
 
 def _began(job: Job[Any], started_id: int) -> bool:
