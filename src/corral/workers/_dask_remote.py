@@ -35,7 +35,7 @@ from typing import Any
 from .._errors import SerializationError, SoftTimeLimitExceeded
 from .._report import set_reporter
 from .._wire import describe, dumps, dumps_error, dumps_report
-from ._thread import _raise_in
+from ._interrupt import raise_in
 from ._thread import _running as _soft
 from ._thread import _SoftLimitInterrupt as _SoftLimit
 
@@ -75,13 +75,13 @@ class _Running:
         """Raise ``_SoftLimit`` in the call, if it still runs (the timer's thread)."""
         with self.lock:
             if self.running:
-                _raise_in(self.ident, _SoftLimit)
+                raise_in(self.ident, _SoftLimit)
 
     def end(self) -> None:
         """The call returned: withdraw an interrupt not yet raised; none comes later."""
         with self.lock:
             self.running = False
-            _raise_in(self.ident, None)
+            raise_in(self.ident, None)
 
 
 class _Reporter:

@@ -26,7 +26,7 @@ The loop and the thread meet under one lock, in four places::
 - ``corral.report`` in a call posts the object to the outbox too: it reaches
   ``job_report`` in order, before the job's ``job_done``.
 - Soft time limit (a timer of the loop, armed when the job starts): a plain call gets
-  ``SoftTimeLimitExceeded`` raised inside it (``PyThreadState_SetAsyncExc``) and may catch
+  ``SoftTimeLimitExceeded`` raised inside it (see ``_interrupt``) and may catch
   it. A coroutine's task is cancelled instead (an asynchronous exception would land in the
   thread's event loop, not in the coroutine): it sees ``CancelledError``, and the caller
   gets ``SoftTimeLimitExceeded``.
@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import inspect
 import threading
 import time
@@ -67,6 +66,7 @@ from .._errors import SoftTimeLimitExceeded, WorkerLostError, WorkerStartupError
 from .._job import JobState
 from .._report import set_reporter
 from ._base import Worker, WorkerHost, WorkerState, check_initializer
+from ._interrupt import raise_in
 from ._pump import Stream, Streams, open_iterator
 
 if TYPE_CHECKING:
@@ -74,17 +74,6 @@ if TYPE_CHECKING:
 
 # See ``_local.CANCEL_GRACE``: time for a cancelled call's clean-up before it is abandoned.
 CANCEL_GRACE = 1.0
-
-# Our own prototype, so the argument types of ctypes.pythonapi's shared one stay untouched.
-_set_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_object)(
-    ("PyThreadState_SetAsyncExc", ctypes.pythonapi)
-)
-
-
-def _raise_in(ident: int, exc_type: type[BaseException] | None) -> None:
-    """Have thread ident raise exc_type at its next bytecode; None withdraws one not yet raised."""
-    _set_async_exc(ident, ctypes.py_object() if exc_type is None else ctypes.py_object(exc_type))
-
 
 _running = threading.local()  # in a worker thread: soft_time_limit of the call running now
 
@@ -278,7 +267,7 @@ class ThreadWorker(Worker):
         if task is not None:  # the thread's loop is open while it runs the task
             task.get_loop().call_soon_threadsafe(task.cancel)
         elif not self._coroutine_fn:  # a coroutine function's task is cancelled at birth
-            _raise_in(
+            raise_in(
                 self._ident, asyncio.CancelledError if kind == "cancel" else _SoftLimitInterrupt
             )
 
@@ -493,7 +482,7 @@ class ThreadWorker(Worker):
         with self._lock:
             # From here on an interrupt cancels the task (one raised now would land in the
             # thread's event loop); one fired at the call that made it is taken back here.
-            _raise_in(self._ident, None)
+            raise_in(self._ident, None)
             self._coroutine_fn = True
         loop = self._private_loop()
         task = asyncio.ensure_future(awaitable, loop=loop)
@@ -507,7 +496,7 @@ class ThreadWorker(Worker):
         """A call ended: post its outcome, or open the stream it returned."""
         run_time = time.perf_counter() - self._started_at
         with self._lock:
-            _raise_in(self._ident, None)  # none is sent while we hold the lock: none is left
+            raise_in(self._ident, None)  # none is sent while we hold the lock: none is left
             job = self._current
             if job is None:
                 return
@@ -529,7 +518,7 @@ class ThreadWorker(Worker):
         if error is not None:
             stream.discard()  # a generator that raised is closed already; an iterator not
         with self._lock:
-            _raise_in(self._ident, None)
+            raise_in(self._ident, None)
             job = stream.job
             self._current = None
             self._turn = None
