@@ -358,10 +358,12 @@ async def test_reports_arrive_in_order_before_the_result(cluster: LocalCluster) 
     async with serving(cluster) as (queue, _):
         job = queue.submit(report_each, 200)
         order: list[str] = []
+        settled = asyncio.Event()
         job.on_report(lambda obj: order.append(f"report {obj['step']}"))
-        job.add_done_callback(lambda _: order.append("result"))
+        job.add_done_callback(lambda _: (order.append("result"), settled.set()))
         reports = [obj async for obj in job.reports()]
         assert await bounded(job) == "finished"
+        await bounded(settled.wait())  # done-callbacks run in a later turn of the loop
         assert reports == [{"step": i} for i in range(200)]
         assert order == [*(f"report {i}" for i in range(200)), "result"]
 
