@@ -39,6 +39,7 @@ from ._shared import (
     TAKEN,
     SharedPage,
     SharedRegion,
+    abandon,
     release_inherited,
 )
 from ._wire import (
@@ -105,10 +106,10 @@ def main(
     with contextlib.suppress(ValueError):  # a forked child must not poke the parent's loop
         signal.set_wakeup_fd(-1)
     release_inherited()  # forked: the siblings' memory is none of this worker's business
-    page = SharedPage(channels.page.fileno())
+    page = SharedPage(channels.page.fileno(), worker=True)
     channels.page.close()
-    args_region = SharedRegion(os.dup(channels.args_region.fileno()))
-    results_region = SharedRegion(os.dup(channels.results_region.fileno()))
+    args_region = SharedRegion(os.dup(channels.args_region.fileno()), worker=True)
+    results_region = SharedRegion(os.dup(channels.results_region.fileno()), worker=True)
     channels.args_region.close()
     channels.results_region.close()
     inbound, outbound = channels.inbound, channels.outbound
@@ -120,6 +121,7 @@ def main(
     except (KeyboardInterrupt, asyncio.CancelledError):
         pass  # an interrupt that landed between calls, as the parent shuts down
     finally:
+        worker.close()  # or exit, if a task took a pipe over: they are closed by number
         inbound.close()
         outbound.close()
 
@@ -233,6 +235,11 @@ class _Worker:
         self._decoder = FrameDecoder()
         self._poll = select.poll()
         self._poll.register(in_fd, select.POLLIN)
+        # Registered in an epoll set, an fd is known by its number and its open file: asking
+        # to modify it fails once the number names another file (see ``vouch``).
+        self._own = select.epoll()
+        self._own.register(in_fd, 0)
+        self._own.register(out_fd, 0)
         signal.signal(signal.SIGALRM, self._soft_limit_passed)
         signal.signal(INTERRUPT, self._interrupted)
         set_reporter(self._report)
@@ -447,10 +454,31 @@ class _Worker:
         taken = self._words[RESULTS_TAKEN]
         self._send(framed(RESULT, job, payload, self._results_region, taken))
 
+    def vouch(self, fd: int) -> None:
+        """Exit unless fd is still this worker's pipe end.
+
+        A task ran since the last use: it may have closed the fd and a file of its own may
+        have taken the number. Reading calls from that file, or writing results into it,
+        must never happen; the worker exits instead (see ``_shared.abandon``). One syscall,
+        lighter than an fstat.
+        """
+        try:
+            self._own.modify(fd, 0)
+        except OSError:  # ENOENT: the number names another file; EBADF: it is closed
+            abandon()
+
+    def close(self) -> None:
+        """Vouch for both pipes, so that they may be closed, and close the epoll set (which
+        their vouching vouched for)."""
+        self.vouch(self._in)
+        self.vouch(self._out)
+        self._own.close()
+
     def _read(self, block: bool = True) -> list[Frame] | None:
         """Block until at least one whole frame is in; None at EOF. Without ``block``,
         return [] at once when nothing is waiting (a stream has items to send)."""
         decoder = self._decoder
+        self.vouch(self._in)
         while True:
             if not block and not self._poll.poll(0):
                 return []
@@ -467,6 +495,7 @@ class _Worker:
 
     def _send(self, buffers: list[Buffer]) -> None:
         """Write all buffers, blocking; resumes after partial writes."""
+        self.vouch(self._out)
         total = sum(map(len, buffers))  # 1-D byte buffers: len is the size
         n = os.writev(self._out, buffers)
         if n == total:

@@ -604,8 +604,33 @@ class ProcessWorker(Worker):
     # -- at interpreter exit --------------------------------------------------------------
 
     def __del__(self) -> None:
-        if self.state not in (WorkerState.NEW, WorkerState.DEAD) and not sys.is_finalizing():
-            self.kill_now()
+        # Collected alive: its pool was left open and its event loop is gone (while the loop
+        # runs, the callbacks on it keep the worker alive), so no death fd will ever report
+        # the end. Kill it, and close here what the loop would have closed.
+        if self.state in (WorkerState.NEW, WorkerState.DEAD) or sys.is_finalizing():
+            return
+        self.kill_now()
+        self.state = WorkerState.DEAD
+        _live.discard(self)
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            self._release()  # a loop collected along with it, never closed
+            return
+        for end in (self._reader, self._writer):
+            if end is not None and end.fd >= 0:
+                os.close(end.fd)  # the loop that watched it is closed: nothing to take off
+                end.fd = -1
+        if self._owns_death_fd and self._death_fd >= 0:
+            os.close(self._death_fd)
+        self._death_fd = -1
+        if self._page is not None:
+            self._page.close()
+        for region in self._regions or ():
+            region.close()
+        if self._process is not None:
+            self._process.join(LINGER)  # SIGKILLed: a moment at most
+            if self._process.exitcode is not None:
+                self._process.close()
 
 
 def _lost(name: str, exitcode: int | None) -> WorkerLostError:
