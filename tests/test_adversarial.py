@@ -308,3 +308,78 @@ async def test_cancel_interrupts_blocking_unpickling(tmp_path: Path) -> None:
             await bounded(job)
         assert await bounded(pool.run(tasks.add, 1, 2)) == 3
         await bounded(pool.close())
+
+
+MiB = 1 << 20
+USER_FILE = b"the task's own file. " * (8 * MiB // 21)
+
+
+def take_over(path: str, prefix: str) -> int:
+    """As a task that closes fds it does not own: have a file of the task's take the number
+    of every fd whose target starts with prefix (all of them for ""). Returns how many."""
+    fd = os.open(path, os.O_RDWR)
+    taken = 0
+    for name in os.listdir("/proc/self/fd"):
+        number = int(name)
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue  # the listing's own fd
+        if number > 2 and number != fd and target.startswith(prefix):
+            os.dup2(fd, number)  # the old fd is closed, the number is now the file's
+            taken += 1
+    os.close(fd)
+    return taken
+
+
+@pytest.fixture
+def user_file(tmp_path: Path) -> Path:
+    """A file of the task's, larger than the payloads below."""
+    path = tmp_path / "mine"
+    path.write_bytes(USER_FILE)
+    return path
+
+
+@pytest.mark.timeout(90)
+async def test_payload_fd_taken_over_never_misdelivers_an_argument(user_file: Path) -> None:
+    """After a task has its own file take the numbers of the worker's payload-region fds,
+    a later caller's 4 MiB argument still arrives intact (the worker, finding the fd not
+    its own, exits before mapping it, and the call runs on a new worker), and the task's
+    file is untouched."""
+    data = bytes(range(256)) * (4 * MiB // 256)
+    async with corral.Pool(1) as pool:
+        assert await bounded(pool.run(take_over, str(user_file), "/memfd:corral-payload")) > 0
+        assert await bounded(pool.run(tasks.checksum, data)) == tasks.checksum(data)
+        assert await bounded(pool.run(tasks.checksum, data)) == tasks.checksum(data)
+    assert user_file.read_bytes() == USER_FILE
+
+
+@pytest.mark.timeout(90)
+async def test_payload_fd_taken_over_never_truncates_the_file(user_file: Path) -> None:
+    """After a task has its own file take the numbers of the worker's payload-region fds,
+    a 4 MiB result never grows the region through them (which would truncate the task's
+    file): the call gets the right bytes or, the worker having exited rather than touch
+    the fd, WorkerLostError; the file is untouched and the pool serves on."""
+    async with corral.Pool(1) as pool:
+        assert await bounded(pool.run(take_over, str(user_file), "/memfd:corral-payload")) > 0
+        try:
+            result = await bounded(pool.run(tasks.make_bytes, 4 * MiB))
+        except corral.WorkerLostError:
+            pass
+        else:
+            assert result == tasks.make_bytes(4 * MiB)
+        assert await bounded(pool.run(tasks.make_bytes, 4 * MiB)) == tasks.make_bytes(4 * MiB)
+    assert user_file.read_bytes() == USER_FILE
+
+
+@pytest.mark.timeout(90)
+async def test_pipes_taken_over_cost_only_the_worker(user_file: Path) -> None:
+    """A task that has its own file take every fd number of the worker (a daemonising
+    helper's close-everything, then opens) costs that worker, WorkerLostError for its call:
+    no result is written into the task's file and no call read from it; the pool serves
+    on with a new worker."""
+    async with corral.Pool(1) as pool:
+        with pytest.raises(corral.WorkerLostError):
+            await bounded(pool.run(take_over, str(user_file), ""))
+        assert await bounded(pool.run(tasks.add, 1, 2)) == 3
+    assert user_file.read_bytes() == USER_FILE

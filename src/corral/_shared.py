@@ -8,16 +8,27 @@ was not (it goes back to the queue and runs exactly once elsewhere).
 
 Job ids are never reused, so a stale id names a job that has already finished and matches
 nothing the worker still holds.
+
+In a worker, tasks run between any two uses of an fd, and a task may close fds it does not
+own (a daemonising helper closes them all) and open a file that takes one of the numbers.
+So the worker's side never acts on an fd number it cannot vouch for: it checks that its
+own fd still names its memfd before it maps or grows one, and keeps no mmap object that
+would itself resize or close a copy of the fd later (see ``_map_in_worker``). A worker
+that finds an fd taken over exits at once (``abandon``), closing nothing: that costs the
+worker, and its unstarted jobs go elsewhere, rather than a payload read from, or written
+into, someone else's file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 import os
+import sys
 import weakref
 from collections.abc import Callable
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 SIZE = mmap.PAGESIZE
 T = TypeVar("T")
@@ -36,11 +47,22 @@ def release_inherited() -> None:
         shared.close()
 
 
-class SharedPage:
-    """The shared page, mapped from a memfd; the fd may be closed once both sides mapped it."""
+# The exit status of a worker that found one of its fds taken over by a task.
+FDS_LOST = 75
 
-    def __init__(self, fd: int) -> None:
-        self._map = mmap.mmap(fd, SIZE)
+
+def abandon() -> NoReturn:
+    """Exit this worker at once, closing nothing: one of its fds may now be someone else's."""
+    os._exit(FDS_LOST)
+
+
+class SharedPage:
+    """The shared page, mapped from a memfd; the fd may be closed once both sides mapped it.
+
+    ``worker``: mapped on the worker's side (see ``_map_in_worker``)."""
+
+    def __init__(self, fd: int, *, worker: bool = False) -> None:
+        self._map = _map_in_worker(fd, SIZE) if worker else mmap.mmap(fd, SIZE)
         self.words = memoryview(self._map).cast("Q")  # words[0]: the job id started last
         self._seen = 0  # the cancellation count last read (worker's side)
         self._cancelled: set[int] = set()
@@ -102,17 +124,47 @@ class SharedRegion:
 
     A large ``bytes`` argument or result would otherwise cross the pipe a pipe-full at a
     time, the two processes taking turns. Through the region it is one copy in by the
-    sender and one copy out by the receiver. The region grows to the largest payload seen
-    and is reused: the sender writes only once the receiver has counted the previous
-    payload as taken (a word of the shared page), and falls back to the pipe otherwise.
-    It is an anonymous memfd, so it vanishes with the last process that maps it.
+    sender and one copy out by the receiver. The region grows, in powers of two, to hold
+    the largest payload seen, and is reused: the sender writes only once the receiver has
+    counted the previous payload as taken (a word of the shared page), and falls back to
+    the pipe otherwise. It is an anonymous memfd, so it vanishes with the last process
+    that maps it.
+
+    ``worker``: the worker's side, which checks its fd before each use and maps it so that
+    no map acts on the fd again (see the module's docstring).
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, *, worker: bool = False) -> None:
         self._fd = fd
-        self._map = mmap.mmap(fd, os.fstat(fd).st_size)
+        self._identity = _identity(fd) if worker else None
+        self._map = self._mapping(os.fstat(fd).st_size)
         self.sent = 0  # payloads written (the sender's count; the receiver's is in the page)
         _mapped.add(self)
+
+    def _mapping(self, size: int) -> mmap.mmap:
+        """A map of the first size bytes of the memfd."""
+        if self._identity is None:
+            return mmap.mmap(self._fd, size)
+        self._vouch()
+        return _map_in_worker(self._fd, size)
+
+    def _vouch(self) -> None:
+        """In a worker: exit unless the fd still names this region's memfd."""
+        try:
+            mine = _identity(self._fd) == self._identity
+        except OSError:  # closed
+            mine = False
+        if not mine:
+            abandon()
+
+    def _grow(self, size: int) -> None:
+        """Grow the memfd to size bytes, and the map with it."""
+        if self._identity is None:
+            self._map.resize(size)  # through the map's own copy of the fd
+            return
+        self._vouch()
+        os.ftruncate(self._fd, size)
+        self._map = self._mapping(size)
 
     @classmethod
     def create(cls) -> tuple[SharedRegion, int]:
@@ -128,7 +180,7 @@ class SharedRegion:
         total = sum(b.nbytes for b in buffers)
         try:
             if len(self._map) < total:
-                self._map.resize(-(-total // SIZE) * SIZE)  # whole pages; grows the memfd
+                self._grow(max(SIZE, 1 << (total - 1).bit_length()))
             view = memoryview(self._map)
         except (BufferError, OSError):
             return False
@@ -142,7 +194,9 @@ class SharedRegion:
     def view(self, size: int) -> memoryview:
         """The first size bytes, mapping the region afresh if the sender has grown it."""
         if len(self._map) < size:
-            self._map = mmap.mmap(self._fd, os.fstat(self._fd).st_size)
+            if self._identity is not None:
+                self._vouch()  # before its size is read: it must be this region's
+            self._map = self._mapping(os.fstat(self._fd).st_size)
         return memoryview(self._map)[:size]
 
     def close(self) -> None:
@@ -152,6 +206,30 @@ class SharedRegion:
             with contextlib.suppress(BufferError):  # a view is held: it goes when that does
                 self._map.close()
             os.close(fd)
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    """What an fd names (device, inode), to tell whether its number was taken over."""
+    stat = os.fstat(fd)
+    return stat.st_dev, stat.st_ino
+
+
+def _map_in_worker(fd: int, size: int) -> mmap.mmap:
+    """Map fd so that the map never acts on fd's number again.
+
+    An mmap object keeps a copy of the fd: ``resize()`` truncates through it and closing
+    the map closes it, by number, maybe long after a task closed it and a file of the
+    task's took the number. Python 3.13's ``trackfd=False`` keeps no copy. Before 3.13 the
+    map is kept for the life of the process instead (an extra reference that is never
+    given back), so its copy is never closed; a region that grows leaves its older, smaller
+    maps behind: address space and one fd each, a few at most as it grows in powers of
+    two, while the memory is the memfd's, shared by all its maps.
+    """
+    if sys.version_info >= (3, 13):
+        return mmap.mmap(fd, size, trackfd=False)
+    mapped = mmap.mmap(fd, size)
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(mapped))
+    return mapped
 
 
 def _owning(cls: Callable[[int], T], fd: int) -> T:
