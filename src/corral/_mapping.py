@@ -301,6 +301,9 @@ class MapIterator(Generic[T]):
         values = self._values
         if values:  # the hot path: the next value of a chunk already taken
             return values.popleft()
+        # On another loop than the queue's, its jobs' values would never come: refused
+        # before anything is submitted, and the imap stays usable on its own loop.
+        self._queue._bind_loop("iterate over imap")
         try:
             return await self._next_chunk()
         except BaseException:  # StopAsyncIteration too: the end closes it as well

@@ -471,13 +471,41 @@ class QueueCore:
             raise WorkerStartupError(1, f"{worker.name} died while starting: {exc}") from exc
         raise exc
 
-    def _bind_loop(self) -> asyncio.AbstractEventLoop:
-        loop = asyncio.get_running_loop()
-        if self._loop is None:
-            self._loop = loop
-        elif self._loop is not loop:
-            raise RuntimeError("this queue belongs to another event loop")
+    def _bind_loop(self, action: str = "start") -> asyncio.AbstractEventLoop:
+        """The running loop, which must be this queue's own (the first loop it is used on).
+
+        Every public call checks this first, so a call from anywhere else is refused before
+        it does anything: the queue's futures, pipes and timers live on its loop, where work
+        begun from another loop would run and only then fail its caller, and where a wait
+        from a new loop, once the queue's own has closed, would never end."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                f"cannot {action}: no event loop is running in this thread; call it from a "
+                f"coroutine on the {type(self).__name__}'s loop (from another thread, "
+                "through asyncio.run_coroutine_threadsafe)"
+            ) from None
+        if loop is not self._loop:  # the one comparison a call pays on the hot path
+            self._adopt_loop(loop, action)
         return loop
+
+    def _adopt_loop(self, loop: asyncio.AbstractEventLoop, action: str) -> None:
+        """Make loop the queue's own if it has none yet; else refuse the call."""
+        own, name = self._loop, type(self).__name__
+        if own is None:
+            self._loop = loop
+        elif own.is_closed():
+            raise RuntimeError(
+                f"cannot {action}: this {name}'s event loop is closed; a {name} serves only "
+                f"the loop it was first used on, so make a new {name} on this one"
+            )
+        else:
+            raise RuntimeError(
+                f"cannot {action}: this {name} belongs to another event loop; call it from "
+                "a coroutine on that loop (from another thread, through "
+                "asyncio.run_coroutine_threadsafe)"
+            )
 
     def _spawn_task(self, coro: Any) -> asyncio.Task[Any]:
         loop = self._loop or self._bind_loop()
@@ -499,9 +527,13 @@ class QueueCore:
         for job in self._dispatcher.drain():
             self._settle(job, None, error)
 
-    def _check_open(self, action: str) -> None:
+    def _check_open(self, action: str) -> asyncio.AbstractEventLoop:
+        """Refuse action unless it is made on the queue's loop and the queue is open;
+        returns that loop."""
+        loop = self._bind_loop(action)
         if self._state is not QueueState.OPEN:
             raise PoolClosedError(action, self._state.value)
+        return loop
 
 
 def check_limit(name: str, value: float | None) -> None:

@@ -87,6 +87,7 @@ class TaskQueue(QueueCore):
         """Give worker no more jobs, let it finish those it holds, then stop it. A job it
         could not finish (it died) is handed back to the queue, or fails if it had started.
         """
+        self._bind_loop("detach a worker")
         if worker not in self._workers:
             raise ValueError(f"{worker!r} is not attached to this queue")
         self._forget(worker)
@@ -100,6 +101,7 @@ class TaskQueue(QueueCore):
         Queued jobs that no worker left can take (none is attached, or their series is
         served by none) fail with ``PoolClosedError`` or ``ValueError``: closing, the
         queue takes no new worker that could run them."""
+        self._bind_loop("close")  # from another loop it could only hang
         if self._state is QueueState.CLOSED:
             return
         self._state = QueueState.CLOSING
@@ -110,6 +112,7 @@ class TaskQueue(QueueCore):
 
     async def terminate(self) -> None:
         """Kill the workers now; every unfinished job is cancelled. Idempotent."""
+        self._bind_loop("terminate")
         self._state = QueueState.CLOSED
         for job in [*self._dispatcher.drain(), *self._in_flight]:
             job.state = JobState.CANCELLED  # the workers die anyway: no need to stop it
@@ -163,12 +166,11 @@ class TaskQueue(QueueCore):
         soft_time_limit: float | None,
         stream: ItemStream | None = None,
     ) -> Job[T]:
-        self._check_call(series, retries)
+        loop = self._check_call(series, retries)
         if not callable(fn):
             raise TypeError(f"the function to run must be callable, not {fn!r}")
         check_limit("time_limit", time_limit)
         check_limit("soft_time_limit", soft_time_limit)
-        loop = self._loop or self._bind_loop()
         job: Job[T] = Job(
             self,
             next(self._ids),
@@ -187,8 +189,12 @@ class TaskQueue(QueueCore):
         self._dispatch(self._dispatcher.push(job))
         return job
 
-    def _check_call(self, series: str | None, retries: int) -> None:
-        """The checks every call's options pass, raised at the call that made them."""
+    def _check_call(
+        self, series: str | None, retries: int, action: str = "submit"
+    ) -> asyncio.AbstractEventLoop:
+        """The checks every call passes, raised at the call that made them; returns the
+        queue's loop, which is the one running the call."""
+        loop = self._bind_loop(action)
         if self._broken is not None:  # more telling than "closed": why it cannot serve
             raise self._broken_error()
         if self._state is not QueueState.OPEN:
@@ -197,6 +203,7 @@ class TaskQueue(QueueCore):
             raise ValueError(self._unservable_message(series))
         if not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries must be an int of 0 or more, not {retries!r}")
+        return loop
 
     def iterate(
         self,
@@ -272,6 +279,7 @@ class TaskQueue(QueueCore):
         raised here and the rest of the map is cancelled. ``progress`` shows a progress bar
         (see ``imap``).
         """
+        self._bind_loop("map")  # before sizing, which may start a pool's workers
         options = {"priority": priority, "series": series, "retries": retries}
         await self._until_sized()
         return await map_list(
@@ -301,7 +309,7 @@ class TaskQueue(QueueCore):
         progress bar with rate and ETA when stderr is a terminal; ``"always"`` shows it
         anyway.
         """
-        self._check_call(series, retries)  # here, not at the first item
+        self._check_call(series, retries, "imap")  # here, not at the first item
         options = {"priority": priority, "series": series, "retries": retries}
         return imap_items(
             self,
@@ -324,11 +332,10 @@ class TaskQueue(QueueCore):
         worker is lost or leaves before running it, ``WorkerLostError`` is raised, and the
         call stays remembered: its replacement runs it.
         """
-        self._check_open("broadcast")
+        loop = self._check_open("broadcast")
         if not callable(fn):
             raise TypeError(f"the function to broadcast must be callable, not {fn!r}")
         args = tuple(args)
-        loop = self._loop or self._bind_loop()
         self._check_broadcast(fn, args)
         record = (fn, args)
         self._broadcasts.append(record)  # workers starting from now on replay it
