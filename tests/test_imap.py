@@ -187,12 +187,16 @@ async def test_aclose_and_async_with_cancel_the_jobs_in_flight() -> None:
         await until(lambda: pool.stats().in_flight == 0)
 
 
-async def test_cancelling_the_consumer_cancels_the_jobs_in_flight() -> None:
+@pytest.mark.parametrize("kind", ["process", "thread", "local"])
+async def test_cancelling_the_consumer_cancels_the_jobs_in_flight(kind: str) -> None:
     """Cancelling the task that iterates (while it waits for a value) cancels every job
-    of the imap, even though the task keeps the iterator referenced."""
-    async with corral.Pool(WORKERS) as pool:
+    of the imap at once, on every kind of worker, even though the task keeps the iterator
+    referenced."""
+    # A local worker runs its calls in the loop: a long sleep there must be a coroutine.
+    sleep = tasks.sleep if kind == "process" else tasks.async_sleep
+    async with corral.Pool(WORKERS, kind=kind) as pool:  # type: ignore[arg-type]
         started = asyncio.Event()
-        iterator = pool.imap(tasks.sleep, sleeps_after(1), chunksize=1)
+        iterator = pool.imap(sleep, sleeps_after(1), chunksize=1)
 
         async def consume() -> None:
             async for _ in iterator:

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import sys
 from pathlib import Path
 
 import psutil
 import pytest
 
 import corral
+from corral.workers import LocalWorker
 from tests import tasks
 from tests.waits import bounded, until
 
@@ -102,6 +105,8 @@ async def test_aclose_and_cancelling_the_consumer_close_the_generator(tmp_path: 
         await bounded(anext(stream))
         await stream.aclose()
         await until(first.exists)
+        with pytest.raises(StopAsyncIteration):  # ended, its buffered items dropped
+            await bounded(anext(stream))
 
         second = tmp_path / "second"
 
@@ -118,6 +123,62 @@ async def test_aclose_and_cancelling_the_consumer_close_the_generator(tmp_path: 
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await until(second.exists)
+
+
+@pytest.mark.parametrize("kind", ["process", "thread", "local"])
+async def test_cancelling_a_consumer_waiting_for_an_item_closes_the_stream_at_once(
+    kind: str, tmp_path: Path
+) -> None:
+    """Cancelling the task that waits for a stream's next item cancels its job at once and
+    closes the generator in the worker (its ``finally`` runs), on every kind of worker,
+    although the iterator is still referenced (here by the test, as a caller's frame or
+    a traceback may keep it); the worker serves on."""
+    marker = tmp_path / "closed"
+    async with corral.Pool(1, kind=kind) as pool:  # type: ignore[arg-type]
+        stream = pool.iterate(tasks.count_up, None, str(marker), window=16)
+        taken = asyncio.Event()
+
+        async def consume() -> None:
+            async for _ in stream:  # nothing awaited here: it waits only for items
+                taken.set()
+
+        consumer = asyncio.create_task(consume())
+        await bounded(taken.wait())  # so the consumer now waits inside the stream
+        consumer.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await bounded(consumer)
+        cancelled = stream.job.cancelled()
+        stream.job.cancel()  # if it was not, the endless stream would keep the pool open
+        assert cancelled
+        await until(lambda: marker.exists() and marker.read_text().endswith("\n"))
+        assert await bounded(pool.run(tasks.add, 2, 3)) == 5
+        await until(lambda: pool.stats().in_flight == 0)
+        with pytest.raises(StopAsyncIteration):  # ended, its buffered items dropped
+            await bounded(anext(stream))
+
+
+def test_an_open_stream_dropped_after_its_loop_closed_is_let_go_quietly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An iterator of an open stream that outlives its event loop (the program kept it)
+    is let go quietly when it is dropped: its ``__del__`` no longer tries to stop the job
+    through the closed loop and fail with "Event loop is closed"."""
+    kept: list[corral.StreamIterator[int]] = []
+
+    async def main() -> None:
+        queue = corral.TaskQueue()
+        await bounded(queue.attach(LocalWorker()))
+        stream = queue.iterate(tasks.count_up)
+        assert await bounded(anext(stream)) == 0
+        kept.append(stream)
+
+    with asyncio.Runner() as runner:
+        runner.run(main())
+    unraisable: list[object] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    kept.clear()
+    gc.collect()
+    assert not unraisable
 
 
 async def test_exception_mid_stream_reaches_the_consumer_at_that_item() -> None:

@@ -84,8 +84,10 @@ class Reports(_Waitable):
 class StreamIterator(Generic[T]):
     """What ``iterate`` returns: the async iterator of a stream job's items.
 
-    Dropping it (breaking out of ``async for``), ``aclose()`` or leaving ``async with``
-    cancels the job, which closes the generator in the worker.
+    Dropping it (breaking out of ``async for``), ``aclose()``, leaving ``async with``, or
+    the consumer's task being cancelled while it waits for an item cancels the job, which
+    closes the generator in the worker; the iteration is over then, as an async
+    generator's is after ``aclose()``.
     """
 
     def __init__(self, job: Job[Any]) -> None:
@@ -96,6 +98,8 @@ class StreamIterator(Generic[T]):
         self._items = stream.items
         self._half = max(1, stream.window // 2)  # items taken between two grants
         self._taken = 0
+        self._closed = False  # by its consumer: the items it did not take are dropped
+        self._loop = job.future.get_loop()
         # The stream, not self: the job must not keep this iterator alive, since dropping
         # it is what closes an abandoned stream.
         job.future.add_done_callback(lambda _: stream.wake())
@@ -107,31 +111,59 @@ class StreamIterator(Generic[T]):
         items = self._items
         if not items:
             await self._more()
-        self._taken += 1
-        if self._taken >= self._half:
-            self._grant()
+        taken = self._taken + 1
+        if taken >= self._half:
+            self._grant(taken)
+        else:
+            self._taken = taken
         item: T = items.popleft()
         return item
 
+    def _check_loop(self) -> None:
+        """Refuse to wait for items, or to grant credit, on any loop but the pool's: the
+        items would never come there, nor the credit reach the worker."""
+        loop = self._loop
+        if asyncio.get_running_loop() is not loop:
+            why = "its event loop is closed" if loop.is_closed() else "it belongs to another"
+            raise RuntimeError(f"cannot iterate over this stream: {why} event loop")
+
     async def _more(self) -> None:
         """Wait until items arrive; at the end, raise the stream's error or stop."""
+        self._check_loop()
         while not self._items:
+            if self._closed:
+                raise StopAsyncIteration
             if self.job.done():
                 self.job.result()  # raises the stream's error, or CancelledError
                 raise StopAsyncIteration
-            await self._stream._wait()
+            try:
+                await self._stream._wait()
+            except BaseException:
+                # The consumer was cancelled while it waited: the stream ends now, as at a
+                # ``break``. Left to the garbage collector, the generator would run on
+                # while anything (the task's traceback) keeps this iterator alive.
+                self.close()
+                raise
 
-    def _grant(self) -> None:
+    def _grant(self, taken: int) -> None:
+        """Tell the worker the consumer took taken more items (checked before any count
+        changes, so a refused call takes nothing)."""
         grant = self._stream.grant
-        if grant is not None:
-            grant(self._taken)
-            self._taken = 0
+        if grant is None:  # no item has arrived yet: nothing to grant
+            self._taken = taken
+            return
+        self._check_loop()
+        grant(taken)
+        self._taken = 0
 
     async def aclose(self) -> None:
         """Stop the stream: the generator in the worker is closed."""
         self.close()
 
     def close(self) -> None:
+        """Stop the stream (see ``aclose``); the items not taken yet are dropped."""
+        self._closed = True
+        self._items.clear()
         if not self.job.done():
             self.job.cancel()
 
@@ -142,4 +174,7 @@ class StreamIterator(Generic[T]):
         self.close()
 
     def __del__(self) -> None:
-        self.close()
+        # Reached when the consumer drops the iterator. Once its loop has closed nothing
+        # can be done: the job's future and its worker's callbacks belong to that loop.
+        if not self._loop.is_closed():
+            self.close()
