@@ -27,10 +27,11 @@ import signal
 from collections.abc import Iterator
 from itertools import islice
 from time import perf_counter
-from types import CoroutineType
+from types import CoroutineType, FrameType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._errors import SerializationError, SoftTimeLimitExceeded
+from ._interrupt import arm, armed, disarm
 from ._report import set_reporter
 from ._shared import (
     ARGS_TAKEN,
@@ -148,6 +149,10 @@ _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 # The signal by which the parent interrupts a cancelled job (SIGALRM is the soft limit's).
 INTERRUPT = signal.SIGUSR1
 
+# Where an interrupt is armed rather than raised (Python 3.13), how soon its follow-up
+# checks that it landed: the delay a task waiting in a call into C sees before it is ended.
+FOLLOW_UP = 0.02
+
 
 def _let_go_of_the_forkserver() -> None:
     """Close this process's copy of the forkserver's keep-alive pipe.
@@ -231,6 +236,9 @@ class _Worker:
         self._page = page
         self._soft_limit = 0.0  # the soft limit of the call running now, while armed
         self._running = 0  # the job running now, while it may be interrupted
+        self._armed: BaseException | None = None  # an interrupt armed, not followed up yet
+        self._armed_frame: FrameType | None = None  # the frame it was armed in
+        self._soft_left = 0.0  # what was left of the soft limit when it was armed
         self._streams: dict[int, _Stream] = {}  # open streams, served in turn
         self._decoder = FrameDecoder()
         self._poll = select.poll()
@@ -251,18 +259,60 @@ class _Worker:
             raise RuntimeError("corral.report() was called outside a running task")
         self._send(frame(REPORT, job, dumps_report(obj)))
 
-    def _interrupted(self, signum: int, frame: object) -> None:
+    def _interrupted(self, signum: int, frame: FrameType | None) -> None:
         """The parent cancelled a job: if it is the one running, raise inside it."""
         job = self._running
         if job and self._page.cancelled(job):
             self._running = 0
-            raise asyncio.CancelledError(f"job {job} was cancelled by its caller")
+            self._raise(asyncio.CancelledError(f"job {job} was cancelled by its caller"), frame)
 
-    def _soft_limit_passed(self, signum: int, frame: object) -> None:
-        """SIGALRM: raise SoftTimeLimitExceeded in the task, if one is still running."""
+    def _soft_limit_passed(self, signum: int, frame: FrameType | None) -> None:
+        """SIGALRM: raise SoftTimeLimitExceeded in the task, if one is still running; or
+        an interrupt's follow-up."""
+        if self._armed is not None:
+            self._follow_up(frame)
+            return
         limit, self._soft_limit = self._soft_limit, 0.0
         if limit:
-            raise SoftTimeLimitExceeded(limit)
+            self._raise(SoftTimeLimitExceeded(limit), frame)
+
+    def _raise(self, exc: BaseException, frame: FrameType | None) -> None:
+        """Raise exc in the task, from a signal handler that interrupted frame.
+
+        On Python 3.13 an exception raised by the handler may skip the task's own
+        handlers (see ``_interrupt``): it is armed to land at the task's next instruction
+        instead, and a follow-up (SIGALRM after ``FOLLOW_UP`` s) checks that it did.
+        """
+        if not arm(frame, exc):
+            raise exc
+        self._armed, self._armed_frame = exc, frame
+        # A soft limit still to come is put back by the follow-up.
+        self._soft_left = signal.setitimer(signal.ITIMER_REAL, FOLLOW_UP)[0]
+
+    def _follow_up(self, frame: FrameType | None) -> None:
+        """An armed interrupt's follow-up: still pending in the frame it was armed in, the
+        task has run no instruction since, so it waits in a call into C (``time.sleep``
+        retrying after EINTR), which an exception raised here ends in the right place.
+        Pending in a frame called since, it is armed there again."""
+        exc, self._armed = self._armed, None
+        if not armed():
+            if self._soft_left and self._soft_limit:
+                signal.setitimer(signal.ITIMER_REAL, max(self._soft_left - FOLLOW_UP, 1e-3))
+            return
+        assert exc is not None
+        if frame is self._armed_frame:
+            disarm()
+            raise exc
+        self._raise(exc, frame)
+
+    def _disarm(self) -> None:
+        """The call (or a stream's turn) ended: no interrupt may land after this."""
+        self._soft_limit = 0.0
+        self._running = 0
+        if self._armed is not None:
+            self._armed = self._armed_frame = None
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            disarm()
 
     def serve(self, setup: bytes | tuple[Any, tuple[Any, ...]]) -> None:
         """Run the initializer, say UP, and answer calls until the parent closes the pipe."""
@@ -336,7 +386,7 @@ class _Worker:
         except BaseException as exc:
             failure = exc
         finally:
-            self._running = 0
+            self._disarm()
         elapsed = perf_counter() - start
         stream.size = next_batch_size(stream.size, elapsed)
         stream.run_time += elapsed
@@ -391,7 +441,7 @@ class _Worker:
             if f.kind & SHARED:
                 self._words[ARGS_TAKEN] += 1  # copied out: the parent may reuse the region
         except BaseException as exc:
-            self._running = 0
+            self._disarm()
             error = (
                 exc
                 if isinstance(exc, asyncio.CancelledError)
@@ -425,8 +475,7 @@ class _Worker:
         finally:
             # Disarmed before anything is written, so no signal can cut a frame in half;
             # one landing before these lines run is reported by serve() as the outcome.
-            self._soft_limit = 0.0
-            self._running = 0
+            self._disarm()
             if soft_limit:
                 signal.setitimer(signal.ITIMER_REAL, 0)
         run_time = perf_counter() - start

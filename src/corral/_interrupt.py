@@ -24,7 +24,7 @@ import ctypes
 import sys
 import threading
 from collections import Counter
-from types import CodeType
+from types import CodeType, FrameType
 from typing import Any
 
 # Our own prototype, so the argument types of ctypes.pythonapi's shared one stay untouched.
@@ -46,13 +46,46 @@ def raise_in(ident: int, exc_type: type[BaseException] | None) -> None:
         )
 
 
+def arm(frame: FrameType | None, exc: BaseException | type[BaseException]) -> bool:
+    """From a signal handler: have this thread raise exc_type at its next instruction in
+    frame (the one the signal interrupted) or a function that called it.
+
+    Returns False where raising from the handler itself is safe (before Python 3.13): the
+    handler raises exc then. Where it is not, an exception raised by the handler may skip the
+    interrupted frame's handlers, exactly as an asynchronous one does; but a handler run
+    while a call into C waits (``time.sleep`` retrying after EINTR) must raise itself, or
+    the call waits on: see ``armed``.
+    """
+    monitor = _monitor()
+    if monitor is None or frame is None:
+        return False
+    monitor.arm(threading.get_ident(), frame, exc)
+    return True
+
+
+def armed() -> bool:
+    """Whether this thread has an exception armed that has not been raised yet: when a
+    later signal finds one, the thread has run no instruction since, so it waits in C,
+    and the handler raises it itself (a call into C that fails places it right)."""
+    monitor = _monitor()
+    return monitor is not None and monitor.armed(threading.get_ident())
+
+
+def disarm() -> None:
+    """Withdraw this thread's armed exception, if any."""
+    monitor = _monitor()
+    if monitor is not None:
+        monitor.raise_in(threading.get_ident(), None)
+
+
 class _Monitor:
     """Pending exceptions raised from ``sys.monitoring`` callbacks (Python 3.13+)."""
 
     def __init__(self, tool: int) -> None:
         self._tool = tool
-        self._lock = threading.Lock()
-        self._pending: dict[int, type[BaseException]] = {}  # thread ident -> to raise
+        # Re-entrant: a signal handler may arm while its thread holds the lock.
+        self._lock = threading.RLock()
+        self._pending: dict[int, BaseException | type[BaseException]] = {}  # ident -> to raise
         self._codes: dict[int, list[CodeType]] = {}  # thread ident -> instrumented for it
         self._users: Counter[CodeType] = Counter()  # code -> threads it is instrumented for
         monitoring: Any = getattr(sys, "monitoring")  # noqa: B009 (absent before 3.12)
@@ -61,18 +94,28 @@ class _Monitor:
         monitoring.register_callback(tool, self._event, self._on_instruction)
 
     def raise_in(self, ident: int, exc_type: type[BaseException] | None) -> None:
+        if exc_type is None:
+            with self._lock:
+                self._withdraw(ident)
+        else:
+            self.arm(ident, sys._current_frames().get(ident), exc_type)
+
+    def armed(self, ident: int) -> bool:
+        return ident in self._pending
+
+    def arm(
+        self, ident: int, frame: FrameType | None, exc: BaseException | type[BaseException]
+    ) -> None:
+        """Instrument the code of frame and of its callers until ident raises exc."""
         with self._lock:
             self._withdraw(ident)
-            if exc_type is None:
-                return
-            frame = sys._current_frames().get(ident)
             codes = []
             while frame is not None:
                 codes.append(frame.f_code)
                 frame = frame.f_back
             if not codes:
                 return  # the thread has ended
-            self._pending[ident] = exc_type
+            self._pending[ident] = exc
             self._codes[ident] = codes
             for code in codes:
                 self._users[code] += 1
@@ -93,10 +136,10 @@ class _Monitor:
         if ident not in self._pending:
             return  # another thread running an instrumented function
         with self._lock:
-            exc_type = self._pending.get(ident)
+            exc = self._pending.get(ident)
             self._withdraw(ident)
-        if exc_type is not None:
-            raise exc_type
+        if exc is not None:
+            raise exc
 
 
 def _monitor() -> _Monitor | None:

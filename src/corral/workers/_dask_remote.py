@@ -33,9 +33,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .._errors import SerializationError, SoftTimeLimitExceeded
+from .._interrupt import raise_in
 from .._report import set_reporter
 from .._wire import describe, dumps, dumps_error, dumps_report
-from ._interrupt import raise_in
 from ._thread import _running as _soft
 from ._thread import _SoftLimitInterrupt as _SoftLimit
 

@@ -63,10 +63,10 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .._errors import SoftTimeLimitExceeded, WorkerLostError, WorkerStartupError
+from .._interrupt import raise_in
 from .._job import JobState
 from .._report import set_reporter
 from ._base import Worker, WorkerHost, WorkerState, check_initializer
-from ._interrupt import raise_in
 from ._pump import Stream, Streams, open_iterator
 
 if TYPE_CHECKING:
