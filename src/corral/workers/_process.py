@@ -73,6 +73,10 @@ STARTUP_TIMEOUT = 60.0
 # enough for a task's clean-up, short enough that the worker soon serves again.
 CANCEL_GRACE = 1.0
 
+# The exit code of a worker that found its main module starting a pool at import (see
+# ``_rerun_in_a_worker``); no exit code of Python's own or of a signal.
+UNGUARDED_MAIN = 86
+
 # After the child closes its end of the pipe it should be gone at once; one that lingers
 # this long is killed.
 LINGER = 1.0
@@ -219,6 +223,12 @@ class ProcessWorker(Worker):
     async def start(self, host: WorkerHost) -> None:
         if self.state is not WorkerState.NEW:
             raise RuntimeError(f"cannot start {self.name}: it is {self.state.value}")
+        if _rerun_in_a_worker():
+            # This process is a worker running the main module again, as spawn and the
+            # forkserver do, and the module starts a pool at import: unguarded. It would
+            # only fail to start workers of its own and print a traceback, once per worker
+            # and retry; it leaves quietly instead, and the exit code tells the parent why.
+            os._exit(UNGUARDED_MAIN)
         self._host = host
         loop = self._loop = asyncio.get_running_loop()
         self._up = loop.create_future()
@@ -544,8 +554,13 @@ class ProcessWorker(Worker):
         error = _lost(self.name, exitcode)
         self._exitcode = exitcode
         if self._up is not None and not self._up.done():
-            failed = WorkerStartupError(1, f"{self.name} {_how(exitcode)} before announcing itself")
-            failed.__cause__ = _lost(self.name, exitcode)  # how it died, for the pool to judge
+            if exitcode == UNGUARDED_MAIN:
+                failed = WorkerStartupError(1, _unguarded(self.start_method))
+            else:
+                failed = WorkerStartupError(
+                    1, f"{self.name} {_how(exitcode)} before announcing itself"
+                )
+                failed.__cause__ = _lost(self.name, exitcode)  # how it died, for the pool
             self._up.set_exception(failed)
             self._up.exception()  # retrieved: start() may already have given up on it
         unstarted: list[Job[Any]] = []
@@ -631,6 +646,31 @@ class ProcessWorker(Worker):
             self._process.join(LINGER)  # SIGKILLed: a moment at most
             if self._process.exitcode is not None:
                 self._process.close()
+
+
+def _rerun_in_a_worker() -> bool:
+    """Whether this process is a corral worker still importing the main module (the time
+    multiprocessing calls "bootstrapping", when it refuses to start a process)."""
+    current = multiprocessing.current_process()
+    return bool(getattr(current, "_inheriting", False)) and current.name.startswith("corral-")
+
+
+_UNGUARDED = "the main module starts a pool when it is imported"
+
+
+def _unguarded(start_method: str) -> str:
+    """Why a worker whose main module starts a pool at import cannot start, and the fix."""
+    return (
+        f"{_UNGUARDED}, and with the {start_method!r} start method every worker process "
+        "imports it again, which would start workers of its own: put the code that starts "
+        'the pool under `if __name__ == "__main__":`'
+    )
+
+
+def unguarded_main(exc: BaseException) -> bool:
+    """Whether exc is a worker's failed start because its main module starts a pool at
+    import: every worker fails so, and retrying cannot help."""
+    return isinstance(exc, WorkerStartupError) and exc.reason.startswith(_UNGUARDED)
 
 
 def _lost(name: str, exitcode: int | None) -> WorkerLostError:
