@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -17,7 +19,9 @@ import uvloop
 
 import corral
 from tests import tasks
-from tests.waits import bounded, until, wait_until
+from tests.waits import BOUND, bounded, until, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def exit_soon_once(marker: str, delay: float) -> None:
@@ -141,3 +145,36 @@ def test_a_pool_left_open_when_its_loop_ends_leaks_no_fd(
                 runner.run(leave_open())
             gc.collect()
     wait_until(lambda: len(_fds() - before) == 0, timeout=10)
+
+
+UNGUARDED = """
+import asyncio, sys
+sys.path.insert(0, {root!r})
+import corral
+from tests import tasks
+
+async def main():
+    async with corral.Pool(2{options}) as pool:
+        print(await pool.run(tasks.add, 1, 2))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("options", ["", ', start_method="spawn"'], ids=["default", "spawn"])
+def test_a_script_without_the_main_guard_gets_one_clear_error(tmp_path: Path, options: str) -> None:
+    """A script that starts a pool at import, without `if __name__ == "__main__":`, ends at
+    once with one WorkerStartupError that names the fix, and no worker prints a traceback
+    (each printed multiprocessing's, then the pool retried: hundreds of lines)."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED.format(root=str(ROOT), options=options))
+    done = subprocess.run(
+        [sys.executable, str(script)], check=False, capture_output=True, text=True, timeout=BOUND
+    )
+    assert done.returncode == 1
+    assert done.stderr.count("Traceback") == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("corral.WorkerStartupError: a worker failed to start: the main")
+    assert 'put the code that starts the pool under `if __name__ == "__main__":`' in last
+    assert "bootstrapping" not in done.stderr

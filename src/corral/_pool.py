@@ -44,7 +44,7 @@ from ._queuecore import QueueState, Strategy, check_limit
 from ._taskqueue import TaskQueue
 from ._wire import dumps_call
 from .workers._local import LocalWorker
-from .workers._process import STARTUP_TIMEOUT, ProcessWorker
+from .workers._process import STARTUP_TIMEOUT, ProcessWorker, unguarded_main
 from .workers._thread import ThreadWorker
 
 if TYPE_CHECKING:
@@ -422,6 +422,9 @@ class Pool(TaskQueue):
             return
         if isinstance(exc, WorkerLostError):
             exc = WorkerStartupError(1, f"{worker.name} died while starting: {exc}")
+        if isinstance(exc, WorkerStartupError) and unguarded_main(exc):
+            self._give_up(exc)  # every worker would fail the same way: no retry
+            return
         assert isinstance(exc, WorkerStartupError)
         self._startup_failures += 1
         n = self._startup_failures
