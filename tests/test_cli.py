@@ -3,6 +3,7 @@ and the arithmetic and PNG encoding behind ``corral mandelbrot``."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -207,18 +209,39 @@ def _workers_of(command: psutil.Process) -> list[psutil.Process]:
     return [p for p in command.children(recursive=True) if p.ppid() != command.pid]
 
 
+@contextlib.contextmanager
+def _sigint_not_ignored() -> Iterator[None]:
+    """Let a command started here get Ctrl-C even when this process ignores it.
+
+    A shell without job control starts a background command with SIGINT ignored, and a
+    program started with SIGINT ignored keeps it so, as Unix wants of background jobs:
+    under such a runner the command below would never see the signal. A handler (unlike
+    SIG_IGN) is reset to the default across exec.
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    if previous != signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_ctrl_c_exits_130_and_stops_the_workers(tmp_path: Path) -> None:
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) in the middle of
     a render exits 130 with one line on stderr, writes no PNG, and leaves no worker
     process running."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "corral", "mandelbrot", "--workers", "2", "--no-baseline"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group, so the signal spares pytest
-    )
+    with _sigint_not_ignored():
+        process = subprocess.Popen(
+            [sys.executable, "-m", "corral", "mandelbrot", "--workers", "2", "--no-baseline"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # its own process group, so the signal spares pytest
+        )
     try:
         command = psutil.Process(process.pid)
         deadline = time.monotonic() + TIMEOUT
