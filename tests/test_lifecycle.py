@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -32,6 +33,16 @@ def exit_soon_once(marker: str, delay: float) -> None:
     except FileExistsError:
         return
     threading.Timer(delay, os._exit, (0,)).start()
+
+
+def start_a_child_then_sleep(path: str, seconds: float, deaf: bool = False) -> None:
+    """Task: start a process of its own (`sleep 1000`), write its pid to path, then sleep
+    (past its hard limit, or until the pool is terminated); deaf: deaf to interrupts."""
+    if deaf:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGALRM})
+    child = subprocess.Popen(["sleep", "1000"])
+    Path(path).write_text(str(child.pid))
+    time.sleep(seconds)
 
 
 def _gone(pid: int) -> bool:
@@ -178,3 +189,35 @@ def test_a_script_without_the_main_guard_gets_one_clear_error(tmp_path: Path, op
     assert last.startswith("corral.WorkerStartupError: a worker failed to start: the main")
     assert 'put the code that starts the pool under `if __name__ == "__main__":`' in last
     assert "bootstrapping" not in done.stderr
+
+
+def _grandchild(path: Path) -> int:
+    wait_until(lambda: path.exists() and path.read_text() != "")
+    return int(path.read_text())
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["time_limit", "cancel", "terminate"])
+async def test_a_killed_worker_takes_the_processes_it_started(tmp_path: Path, how: str) -> None:
+    """A task starts a process of its own, then its worker is killed: at its hard time
+    limit, for ignoring a cancel, or by terminate(). That process goes with the worker
+    (it was left running after the limit and after the pool closed)."""
+    path = tmp_path / "pid"
+    pool = corral.Pool(1)
+    try:
+        await bounded(pool.start())
+        time_limit = 1.0 if how == "time_limit" else None
+        deaf = how == "cancel"
+        job = pool.submit(start_a_child_then_sleep, str(path), 1000, deaf, time_limit=time_limit)
+        grandchild = _grandchild(path)
+        assert not _gone(grandchild)
+        if how == "time_limit":
+            with pytest.raises(corral.TimeLimitExceeded):
+                await bounded(job)
+        elif how == "cancel":
+            job.cancel()  # ignored: the worker is killed after the grace period
+        else:
+            await bounded(pool.terminate())
+        await until(lambda: _gone(grandchild), timeout=20)
+    finally:
+        await bounded(pool.terminate())

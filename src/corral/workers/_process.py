@@ -77,6 +77,11 @@ CANCEL_GRACE = 1.0
 # ``_rerun_in_a_worker``); no exit code of Python's own or of a signal.
 UNGUARDED_MAIN = 86
 
+# Listings of a worker's descendants, each stopping those it found, before the kill: a
+# process forking as it is stopped shows its child in the next listing. Three passes catch
+# a fork in flight at each of two levels; each costs a scan of /proc.
+TREE_PASSES = 3
+
 # After the child closes its end of the pipe it should be gone at once; one that lingers
 # this long is killed.
 LINGER = 1.0
@@ -418,8 +423,7 @@ class ProcessWorker(Worker):
                 return  # reaped: its pid may already name another process
         except ValueError:
             return  # closed, hence reaped
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+        _kill_tree(pid)
 
     def rss(self) -> int | None:
         """Resident memory of the process in bytes, or None when it is gone."""
@@ -671,6 +675,38 @@ def unguarded_main(exc: BaseException) -> bool:
     """Whether exc is a worker's failed start because its main module starts a pool at
     import: every worker fails so, and retrying cannot help."""
     return isinstance(exc, WorkerStartupError) and exc.reason.startswith(_UNGUARDED)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL process pid and every process it started (a task's subprocess, and theirs):
+    what a killed worker started goes with it.
+
+    Each is stopped first, so none starts another between the listing and the kill; a
+    descendant killed after its parent would otherwise live on, adopted by init, out of
+    reach. One that left the worker's tree before (a daemon) is not the worker's to kill.
+    """
+    try:
+        os.kill(pid, signal.SIGSTOP)
+    except ProcessLookupError:
+        return
+    frozen: dict[int, psutil.Process] = {}
+    for _ in range(TREE_PASSES):  # until no new process turns up among the stopped ones
+        try:
+            found = psutil.Process(pid).children(recursive=True)
+        except psutil.Error:
+            break  # the worker is gone (a zombie lists no children)
+        fresh = [p for p in found if p.pid not in frozen]
+        if not fresh:
+            break
+        for process in fresh:
+            frozen[process.pid] = process
+            with contextlib.suppress(psutil.Error):
+                process.suspend()
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    for process in frozen.values():
+        with contextlib.suppress(psutil.Error):
+            process.kill()  # psutil checks the pid still names that process
 
 
 def _lost(name: str, exitcode: int | None) -> WorkerLostError:
