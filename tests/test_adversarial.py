@@ -5,6 +5,7 @@ raises, a fork that fails, and objects only inheritance may carry."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import multiprocessing
 import os
@@ -12,9 +13,11 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 import corral
@@ -383,3 +386,78 @@ async def test_pipes_taken_over_cost_only_the_worker(user_file: Path) -> None:
             await bounded(pool.run(take_over, str(user_file), ""))
         assert await bounded(pool.run(tasks.add, 1, 2)) == 3
     assert user_file.read_bytes() == USER_FILE
+
+
+def wait_for_gate(started: str, gate: str) -> int:
+    """Say it started, then wait (bounded) until gate exists; return this process's pid."""
+    Path(started).touch()
+    deadline = time.monotonic() + BOUND
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return os.getpid()
+
+
+def _forkserver() -> psutil.Process:
+    """multiprocessing's forkserver, a child of this process."""
+    (server,) = [
+        child for child in psutil.Process().children() if "forkserver" in " ".join(child.cmdline())
+    ]
+    return server
+
+
+@contextlib.contextmanager
+def forks_refused(pid: int) -> Iterator[None]:
+    """Make every fork by process pid fail with EAGAIN, as a process limit does: its
+    RLIMIT_NPROC lowered to 1, or, for root (whom that limit spares), a pids cgroup of its
+    own allowing it alone."""
+    if os.geteuid() != 0:
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_NPROC, (1, resource.RLIM_INFINITY))
+        try:
+            yield
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_NPROC, (soft, hard))
+        return
+    pids = Path("/sys/fs/cgroup/pids")
+    if not os.access(pids, os.W_OK):
+        pytest.skip("no way to refuse forks here: root, without a writable pids cgroup")
+    (home,) = [
+        line.split(":")[2]
+        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+        if line.split(":")[1] == "pids"
+    ]
+    group = pids / f"corral-test-{os.getpid()}"
+    group.mkdir()
+    try:
+        (group / "pids.max").write_text("1")
+        (group / "cgroup.procs").write_text(str(pid))
+        try:
+            yield
+        finally:
+            (pids / home.lstrip("/") / "cgroup.procs").write_text(str(pid))
+    finally:
+        group.rmdir()
+
+
+@pytest.mark.timeout(90)
+async def test_a_failed_fork_costs_only_that_start(tmp_path: Path) -> None:
+    """When the forkserver cannot fork (a process limit), only that worker's start fails
+    (WorkerStartupError): the forkserver lives, and a healthy worker's running job ends
+    normally on the same process, which serves on."""
+    from corral.workers import ProcessWorker
+
+    started, gate = tmp_path / "started", tmp_path / "gate"
+    async with corral.Pool(1, start_method="forkserver") as pool:
+        healthy = await bounded(pool.run(tasks.pid))
+        job = pool.submit(wait_for_gate, str(started), str(gate))
+        await until(started.exists)
+        server = _forkserver()
+        with forks_refused(server.pid):
+            extra = ProcessWorker(start_method="forkserver")
+            with pytest.raises(corral.WorkerStartupError):
+                await bounded(extra.start(QuietHost()))  # type: ignore[arg-type]
+        gate.touch()
+        assert await bounded(job) == healthy
+        assert await bounded(pool.run(tasks.pid)) == healthy
+        assert server.is_running()
+    del extra
+    gc.collect()  # multiprocessing closes a failed start's fds when its Popen is collected

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from .. import _child
+from .. import _child, _forkserver
 from .._errors import RemoteTraceback, SerializationError, WorkerLostError, WorkerStartupError
 from .._job import JobState
 from .._shared import ARGS_TAKEN, RESULTS_TAKEN, SharedPage, SharedRegion
@@ -99,7 +99,8 @@ def default_start_method() -> str:
 
 def _preload_in_forkserver(ctx: BaseContext) -> None:
     """Have the forkserver import corral, and what the main module imported, once, so the
-    workers it forks start in milliseconds instead of importing them each.
+    workers it forks start in milliseconds instead of importing them each; and import
+    ``_forkserver``, which keeps it alive when a fork fails.
 
     multiprocessing starts every worker by running the main module again. The forkserver
     is meant to preload it (``"__main__"`` is in its list by default), but Python 3.11's
@@ -115,7 +116,7 @@ def _preload_in_forkserver(ctx: BaseContext) -> None:
     """
     server = getattr(multiprocessing.forkserver, "_forkserver", None)
     modules = list(getattr(server, "_preload_modules", None) or ["__main__"])
-    wanted = [_child.__name__, *_imported_by_main()]
+    wanted = [_child.__name__, _forkserver.__name__, *_imported_by_main()]
     if not set(wanted) <= set(modules):
         ctx.set_forkserver_preload([*modules, *(m for m in wanted if m not in modules)])
 

@@ -1,0 +1,54 @@
+"""Keeps multiprocessing's forkserver alive when it cannot fork.
+
+The forkserver forks every worker of the ``forkserver`` start method, and all of them die
+with it: their parent-death signal fires, and the pool reads their end from the status
+pipes it held. Its loop lets only ECONNABORTED pass, so a fork refused for a process limit
+(EAGAIN under ``RLIMIT_NPROC`` or a cgroup's pids.max) ended it, and every healthy
+worker's running job was lost as "exit code 255". Imported into the forkserver (the pool
+asks it to preload this module), it wraps ``os.fork``: a fork that fails there closes the
+fds the server received for that child, so the pool's read of the pid meets EOF and only
+that start fails, and reaches the loop as ECONNABORTED, which it survives. Anywhere else,
+and for every other caller, ``os.fork`` is what it was.
+"""
+
+from __future__ import annotations
+
+import errno
+import multiprocessing.forkserver
+import os
+import sys
+from types import FrameType
+
+_SERVER_LOOP = multiprocessing.forkserver.main.__code__
+_fork = os.fork
+
+
+def _fork_or_abort_the_request() -> int:
+    """``os.fork``; in the forkserver's loop, a failure ends only the request at hand."""
+    try:
+        return _fork()
+    except OSError as exc:
+        server = sys._getframe(1)
+        if server.f_code is not _SERVER_LOOP:
+            raise
+        # The server's loop holds the fds it received for the child: the two ends of its
+        # status and data pipes, then the child's own. Closing them is what the loop does
+        # after a fork; here it tells the pool, which waits on the status pipe, at once.
+        received = server.f_locals
+        for fd in (received["child_r"], received["child_w"], *received["fds"]):
+            os.close(fd)
+        raise OSError(errno.ECONNABORTED, f"the forkserver could not fork: {exc}") from exc
+
+
+def _in_the_server() -> bool:
+    """Whether this import runs in the forkserver's loop (its preloading)."""
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _SERVER_LOOP:
+            return True
+        frame = frame.f_back
+    return False
+
+
+if _in_the_server():
+    os.fork = _fork_or_abort_the_request
