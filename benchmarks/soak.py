@@ -191,7 +191,8 @@ async def soak(args: argparse.Namespace, retries: int, seed: int) -> Outcome:
     os.unlink(ledger)
     completed = {i for i, o in outcomes.items() if o == i}
     lost = {i for i, o in outcomes.items() if isinstance(o, corral.WorkerLostError)}
-    other = [f"job {i}: {o!r}" for i, o in outcomes.items() if i not in completed | lost]
+    ended = completed | lost
+    other = [f"job {i}: {o!r}" for i, o in outcomes.items() if i not in ended]
     other += [f"job {i}: no outcome" for i in range(args.jobs) if i not in outcomes]
     other += [f"job {i} ran os._exit, yet {outcomes[i]!r}" for i in exiting - lost]
     other += [
