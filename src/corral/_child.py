@@ -3,7 +3,9 @@
 The child blocks on its in-pipe (no polling, no sleeps) and answers on its out-pipe::
 
     parent                               child
-      |  CALL(job, fn, args)  ------------>  unpickle the call
+      |  CALL(job, fn, args)  ------------>  job id stored as "taken" (and, for a call with
+      |  <------------------------ ACK(job)  a hard time limit, ACK: the limit counts from it)
+      |                                      unpickle the call
       |                     shared page <--  job id stored: from here the job is "started"
       |                                      fn(*args)
       |  <------------  RESULT | ERROR(job)  the value, or the exception and its traceback
@@ -12,7 +14,12 @@ The acknowledgement is a store into a page of shared memory (see ``_shared``), n
 message: the parent reads it only if the worker dies, so a call costs one frame each way.
 Unpickling comes before the acknowledgement on purpose: a call whose arguments kill the
 process while they are unpickled was never started, so the parent may deliver it again
-(a bounded number of times) without running anything twice.
+(a bounded number of times) without running anything twice. Unpickling runs code of the
+caller's choosing and may block, so a cancel or a hard limit reaches it there too.
+
+Tasks run in this process and may close fds they do not own: every pipe end and memfd is
+vouched for before use (``_Worker.vouch``, ``_shared``), and a worker that finds one taken
+over exits at once rather than read calls from, or write results into, someone's file.
 """
 
 from __future__ import annotations
