@@ -411,7 +411,8 @@ def forks_refused(pid: int) -> Iterator[None]:
     RLIMIT_NPROC lowered to 1, or, for root (whom that limit spares), a pids cgroup of its
     own allowing it alone."""
     if os.geteuid() != 0:
-        soft, hard = resource.prlimit(pid, resource.RLIMIT_NPROC, (1, resource.RLIM_INFINITY))
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_NPROC)
+        resource.prlimit(pid, resource.RLIMIT_NPROC, (1, hard))
         try:
             yield
         finally:
@@ -461,3 +462,33 @@ async def test_a_failed_fork_costs_only_that_start(tmp_path: Path) -> None:
         assert server.is_running()
     del extra
     gc.collect()  # multiprocessing closes a failed start's fds when its Popen is collected
+
+
+def stream_raising_items(name: str) -> Any:
+    """A generator whose second item raises name when the parent unpickles it."""
+    yield 1
+    yield RaisesInTheParent(name)
+    yield 3
+
+
+def report_raising(name: str) -> int:
+    """Report an object whose unpickling in the parent raises name, then return."""
+    corral.report(RaisesInTheParent(name))
+    return os.getpid()
+
+
+@pytest.mark.timeout(60)
+async def test_base_exception_unpickling_items_or_a_report_fails_only_that_call() -> None:
+    """SystemExit raised while the parent unpickles a stream's items, or a report, fails
+    that call with SerializationError (its cause the SystemExit); the loop and the worker
+    go on serving."""
+    async with corral.Pool(1) as pool:
+        before = await bounded(pool.run(tasks.pid))
+        with pytest.raises(corral.SerializationError, match="items of the stream") as caught:
+            async for _ in pool.iterate(stream_raising_items, "SystemExit"):
+                pass
+        assert type(caught.value.__cause__) is SystemExit
+        with pytest.raises(corral.SerializationError, match="a report") as caught:
+            await bounded(pool.run(report_raising, "SystemExit"))
+        assert type(caught.value.__cause__) is SystemExit
+        assert await bounded(pool.run(tasks.pid)) == before
