@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from corral import SerializationError, _wire
 from corral._wire import (
+    ACK_WANTED,
     CALL,
     ERROR,
     HEADER,
@@ -415,6 +416,23 @@ def test_dumps_call_of_an_importable_function_goes_by_reference() -> None:
     reference, args = loads(0, payload.data)
     assert load_function(reference, {}) is tasks.add
     assert args == (1, 2)
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_a_call_asking_for_its_ack_says_so_in_the_header(big: bool) -> None:
+    """``ack=True`` (a hard time limit) is carried in the frame's kind, where the worker
+    reads it before it unpickles anything; the kind still decodes to CALL, in-band or out
+    of band, and the pickle is the same as without it."""
+    args = (b"q" * OUT_OF_BAND_MIN,) if big else (1,)
+    plain = dumps_call(tasks.identity, args, soft_time_limit=2.0)
+    asked = dumps_call(tasks.identity, args, soft_time_limit=2.0, ack=True)
+    assert asked.data == plain.data
+    assert (plain.flags, asked.flags) == (0, ACK_WANTED)
+    decoded = decode_one(CALL, 7, asked)
+    assert decoded.kind & ACK_WANTED
+    assert decoded.kind & KIND_MASK == CALL
+    assert decode_one(CALL, 7, plain).kind & ACK_WANTED == 0
+    assert loads(decoded.kind, decoded.body)[1:] == (args, 2.0, 0)
 
 
 def test_large_bytes_go_out_of_band_at_the_threshold() -> None:
