@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import itertools
+import multiprocessing
 import os
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -67,6 +69,26 @@ def mark_then_wait(started: str, gate: str, cleaned: str = "") -> int:
         if cleaned:
             _write(cleaned, pid)
     return os.getpid()
+
+
+class Big:
+    """A result large enough to matter, that the tests can watch being freed."""
+
+    def __init__(self) -> None:
+        self.payload = bytes(1 << 20)
+
+
+def make_big(_: int) -> Big:
+    return Big()
+
+
+# Set in this process before its workers start: only a forked worker inherits the mark.
+_INHERITED: list[int] = []
+
+
+def where_am_i() -> tuple[int, bool]:
+    """Run in a worker: its parent's pid, and whether it inherited this process's memory."""
+    return os.getppid(), bool(_INHERITED)
 
 
 # -- submit, result, exception --------------------------------------------------------------
@@ -129,6 +151,22 @@ def test_a_worker_that_dies_costs_only_its_call() -> None:
         assert executor.submit(tasks.add, 2, 2).result(timeout=BOUND) == 4
 
 
+def test_a_callback_raising_system_exit_leaves_the_executor_serving(tmp_path: Path) -> None:
+    """A done-callback runs in the bridge's thread; one that raises ``SystemExit`` (asyncio
+    lets it out of the loop) is reported, and the calls in flight and later ones are still
+    served. (It used to end the bridge: every pending call was cancelled and the next
+    ``submit`` raised "Event loop is closed".)"""
+    gate = tmp_path / "gate"
+    with _executor(1) as executor:
+        first = executor.submit(tasks.wait_for_file, str(gate), BOUND)
+        behind = executor.submit(tasks.add, 1, 1)
+        first.add_done_callback(lambda _: sys.exit("from a done-callback"))
+        gate.touch()
+        assert first.result(timeout=BOUND) > 0
+        assert behind.result(timeout=BOUND) == 2
+        assert executor.submit(tasks.add, 2, 2).result(timeout=BOUND) == 4
+
+
 def test_not_callable_is_refused_at_the_call() -> None:
     """Submitting something that cannot be called raises TypeError at once."""
     with _executor(1) as executor, pytest.raises(TypeError, match="callable"):
@@ -140,6 +178,58 @@ def test_bad_max_workers_is_refused(bad: Any) -> None:
     """``max_workers`` must be a positive int (or None), as in the standard library."""
     with pytest.raises(ValueError, match="max_workers"):
         corral.Executor(bad)
+
+
+@pytest.mark.parametrize(
+    ("method", "inherits", "my_child"),
+    [("fork", True, True), ("spawn", False, True), ("forkserver", False, False)],
+)
+def test_mp_context_chooses_the_start_method(method: str, inherits: bool, my_child: bool) -> None:
+    """``mp_context=``, as ``ProcessPoolExecutor`` takes it, starts the workers by the
+    context's method: a forked worker inherits this process's memory, a spawned one does
+    not, and a forkserver's is the server's child, not this process's."""
+    _INHERITED.append(1)
+    try:
+        context = multiprocessing.get_context(method)
+        with corral.Executor(1, mp_context=context) as executor:
+            ppid, inherited = executor.submit(where_am_i).result(timeout=BOUND)
+    finally:
+        _INHERITED.clear()
+    assert inherited is inherits
+    assert (ppid == os.getpid()) is my_child
+
+
+class _ThreadContext:
+    """Looks like a multiprocessing context, with a start method corral cannot use."""
+
+    def get_start_method(self, allow_none: bool = False) -> str:
+        return "thread"
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"mp_context": "spawn"}, TypeError, "mp_context must be a multiprocessing context"),
+        ({"mp_context": _ThreadContext()}, ValueError, "start method 'thread' cannot start"),
+        (
+            {"mp_context": multiprocessing.get_context("spawn"), "start_method": "fork"},
+            ValueError,
+            "contradicts start_method='fork'",
+        ),
+        (
+            {"mp_context": multiprocessing.get_context("spawn"), "kind": "thread"},
+            ValueError,
+            "mp_context applies to process workers",
+        ),
+    ],
+)
+def test_a_bad_mp_context_is_refused_at_construction(
+    options: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    """An ``mp_context`` that is no context, whose start method corral cannot use, or that
+    contradicts the other options is refused when the executor is made, saying which."""
+    with pytest.raises(error, match=match):
+        corral.Executor(1, **options)
 
 
 def test_a_bad_pool_option_is_refused_at_construction() -> None:
@@ -229,6 +319,17 @@ def test_map_timeout_raises_from_the_iterator_and_stops_the_late_call(tmp_path: 
 def _apply(call: tuple[Any, ...]) -> Any:
     fn, *args = call
     return fn(*args)
+
+
+@pytest.mark.parametrize("chunksize", [1, 2])
+def test_map_keeps_no_result_it_yielded(chunksize: int) -> None:
+    """The iterator of ``map`` holds no reference to a result it has yielded: a large
+    result the consumer drops is freed (the standard library's ``test_free_reference``)."""
+    with _executor() as executor:
+        for big in executor.map(make_big, range(6), chunksize=chunksize):
+            freed = weakref.ref(big)
+            del big
+            wait_until(lambda ref=freed: ref() is None)
 
 
 def test_map_rejects_a_bad_chunksize() -> None:
@@ -435,16 +536,21 @@ def test_a_collected_executor_finishes_its_calls() -> None:
         assert not thread.is_alive()
 
 
-def test_the_interpreter_waits_at_exit_for_accepted_calls(tmp_path: Path) -> None:
+@pytest.mark.parametrize("start_method", ["fork", "forkserver", "spawn"])
+def test_the_interpreter_waits_at_exit_for_accepted_calls(
+    tmp_path: Path, start_method: str
+) -> None:
     """A program that exits without shutting its executor down still has its accepted
-    calls run to the end first, as with the standard library's executors."""
+    calls run to the end first, as with the standard library's executors, by every start
+    method. (Python 3.12 cannot fork once its shutdown has begun: under fork the first
+    call starts the workers before it returns.)"""
     ledger = tmp_path / "ledger"
     script = textwrap.dedent(
         f"""
         import corral
         from tests import tasks
 
-        executor = corral.Executor(1, start_method="fork")
+        executor = corral.Executor(1, start_method={start_method!r})
         executor.submit(tasks.sleep, 0.2)
         executor.submit(tasks.append_line, {str(ledger)!r}, "ran")
         """

@@ -41,6 +41,9 @@ import concurrent.futures
 import contextlib
 import functools
 import itertools
+import logging
+import multiprocessing
+import multiprocessing.context
 import os
 import threading
 import time
@@ -53,6 +56,8 @@ from ._pool import Pool
 
 if TYPE_CHECKING:
     from ._job import Job
+
+_logger = logging.getLogger("corral")
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -70,6 +75,9 @@ DRAIN_BATCH = 256
 PREFETCH = 16
 
 _SHUTDOWN = "cannot schedule new futures after shutdown"
+
+# The start methods of multiprocessing's contexts that corral's process workers can use.
+_START_METHODS = ("fork", "forkserver", "spawn")
 
 # What a job is in while a worker holds it: ``running()`` is True.
 _HELD = frozenset({JobState.SENT, JobState.RUNNING})
@@ -144,7 +152,7 @@ class _Bridge:
     ``_withdrawn``; it is never held while waiting.
     """
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, *, forks: bool = False) -> None:
         self.pool = pool
         self.loop = asyncio.new_event_loop()
         self.lock = threading.RLock()  # reentrant: a GC finalizer may shut down anywhere
@@ -158,6 +166,12 @@ class _Bridge:
         self.live: dict[asyncio.Future[Any], ExecutorFuture[Any]] = {}
         self.stopped = self.loop.create_future()  # resolved by _stop: close the pool
         self._settle_cb = self._settle  # one bound method for every job
+        # The pool's workers are started, or never will be; see _await_workers.
+        self.workers_up = threading.Event()
+        if not forks:
+            self.workers_up.set()
+        self.start_asked = False  # _await_workers asked the loop to start them
+        self.starting: asyncio.Task[None] | None = None  # pool.start(), in the loop
         self.thread = threading.Thread(
             target=self._run, name=f"corral.Executor-{next(_numbers)}", daemon=True
         )
@@ -179,6 +193,8 @@ class _Bridge:
             if not self.waking:  # else the drain under way will take this call too
                 self.waking = True
                 self.loop.call_soon_threadsafe(self._drain)
+        if not self.workers_up.is_set():
+            self._await_workers()
 
     def put_many(self, calls: list[tuple[ExecutorFuture[Any], Callable[..., Any], Any]]) -> None:
         """Queue several calls with one lock and at most one wake-up."""
@@ -189,6 +205,26 @@ class _Bridge:
             if calls and not self.waking:
                 self.waking = True
                 self.loop.call_soon_threadsafe(self._drain)
+        if calls and not self.workers_up.is_set():
+            self._await_workers()
+
+    def _await_workers(self) -> None:
+        """Under fork, return once the pool's workers are started (the first calls wait).
+
+        Python 3.12 refuses to fork once the interpreter has begun to shut down, before
+        any exit hook runs; a program that submits and ends gets there before the bridge
+        would fork lazily started workers, and the calls it was promised would fail. So,
+        as ``ProcessPoolExecutor`` forks its workers in ``submit``, the first call returns
+        once they are forked and up. (3.11 and 3.13 can fork at exit; it costs them this
+        one wait.) From the bridge's own thread (a done-callback) calls have already run,
+        so the workers were started: it must not wait for itself."""
+        if threading.get_ident() == self.thread.ident:
+            return
+        with self.lock:
+            if not self.start_asked and not self.closed:
+                self.start_asked = True
+                self.loop.call_soon_threadsafe(self._start_workers)
+        self.workers_up.wait()  # set by _start_pool, or by _run when the loop ends
 
     def withdraw(self, future: ExecutorFuture[Any]) -> None:
         """Cancel future's job in the loop (at once when called from the loop's thread)."""
@@ -217,18 +253,48 @@ class _Bridge:
 
     def _run(self) -> None:
         loop = self.loop
+        serving = loop.create_task(self._serve())
         try:
-            loop.run_until_complete(self._serve())
+            while True:
+                try:
+                    loop.run_until_complete(serving)
+                    break
+                except BaseException:
+                    if serving.done():
+                        raise
+                    # asyncio lets SystemExit and KeyboardInterrupt out of any callback (a
+                    # done-callback that calls sys.exit(), an unpickled result that exits):
+                    # the loop, its pool and the calls in flight are intact, and abandoning
+                    # them would fail every pending call and leave the executor dead.
+                    # Say so, and carry on serving.
+                    _logger.exception("a callback in %s raised; serving on", self.thread.name)
         finally:
             with self.lock:
-                self.closed = True
-            for future in list(self.live.values()):  # none, unless the pool failed to close
+                # closing too: a thread that ended without a shutdown (the pool failed to
+                # close) refuses new calls with shutdown's error, not the closed loop's.
+                self.closing = self.closed = True
+            # Neither holds a call unless the pool failed to close: none may hang.
+            for future in [*(call[0] for call in self.inbox), *self.live.values()]:
                 future.cancel()
             loop.close()
+            self.workers_up.set()  # after closed: no start can be asked of the loop now
 
     async def _serve(self) -> None:
         await self.stopped
+        if self.starting is not None:  # its wait for all workers would outlast the close
+            await asyncio.wait({self.starting})
         await self.pool.close()  # runs every queued and running job to its end
+
+    def _start_workers(self) -> None:
+        self.starting = self.loop.create_task(self._start_pool())
+
+    async def _start_pool(self) -> None:
+        try:
+            await self.pool.start()
+        except Exception:
+            pass  # no worker will start, or shut down already: the calls' futures say why
+        finally:
+            self.workers_up.set()
 
     def _drain(self) -> None:
         """Hand up to DRAIN_BATCH calls from the inbox to the pool, and look again in the
@@ -314,11 +380,41 @@ def _fail(future: ExecutorFuture[Any], error: BaseException) -> None:
         future.set_exception(error)
 
 
+def _start_method_of(mp_context: Any, pool_options: dict[str, Any]) -> str:
+    """The start method ``Executor(mp_context=...)`` stands for, checked: the context's is
+    the one setting of it corral uses (its workers are not multiprocessing's processes)."""
+    get_start_method = getattr(mp_context, "get_start_method", None)
+    if not callable(get_start_method):
+        raise TypeError(
+            "mp_context must be a multiprocessing context, such as "
+            f"multiprocessing.get_context('forkserver'), not {mp_context!r}"
+        )
+    method = get_start_method(allow_none=False)
+    usable = [m for m in multiprocessing.get_all_start_methods() if m in _START_METHODS]
+    if method not in usable:
+        raise ValueError(
+            f"mp_context's start method {method!r} cannot start corral's workers; "
+            f"use a context of one of {usable}"
+        )
+    if pool_options.get("kind", "process") != "process" or pool_options.get("cluster"):
+        raise ValueError("mp_context applies to process workers: drop it, or kind=/cluster=")
+    asked = pool_options.get("start_method")
+    if asked is not None and asked != method:
+        raise ValueError(
+            f"mp_context's start method {method!r} contradicts start_method={asked!r}: "
+            "pass only one of them"
+        )
+    return str(method)
+
+
 class Executor(concurrent.futures.Executor):
     """A ``concurrent.futures.Executor`` running calls in a corral ``Pool``.
 
     Args:
         max_workers: how many workers; None means one per CPU this process may use.
+        mp_context: a multiprocessing context, as ``ProcessPoolExecutor`` takes: its start
+            method is the workers' (the same as ``start_method=``); nothing else of it is
+            used. A context whose start method corral cannot use is refused.
         **pool_options: passed to ``corral.Pool`` (``start_method``, ``initializer``,
             ``initargs``, ``max_tasks_per_child``, ``time_limit``, ...), and checked here.
             ``cluster`` (a Dask cluster) takes the scheduler's address, not a client.
@@ -344,7 +440,15 @@ class Executor(concurrent.futures.Executor):
     close it.
     """
 
-    def __init__(self, max_workers: int | None = None, **pool_options: Any) -> None:
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        *,
+        mp_context: multiprocessing.context.BaseContext | None = None,
+        **pool_options: Any,
+    ) -> None:
+        if mp_context is not None:
+            pool_options["start_method"] = _start_method_of(mp_context, pool_options)
         if max_workers is not None and (
             not isinstance(max_workers, int) or isinstance(max_workers, bool) or max_workers < 1
         ):
@@ -358,7 +462,7 @@ class Executor(concurrent.futures.Executor):
         pool_options.setdefault("strategy", "auto")
         pool_options.setdefault("prefetch", PREFETCH)
         pool = Pool(max_workers, **pool_options)  # a bad option raises here, in the caller
-        self._bridge = _Bridge(pool)
+        self._bridge = _Bridge(pool, forks=pool_options.get("start_method") == "fork")
         # Collected without a shutdown: close the pool once its calls are done, as the
         # standard library does. (At exit, _shutdown_at_exit waits for them instead.)
         weakref.finalize(self, self._bridge.shutdown, False).atexit = False
@@ -455,7 +559,10 @@ def _results(
     chunked: bool,
     executor_ref: weakref.ref[Executor],
 ) -> Iterator[Any]:
-    """The values of map's futures, in order, topping up to ``buffersize`` ahead."""
+    """The values of map's futures, in order, topping up to ``buffersize`` ahead.
+
+    No result is held here once yielded (nor is its future): a consumer that drops one
+    frees it, as the standard library's ``map`` promises."""
     try:
         while futures:
             if refill is not None:
@@ -464,20 +571,27 @@ def _results(
                 if executor is not None and args is not None:
                     futures.append(executor.submit(target, *args))
                 del executor
-            future = futures.popleft()
-            try:
-                value = future.result(None if end is None else end - time.monotonic())
-            except BaseException:
-                future.cancel()  # timed out (or interrupted): stop it, in its worker too
-                raise
-            del future  # the consumer holds the value, not the future
+            timeout = None if end is None else end - time.monotonic()
             if chunked:
-                yield from value
+                chunk = _result_or_cancel(futures.popleft(), timeout)
+                chunk.reverse()
+                while chunk:
+                    yield chunk.pop()  # popped first: the list keeps only those not yet taken
             else:
-                yield value
+                yield _result_or_cancel(futures.popleft(), timeout)
     finally:
         for future in futures:
             future.cancel()
+
+
+def _result_or_cancel(future: ExecutorFuture[Any], timeout: float | None) -> Any:
+    """The future's value; one not ready in time (or a wait interrupted) is cancelled, in
+    its worker too. A helper, so the future (which holds the value) dies on returning."""
+    try:
+        return future.result(timeout)
+    except BaseException:
+        future.cancel()
+        raise
 
 
 def _batched(calls: Iterator[tuple[Any, ...]], n: int) -> Iterator[tuple[tuple[Any, ...], ...]]:
