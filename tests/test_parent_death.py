@@ -68,3 +68,53 @@ def test_workers_die_with_a_sigkilled_parent(tmp_path: Path, method: str) -> Non
             parent.kill()
             parent.wait()
         parent.stdout.close()  # type: ignore[union-attr]
+
+
+GRANDPARENT = """
+import asyncio, subprocess, sys, time
+sys.path.insert(0, {root!r})
+import corral
+
+def start_a_child_then_sleep():
+    child = subprocess.Popen(["sleep", "1000"])
+    print(child.pid, flush=True)
+    time.sleep(1000)
+
+async def main():
+    async with corral.Pool(1) as pool:
+        await pool.run(start_a_child_then_sleep)
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.xfail(
+    strict=True,
+    reason="a worker that dies with its parent (PR_SET_PDEATHSIG) leaves what its task "
+    "started; only the worker itself (corral._child) can arrange to take it along",
+)
+def test_a_sigkilled_parent_takes_what_its_workers_started(tmp_path: Path) -> None:
+    """SIGKILL the pool's process while a task waits on a process it started: that process
+    goes with the worker."""
+    script = tmp_path / "parent.py"
+    script.write_text(GRANDPARENT.format(root=str(ROOT)))
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    grandchild = None
+    try:
+        assert parent.stdout is not None
+        grandchild = int(parent.stdout.readline())
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=30)
+        killed = time.monotonic()
+        while not _gone(grandchild) and time.monotonic() - killed < 5:
+            time.sleep(0.01)
+        assert _gone(grandchild), "a process the task started outlived the dead parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        parent.stdout.close()  # type: ignore[union-attr]
+        if grandchild is not None and not _gone(grandchild):
+            os.kill(grandchild, signal.SIGKILL)  # the test's own leftover

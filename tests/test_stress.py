@@ -39,7 +39,7 @@ def _victims(pool: corral.Pool, starting_too: bool) -> list[int]:
     return [w.pid for w in pool.workers if w.pid is not None]
 
 
-@pytest.mark.loops("asyncio")  # about 20 s each on 2 cores: one loop is enough in CI
+@pytest.mark.loops("asyncio")  # 20-45 s each on 2 cores: one loop is enough in CI
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(
     ("starting_too", "pause", "seed"),
