@@ -35,6 +35,17 @@ def exit_soon_once(marker: str, delay: float) -> None:
     threading.Timer(delay, os._exit, (0,)).start()
 
 
+def sigkill_self_the_first_times(directory: str, times: int) -> None:
+    """Initializer: the first `times` workers to run it SIGKILL themselves, as another
+    process (or the OOM killer) might; later ones start normally."""
+    for n in range(times):
+        try:
+            os.close(os.open(f"{directory}/{n}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            continue
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def start_a_child_then_sleep(path: str, seconds: float, deaf: bool = False) -> None:
     """Task: start a process of its own (`sleep 1000`), write its pid to path, then sleep
     (past its hard limit, or until the pool is terminated); deaf: deaf to interrupts."""
@@ -221,3 +232,19 @@ async def test_a_killed_worker_takes_the_processes_it_started(tmp_path: Path, ho
         await until(lambda: _gone(grandchild), timeout=20)
     finally:
         await bounded(pool.terminate())
+
+
+@pytest.mark.timeout(60)
+async def test_workers_sigkilled_while_starting_do_not_make_the_pool_give_up(
+    tmp_path: Path,
+) -> None:
+    """Five workers in a row SIGKILLed while starting (more than the 3 failed starts after
+    which a pool gives up): the pool keeps replacing them and serves, since SIGKILL comes
+    from outside the start-up, and chaos killing workers in their first milliseconds must
+    not break the pool."""
+    pool = corral.Pool(1, initializer=sigkill_self_the_first_times, initargs=(str(tmp_path), 5))
+    try:
+        await bounded(pool.start())
+        assert await bounded(pool.run(tasks.add, 1, 2)) == 3
+    finally:
+        await bounded(pool.close())
