@@ -140,6 +140,23 @@ def test_a_call_that_will_not_pickle_fails_its_future_only() -> None:
         assert executor.submit(tasks.add, 1, 2).result(timeout=BOUND) == 3
 
 
+class ExitsWhenPickled:
+    """An argument whose pickling, in the executor's thread, calls ``sys.exit()``."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        sys.exit(1)
+
+
+def test_a_call_whose_pickling_exits_fails_its_future_only() -> None:
+    """A ``SystemExit`` raised by the call's own code while it is pickled, in the bridge's
+    thread, fails that call's future; the executor serves the next call. (It escaped the
+    bridge's loop: the future never completed.)"""
+    with _executor(1) as executor:
+        error = executor.submit(tasks.identity, ExitsWhenPickled()).exception(timeout=BOUND)
+        assert "SystemExit" in f"{type(error).__name__} {error}"
+        assert executor.submit(tasks.add, 1, 2).result(timeout=BOUND) == 3
+
+
 def test_a_worker_that_dies_costs_only_its_call() -> None:
     """Unlike ``ProcessPoolExecutor``, which breaks for good, a dead worker fails only its
     own call (``WorkerLostError``) and the executor keeps serving."""

@@ -327,7 +327,10 @@ class _Bridge:
                 continue  # cancelled on the way: it never reaches the pool
             try:
                 job = submit(fn, *args)
-            except Exception as exc:  # a call that will not pickle, a broken pool
+            except BaseException as exc:  # a call that will not pickle, a broken pool
+                # BaseException too: pickling runs the call's own code (a __reduce__ that
+                # calls sys.exit()), whose SystemExit is its call's error, as Pool.submit
+                # raises it to its caller, not the bridge's end.
                 _fail(future, exc)
                 continue
             future._job = job
