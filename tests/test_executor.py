@@ -60,8 +60,8 @@ def mark_then_wait(started: str, gate: str, cleaned: str = "") -> int:
     """Write this worker's pid to started, wait until gate exists (30 s at most), and
     write the pid to cleaned on the way out, whatever ends the call; return the pid."""
     pid = str(os.getpid())
-    _write(started, pid)
     try:
+        _write(started, pid)  # in the try: a cancel that comes once started exists runs finally
         deadline = time.monotonic() + BOUND
         while not os.path.exists(gate) and time.monotonic() < deadline:
             time.sleep(0.005)
