@@ -19,6 +19,7 @@ import pytest
 import uvloop
 
 import corral
+from corral.workers import LocalWorker
 from tests import tasks
 from tests.waits import BOUND, bounded, until, wait_until
 
@@ -248,3 +249,24 @@ async def test_workers_sigkilled_while_starting_do_not_make_the_pool_give_up(
         assert await bounded(pool.run(tasks.add, 1, 2)) == 3
     finally:
         await bounded(pool.close())
+
+
+class RefusingWorker(LocalWorker):
+    """A worker that starts, then refuses every job it is sent."""
+
+    def send(self, job: corral.Job[object]) -> None:
+        raise RuntimeError("this worker refuses every job")
+
+
+@pytest.mark.timeout(60)
+async def test_a_worker_refusing_every_job_fails_each_once_without_recursing() -> None:
+    """Many calls queued for a worker whose send raises: each fails with that error, in
+    turn, without dispatch recursing once per job (it ran into RecursionError, leaving a
+    call that never ended)."""
+    async with corral.TaskQueue() as queue:
+        jobs = [queue.submit(tasks.add, i, 1) for i in range(5000)]
+        await bounded(queue.attach(RefusingWorker()))
+        outcomes = await bounded(asyncio.gather(*jobs, return_exceptions=True))
+        assert all(isinstance(o, RuntimeError) and "refuses" in str(o) for o in outcomes), outcomes[
+            :3
+        ]

@@ -12,6 +12,7 @@ its own workers alive.
 from __future__ import annotations
 
 import asyncio
+import collections
 import copy
 import enum
 import functools
@@ -163,7 +164,9 @@ class QueueCore:
         """Hook called for each new job before it is queued; it may raise to refuse it."""
 
     def _dispatch(self, assignments: list[tuple[Worker, Job[Any]]]) -> None:
-        for worker, job in assignments:
+        queue = collections.deque(assignments)
+        while queue:
+            worker, job = queue.popleft()
             self._in_flight[job] = worker
             job.sent_at = perf_counter()
             try:
@@ -171,7 +174,9 @@ class QueueCore:
             except Exception as exc:
                 del self._in_flight[job]
                 self._settle(job, None, exc)
-                self._dispatch(self._dispatcher.finished(worker))
+                # The freed slot's next jobs go first, in a loop: a worker refusing every
+                # job must not cost a stack frame per job (RecursionError, a job never ended).
+                queue.extendleft(reversed(self._dispatcher.finished(worker)))
             else:
                 self._after_send(worker)
 
