@@ -51,6 +51,12 @@ CASES: list[tuple[CorralError, dict[str, object], str]] = [
         "called exit()",
     ),
     (
+        WorkerLostError("w9", exitcode=75),
+        {"exitcode": 75, "signal": None},
+        "worker w9 exited with code 75: a task took over the worker's fds (it closed fds it "
+        "did not own and a file took their numbers); the worker exited rather than use them",
+    ),
+    (
         WorkerLostError("w6"),
         {"exitcode": None, "signal": None},
         "worker w6 was lost for an unknown reason",

@@ -24,6 +24,12 @@ class CorralError(Exception):
     """Base class of every error corral raises on its own account."""
 
 
+# The exit status of a worker that found one of its fds taken over by a task (it closed
+# fds it did not own, and a file it opened took their numbers): the worker exits at once
+# rather than read or write through them.
+FDS_LOST = 75
+
+
 class WorkerLostError(CorralError):
     """The worker running a job died before the job finished.
 
@@ -55,6 +61,12 @@ class WorkerLostError(CorralError):
                 how += "; the OOM killer, a hard time limit or someone else sent it"
             elif self.signal in (_signal.SIGSEGV, _signal.SIGBUS, _signal.SIGABRT):
                 how += "; a crash in native code is the likely cause"
+        elif self.exitcode == FDS_LOST:
+            how = (
+                f"exited with code {FDS_LOST}: a task took over the worker's fds (it closed "
+                "fds it did not own and a file took their numbers); the worker exited rather "
+                "than use them"
+            )
         elif self.exitcode is not None:
             how = f"exited with code {self.exitcode} while running the job"
             how += "; the task or a library it uses called exit()"

@@ -30,6 +30,8 @@ import weakref
 from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
+from ._errors import FDS_LOST
+
 SIZE = mmap.PAGESIZE
 T = TypeVar("T")
 
@@ -45,10 +47,6 @@ def release_inherited() -> None:
     before it maps its own; elsewhere there are none)."""
     for shared in list(_mapped):
         shared.close()
-
-
-# The exit status of a worker that found one of its fds taken over by a task.
-FDS_LOST = 75
 
 
 def abandon() -> NoReturn:
