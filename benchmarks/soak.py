@@ -6,12 +6,13 @@ running a job, idle, or still starting (a share of the kills aim at a worker in 
 milliseconds). One job in ``--exit-every`` calls ``os._exit`` itself. It runs once per
 ``--retries`` value.
 
-Each job appends its number to a ledger file in one O_APPEND write when it completes, so
-the ledger says how often each job ran to its end, whichever process ran it. It proves:
+Each job appends a line to a ledger file as it starts and another as it ends (one
+O_APPEND write each), so the ledger says how often each job began, whichever process ran
+it. It proves:
 
 - every job completed (its result is its number) or failed with ``WorkerLostError``;
-- with ``retries=0`` a completed job ran exactly once and a lost one at most once; with
-  retries a job runs again only after its worker died, so at most ``retries + 1`` times;
+- with ``retries=0`` a completed job began exactly once and a lost one at most once: none
+  ran again, silently or not; with retries a job began at most ``retries + 1`` times;
 - the jobs that call ``os._exit`` fail with ``WorkerLostError`` carrying their exit code;
 - the parent's fds, its child processes and the entries of /dev/shm come back to where
   they were.
@@ -54,13 +55,17 @@ STARTING_SHARE = 0.3
 HELPERS = ("forkserver", "resource_tracker")
 
 
-def job(ledger: str, i: int, exit_code: int) -> int:
-    """The soak's job: exit with exit_code if it is not 0, else record i in the ledger."""
+def job(ledger: str, i: int, exit_code: int, seconds: float = 0.0) -> int:
+    """The soak's job: exit with exit_code if it is not 0; else record its start in the
+    ledger, sleep seconds, and record its end."""
     if exit_code:
         os._exit(exit_code)
     fd = os.open(ledger, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     try:
-        os.write(fd, f"{i}\n".encode())
+        os.write(fd, f"s{i}\n".encode())
+        if seconds:
+            time.sleep(seconds)
+        os.write(fd, f"e{i}\n".encode())
     finally:
         os.close(fd)
     return i
@@ -101,8 +106,8 @@ class Outcome:
     lost: int
     exits: int
     other: list[str]
-    reruns: int  # completed jobs that ran more than once (only with retries)
-    twice_bad: int  # runs beyond what retries allow, or a rerun with retries=0
+    reruns: int  # jobs that began more than once (only with retries)
+    twice_bad: int  # jobs that began more often than retries allow
     kills: int
     leaked: str
 
@@ -116,7 +121,7 @@ class Outcome:
             f"({self.jobs / self.seconds:,.0f} jobs/s), {self.kills:,} outside SIGKILLs; "
             f"completed {self.completed:,}, WorkerLostError {self.lost:,} "
             f"(of them {self.exits:,} os._exit jobs), other {len(self.other)}, "
-            f"completed after a rerun {self.reruns:,}, ran too often {self.twice_bad}, "
+            f"began again after a death {self.reruns:,}, began too often {self.twice_bad}, "
             f"leaks: {self.leaked or 'none'} -> {'OK' if self.ok else 'FAILED'}"
         )
 
@@ -174,7 +179,7 @@ async def soak(args: argparse.Namespace, retries: int, seed: int) -> Outcome:
                 if args.exit_every and rng.randrange(args.exit_every) == 0:
                     code = 3
                     exiting.add(i)
-                future = pool.submit(job, ledger, i, code, retries=retries).future
+                future = pool.submit(job, ledger, i, code, args.run_for, retries=retries).future
                 pending.add(future)
                 future.add_done_callback(lambda f, i=i: settle(i, f))
                 if len(pending) >= WINDOW:
@@ -187,7 +192,8 @@ async def soak(args: argparse.Namespace, retries: int, seed: int) -> Outcome:
                 monkey.cancel()
     seconds = time.perf_counter() - started
 
-    runs = Counter(int(line) for line in Path(ledger).read_text().split())
+    lines = Path(ledger).read_text().split()
+    began = Counter(int(line[1:]) for line in lines if line[0] == "s")
     os.unlink(ledger)
     completed = {i for i, o in outcomes.items() if o == i}
     lost = {i for i, o in outcomes.items() if isinstance(o, corral.WorkerLostError)}
@@ -200,10 +206,9 @@ async def soak(args: argparse.Namespace, retries: int, seed: int) -> Outcome:
         for i in exiting
         if i in lost and getattr(outcomes[i], "exitcode", None) != 3
     ]
-    allowed = retries + 1
-    twice_bad = sum(1 for i in completed if not 1 <= runs[i] <= allowed)
-    twice_bad += sum(1 for i in lost if runs[i] > allowed - (i not in exiting and retries == 0))
-    reruns = sum(1 for i in completed if runs[i] > 1)
+    other += [f"job {i} completed, never began" for i in completed if not began[i]]
+    twice_bad = sum(1 for n in began.values() if n > retries + 1)
+    reruns = sum(1 for n in began.values() if n > 1)
 
     leaked = ""
     deadline = time.monotonic() + 10
@@ -248,6 +253,13 @@ def main() -> None:
     )
     parser.add_argument("--exit-every", type=int, default=2000, help="0: no job exits")
     parser.add_argument("--retries", type=int, nargs="+", default=[0, 2])
+    parser.add_argument(
+        "--run-for",
+        type=float,
+        default=0.0,
+        help="seconds each job takes: a job of a few microseconds is rarely the one running "
+        "when a kill lands; a longer one often is",
+    )
     parser.add_argument("--max-tasks-per-child", type=int, default=None)
     parser.add_argument("--nap", type=float, default=0.0, help="initializer sleeps 0..NAP s")
     parser.add_argument("--runs", type=int, default=1)
