@@ -438,9 +438,10 @@ class Executor(concurrent.futures.Executor):
     one call ahead of its workers; pass ``strategy="fair"`` for no queueing ahead at all.
 
     The pool lives in a private event loop run by one daemon thread of this executor; its
-    workers start with the first call. ``shutdown()``, leaving ``with``, the executor
-    being garbage-collected (without waiting) and the interpreter's exit (waiting) each
-    close it.
+    workers start with the first call (under fork, that call returns once they are up, as
+    ``ProcessPoolExecutor`` forks its workers in ``submit``). ``shutdown()``, leaving
+    ``with``, the executor being garbage-collected (without waiting) and the interpreter's
+    exit (waiting) each close it.
     """
 
     def __init__(
@@ -455,7 +456,9 @@ class Executor(concurrent.futures.Executor):
         if max_workers is not None and (
             not isinstance(max_workers, int) or isinstance(max_workers, bool) or max_workers < 1
         ):
-            raise ValueError(f"max_workers must be a positive int or None, not {max_workers!r}")
+            raise ValueError(  # the standard library's words, then what else it may be
+                f"max_workers must be greater than 0 (an int, or None), not {max_workers!r}"
+            )
         cluster = pool_options.get("cluster")
         if cluster is not None and not isinstance(cluster, str):
             raise ValueError(
