@@ -19,8 +19,8 @@ LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "uvloop": uvloop.new_event_loop,
 }
 
-# Long-lived helpers multiprocessing starts once per session; they are not leaks.
-_HELPERS = ("forkserver", "resource_tracker")
+# Long-lived helpers multiprocessing and corral start once per session; they are not leaks.
+_HELPERS = ("forkserver", "resource_tracker", "corral-undertaker")
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -90,11 +90,6 @@ if __name__ == "__main__":
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason="a worker that dies with its parent (PR_SET_PDEATHSIG) leaves what its task "
-    "started; only the worker itself (corral._child) can arrange to take it along",
-)
 def test_a_sigkilled_parent_takes_what_its_workers_started(tmp_path: Path) -> None:
     """SIGKILL the pool's process while a task waits on a process it started: that process
     goes with the worker."""

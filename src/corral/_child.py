@@ -103,6 +103,10 @@ def main(
     them lets siblings see EOF when the parent closes their pipes.
     """
     _die_with_parent()
+    # A group of its own, which what its tasks start joins: killed as one when the worker
+    # is (see workers._process) or when the program dies (see _undertaker).
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
     _let_go_of_the_forkserver()
     for fd in inherited:
         with contextlib.suppress(OSError):

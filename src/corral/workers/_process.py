@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from .. import _child, _forkserver
+from .. import _undertaker as undertaker
 from .._errors import RemoteTraceback, SerializationError, WorkerLostError, WorkerStartupError
 from .._job import JobState
 from .._shared import ARGS_TAKEN, RESULTS_TAKEN, SharedPage, SharedRegion
@@ -339,6 +340,7 @@ class ProcessWorker(Worker):
         self._death_fd = death_fd
         self._owns_death_fd = owns_death_fd
         _live.add(self)
+        undertaker.watch(process.pid)  # the worker leads its group: see _child.main
         loop.add_reader(self._death_fd, self._on_death)
 
     def send(self, job: Job[Any]) -> None:
@@ -620,6 +622,7 @@ class ProcessWorker(Worker):
         process = self._process
         if process is not None and process.exitcode is not None:
             process.close()  # closes multiprocessing's sentinel fd
+            self._reaped()
 
     # -- at interpreter exit --------------------------------------------------------------
 
@@ -651,6 +654,12 @@ class ProcessWorker(Worker):
             self._process.join(LINGER)  # SIGKILLed: a moment at most
             if self._process.exitcode is not None:
                 self._process.close()
+                self._reaped()
+
+    def _reaped(self) -> None:
+        """The process is reaped: its pid, and so its group's id, may be reused now."""
+        if self._pid is not None:
+            undertaker.forget(self._pid)
 
 
 def _rerun_in_a_worker() -> bool:
