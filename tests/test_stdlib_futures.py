@@ -1,13 +1,13 @@
 """CPython's own ``concurrent.futures`` test suite, run against ``corral.Executor``.
 
-The suite ships with the interpreter (``test.test_concurrent_futures``, a package since
-Python 3.13); it is loaded here at test time, never copied. Each of its test classes for the
-process pool is subclassed with ``executor_type = corral.Executor``, so every test the
-suite runs on ``ProcessPoolExecutor`` under fork, forkserver and spawn runs on corral's
-executor instead. A test either passes, or it is listed in ``DIFFERENCES`` with the reason
-corral behaves otherwise on purpose; a listed test is expected to fail (strictly: one that
-starts passing must leave the list) unless it cannot run at all (``SKIPPED``).
-"""
+The suite ships with the interpreter (``test.test_concurrent_futures``, a package in
+Python 3.13); it is loaded here at test time, never copied. Each of its test classes for
+the process pool is subclassed with ``executor_type`` set to ``corral.Executor`` (a
+subclass that only remembers its instances, for tearDown), so every test the suite runs on
+``ProcessPoolExecutor`` under fork, forkserver and spawn runs on corral's executor instead.
+A test either passes, or it is listed in ``DIFFERENCES`` with the reason corral behaves
+otherwise on purpose; a listed test is expected to fail (strictly: one that starts passing
+must leave the list) unless it cannot run at all (``SKIPPED``)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import importlib
 import sys
 import traceback
 import unittest
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -191,11 +192,9 @@ def _listed(test: Callable[..., Any], key: str) -> Callable[..., Any]:
             raise
         except Exception as exc:
             error = AssertionError(f"{type(exc).__name__}: {exc}")
+            # Its frames hold what the test made (a future holds its executor, whose
+            # initargs may hold a pipe): cleared, so tearDown's collection frees them.
             traceback.clear_frames(exc.__traceback__)
-        # Out of the except block, where the failure is no longer referenced: its frames
-        # (and an AttributeError's obj) held what the test made, such as an executor it
-        # never shut down; collected now, it stops its workers before the leak check.
-        gc.collect()
         raise error
 
     if key in SKIPPED:
@@ -211,11 +210,27 @@ def _key(cls: type, name: str) -> str:
     raise AssertionError(f"{cls.__name__} has no {name}")
 
 
+# Every executor a test made: a failed test leaves its own unshut (the suite shuts down
+# only self.executor), with worker processes the leak check would count.
+_made: weakref.WeakSet[corral.Executor] = weakref.WeakSet()
+
+
+class Executor(corral.Executor):
+    """``corral.Executor``, remembered in ``_made`` for the tests' tearDown."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _made.add(self)
+
+
 def _tear_down(self: Any) -> None:
-    """The suite's tearDown, then dropping the log queue test_init's failing-initializer
-    tests keep open (their own, not the executor's; unused in this process, so only its
-    collection closes its pipe): the leak check counts fds."""
+    """The suite's tearDown, then shutting down every executor the test made, and dropping
+    the log queue test_init's failing-initializer tests keep open (unused in this process,
+    only its collection closes its pipe): the leak check counts processes and fds."""
     super(type(self), self).tearDown()
+    for executor in list(_made):
+        executor.shutdown(wait=True)
+    _made.clear()
     vars(self).pop("log_queue", None)
     vars(self).pop("executor_kwargs", None)  # its initargs hold the queue too
     gc.collect()  # a queue is in reference cycles
@@ -224,7 +239,7 @@ def _tear_down(self: Any) -> None:
 def _on_corral(cls: type[unittest.TestCase]) -> type[unittest.TestCase]:
     """The suite's test class with corral's executor substituted, listed tests marked."""
     namespace: dict[str, Any] = {
-        "executor_type": corral.Executor,
+        "executor_type": Executor,
         "tearDown": _tear_down,
         "__module__": __name__,
     }
