@@ -21,7 +21,6 @@ group (``setsid``, a daemon) is out of reach, as it means to be.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import threading
 
@@ -51,7 +50,6 @@ MARKER = "corral-undertaker"
 
 _lock = threading.Lock()
 _fd = -1  # the program's end of the pipe (-1: no undertaker yet, or it is gone)
-_process: subprocess.Popen[bytes] | None = None
 
 
 def watch(pgid: int) -> None:
@@ -80,10 +78,10 @@ def _after_fork_in_child() -> None:
     """A forked child is not the program the undertaker watches: it lets go of the pipe
     (while it held its copy, the program's death would go unseen), and would start its own
     undertaker if it started workers."""
-    global _fd, _process
+    global _fd
     if _fd >= 0:
         os.close(_fd)
-    _fd, _process = -1, None
+    _fd = -1
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -91,15 +89,17 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 def _start() -> bool:
     """Start the undertaker; False if it could not be (the program runs on without)."""
-    global _fd, _process
+    global _fd
     read, write = os.pipe()
     try:
-        _process = subprocess.Popen(
+        # posix_spawn, not Popen: nothing waits for it, so no Popen may warn at exit that
+        # it still runs. Only stdin (the pipe) and what is inheritable go across.
+        os.posix_spawn(
+            sys.executable,
             [sys.executable, "-I", "-S", "-c", _PROGRAM],
-            stdin=read,
-            stdout=subprocess.DEVNULL,
-            close_fds=True,
-            start_new_session=True,
+            os.environ,
+            file_actions=[(os.POSIX_SPAWN_DUP2, read, 0)],
+            setsid=True,
         )
     except OSError:
         os.close(write)
