@@ -18,11 +18,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corral import SerializationError, _wire
+from corral import SerializationError, _functions, _wire
+from corral._functions import HELD_MAX, Functions
 from corral._wire import (
     ACK_WANTED,
     CALL,
     ERROR,
+    FUNCTION,
     HEADER,
     KIND_MASK,
     OUT_OF_BAND,
@@ -36,7 +38,7 @@ from corral._wire import (
     dumps_call,
     dumps_error,
     frame,
-    load_function,
+    framed,
     loads,
     out_of_band,
     shared_frame,
@@ -381,18 +383,43 @@ def main_function(monkeypatch: pytest.MonkeyPatch, name: str) -> Callable[[int],
     return fn
 
 
+class Receiver:
+    """A worker's side of the wire, without the process: what a pipe would carry to it
+    goes through a decoder into its ``Functions``. It also stands for the worker in the
+    sender's tables (as a worker's shared region does)."""
+
+    def __init__(self) -> None:
+        self.decoder = FrameDecoder()
+        self.functions = Functions()
+        self.sent = 0  # the shared region's count, which ``framed`` reads
+
+    def send(self, payload: Encoded, job: int = 1) -> tuple[Any, tuple[Any, ...], int]:
+        """Frame the call for this receiver and take it in: the function, the arguments,
+        and the bytes it cost on the wire."""
+        data = wire(framed(CALL, job, payload, self, 0))  # type: ignore[arg-type]
+        call = None
+        for f in self.decoder.feed(data):
+            if f.kind & KIND_MASK == FUNCTION:
+                self.functions.define(f.job, f.body)
+            else:
+                call = loads(f.kind, f.body)
+        assert call is not None
+        return self.functions.load(call[0]), call[1], len(data)
+
+
 def unpickled_elsewhere(payload: Encoded, monkeypatch: pytest.MonkeyPatch, name: str) -> Any:
-    """Unpickle a call where ``__main__`` lacks the function, as in a worker."""
+    """Take a call in where ``__main__`` lacks the function, as in a worker."""
     monkeypatch.delattr(sys.modules["__main__"], name)
-    decoded = decode_one(CALL, 1, payload)
-    return loads(decoded.kind, decoded.body)
+    return Receiver().send(payload)[:2]
 
 
 def test_main_module_function_goes_by_value(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A function from ``__main__`` travels by value, so a worker can run it although its
-    own ``__main__`` has no such function."""
+    """A function claiming ``__main__`` that the script does not define at import (here:
+    pytest's ``__main__`` never defines it) travels by value, so a worker can run it
+    although its own ``__main__`` has no such function."""
     fn = main_function(monkeypatch, "corral_test_main_fn")
     payload = dumps_call(fn, (2,))
+    assert payload.definition is not None
     called, args = unpickled_elsewhere(payload, monkeypatch, "corral_test_main_fn")
     assert called(*args) == 6
 
@@ -405,7 +432,7 @@ def test_main_module_function_as_an_argument_goes_by_value(
     fn = main_function(monkeypatch, "corral_test_main_arg")
     payload = dumps_call(tasks.identity, (fn,))
     called, (arg,) = unpickled_elsewhere(payload, monkeypatch, "corral_test_main_arg")
-    assert load_function(called, {}) is tasks.identity
+    assert called is tasks.identity
     assert arg(5) == 15
 
 
@@ -414,7 +441,7 @@ def test_dumps_call_of_an_importable_function_goes_by_reference() -> None:
     payload = dumps_call(tasks.add, (1, 2))
     assert b"tests.tasks" in payload.data
     reference, args = loads(0, payload.data)
-    assert load_function(reference, {}) is tasks.add
+    assert Functions().load(reference) is tasks.add
     assert args == (1, 2)
 
 
@@ -639,16 +666,141 @@ def test_module_functions_travel_as_cached_references() -> None:
     assert type(reference) is bytes
     assert args == (1, 2)
     assert loads(0, second.data)[0] is not None
-    known: dict[bytes, Any] = {}
-    assert load_function(reference, known) is tasks.add
-    assert load_function(loads(0, second.data)[0], known) is tasks.add
+    known = Functions()
+    assert known.load(reference) is tasks.add
+    assert known.load(loads(0, second.data)[0]) is tasks.add
     assert len(known) == 1
 
 
-def test_lambdas_and_bound_methods_are_not_cached_as_references() -> None:
-    """Functions whose pickle depends on their state (lambdas by value, bound methods
-    carrying their object) are pickled whole with every call."""
+def test_bound_methods_are_pickled_whole_with_every_call() -> None:
+    """A bound method carries its object, whose state may change between calls: it is
+    neither a reference nor a definition, and each call carries it whole."""
     items: list[int] = []
-    for fn in (lambda x: x, items.append):
-        fn_sent, _ = loads(0, dumps_call(fn, (1,)).data)
-        assert type(fn_sent) is not bytes
+    payload = dumps_call(items.append, (1,))
+    fn_sent, _ = loads(0, payload.data)
+    assert payload.definition is None
+    assert type(fn_sent) not in (bytes, tuple)
+
+
+_WIRE_FACTOR = 2
+
+
+def reads_a_global() -> Callable[[int], int]:
+    """A lambda (so by value) that reads this module's ``_WIRE_FACTOR`` when called."""
+    return lambda x: x * _WIRE_FACTOR
+
+
+def test_a_lambda_is_sent_once_per_worker_then_named_by_its_token() -> None:
+    """A by-value function is pickled once: its calls carry a token, its definition goes
+    to each worker once, ahead of the first call that needs it, and later calls cost the
+    wire only their own small frame."""
+    fn = reads_a_global()
+    first, second = dumps_call(fn, (3,)), dumps_call(fn, (4,))
+    assert first.definition is not None and first.definition is second.definition
+    assert len(first.data) < 100 < len(first.definition.data)
+    worker, other = Receiver(), Receiver()
+    called, args, cost_first = worker.send(first, 1)
+    assert called(*args) == 6
+    called_again, args, cost_second = worker.send(second, 2)
+    assert called_again is called and called(*args) == 8
+    assert cost_second < 100 < cost_first
+    assert cost_first - cost_second >= len(first.definition.data)
+    assert other.send(second, 2)[2] == cost_first  # another worker gets it too
+
+
+def test_a_definition_is_never_reused_once_what_it_copied_changed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rebinding a global a by-value function reads, or a variable a closure holds, makes
+    the next call a new definition: a worker never runs a copy made before the change."""
+    fn = reads_a_global()
+    worker = Receiver()
+    before = dumps_call(fn, (3,))
+    monkeypatch.setattr(sys.modules[__name__], "_WIRE_FACTOR", 5)
+    after = dumps_call(fn, (3,))
+    assert before.definition is not None and after.definition is not None
+    assert before.definition.token != after.definition.token
+    called, args, _ = worker.send(before, 1)
+    assert called(*args) == 6
+    called, args, _ = worker.send(after, 2)
+    assert called(*args) == 15
+
+    offset = 1
+
+    def closure(x: int) -> int:
+        return x + offset
+
+    assert worker.send(dumps_call(closure, (1,)), 3)[0](1) == 2
+    offset = 10
+    assert worker.send(dumps_call(closure, (1,)), 4)[0](1) == 11
+
+
+def test_a_function_copying_mutable_state_goes_whole_with_each_call() -> None:
+    """A closure over a list may see the list change in place, which no identity check
+    notices: it is pickled with every call, so each call carries the list as it is."""
+    seen = [1]
+
+    def total() -> int:
+        return sum(seen)
+
+    worker = Receiver()
+    payload = dumps_call(total, ())
+    assert payload.definition is None
+    assert worker.send(payload, 1)[0]() == 1
+    seen.append(2)
+    assert worker.send(dumps_call(total, ()), 2)[0]() == 3
+
+
+def adder(k: int) -> Callable[[int], int]:
+    """A closure over k: a new by-value function per k."""
+    return lambda x: x + k
+
+
+def test_a_worker_holds_at_most_held_max_definitions() -> None:
+    """Past ``HELD_MAX`` definitions the sender has the worker forget the least recently
+    used one (a frame ahead of the new one) and sends it again when a call needs it."""
+    worker = Receiver()
+    fns = [adder(k) for k in range(HELD_MAX + 1)]
+    for job, fn in enumerate(fns, 1):
+        called, args, _ = worker.send(dumps_call(fn, (0,)), job)
+        assert called(*args) == job - 1
+    assert len(worker.functions) == HELD_MAX
+    called, args, cost = worker.send(dumps_call(fns[0], (0,)), 999)
+    assert called(*args) == 0 and cost > 100
+
+
+def test_unknown_token_is_an_error_in_the_worker() -> None:
+    """A call naming a definition the worker never got fails to load, never runs another
+    function."""
+    with pytest.raises(LookupError, match="never reached"):
+        Functions().load((12345,))
+
+
+SCRIPT = """
+import os, sys
+from corral import Pool
+import json as codec
+def helper(): pass
+class Shape: pass
+try:
+    def guarded(): pass
+except ImportError:
+    fallback = None
+def later(): pass
+def shadowed(): pass
+def rebinds():
+    global later
+if __name__ == "__main__":
+    def in_main(): pass
+    shadowed = None
+"""
+
+
+def test_stable_names_are_those_bound_at_import_only() -> None:
+    """Names a script binds at import time and nowhere else are what a worker's
+    ``__main__`` is sure to hold; those the main block or a ``global`` rebinds are not."""
+    import ast
+
+    names = _functions._stable_names(ast.parse(SCRIPT))
+    assert {"helper", "Shape", "guarded", "fallback", "codec", "os", "rebinds"} <= names
+    assert not {"later", "in_main", "shadowed"} & names

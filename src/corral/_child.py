@@ -38,6 +38,7 @@ from types import CoroutineType, FrameType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._errors import SerializationError, SoftTimeLimitExceeded
+from ._functions import Functions
 from ._interrupt import arm, armed, disarm
 from ._report import set_reporter
 from ._shared import (
@@ -57,6 +58,7 @@ from ._wire import (
     CLOSE,
     CREDIT,
     ERROR,
+    FUNCTION,
     INIT_FAILED,
     ITEMS,
     KIND_MASK,
@@ -73,7 +75,6 @@ from ._wire import (
     dumps_report,
     frame,
     framed,
-    load_function,
     loads,
     out_of_band,
 )
@@ -243,7 +244,7 @@ class _Worker:
         self._words = page.words
         self._args_region = args_region
         self._results_region = results_region
-        self._functions: dict[bytes, Any] = {}  # unpickled functions, by their reference
+        self._functions = Functions()  # resolved by name, or sent by value once
         self._page = page
         self._soft_limit = 0.0  # the soft limit of the call running now, while armed
         self._running = 0  # the job running now, while it may be interrupted
@@ -358,6 +359,8 @@ class _Worker:
                             stream.credit += loads(f.kind, f.body)
                     elif kind == CLOSE:
                         self._close_stream(f.job)
+                    elif kind == FUNCTION:  # unpickled when a call first needs it
+                        self._functions.define(f.job, f.body)
                     del f  # drop the body, so the decoder may reuse a big buffer
                 if streams:
                     ready = self._ready_stream()
@@ -448,7 +451,7 @@ class _Worker:
             call = loads(f.kind, f.body, self._args_region.view)
             reference, args = call[0], call[1]
             soft_limit, credit = call[2:] if len(call) > 2 else (None, 0)
-            fn = load_function(reference, self._functions)
+            fn = self._functions.load(reference)
             if f.kind & SHARED:
                 self._words[ARGS_TAKEN] += 1  # copied out: the parent may reuse the region
         except BaseException as exc:

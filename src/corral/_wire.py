@@ -24,13 +24,11 @@ import pickle
 import struct
 import sys
 import traceback
-import types
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
-import cloudpickle
-
 from ._errors import SerializationError
+from ._functions import Definition, by_value, definition, hold, reference
 
 if TYPE_CHECKING:
     from ._shared import SharedRegion
@@ -39,6 +37,9 @@ if TYPE_CHECKING:
 CALL = 1  # body: pickle of (function, args) or (function, args, soft limit, credit)
 CREDIT = 2  # a stream's consumer took items: body: pickle of how many more may be sent
 CLOSE = 3  # close a stream (its consumer left); no body
+# A function by value, before the first call that needs it; job id: its token; body: its
+# pickle, or nothing to say "forget it" (see _functions).
+FUNCTION = 4
 # Worker to parent (acknowledgements go through shared memory, see _shared.py):
 UP = 10  # the worker is ready (its initializer ran); body: pickle of its pid
 ACK = 11  # the worker took the call up, before unpickling it; only when the call asks
@@ -85,12 +86,15 @@ class Encoded(NamedTuple):
     ``bytearray`` objects wrapped by ``out_of_band``), so no object will keep pointing
     into the memory they arrive in: they may travel through a reused shared region.
     ``flags`` go on the kind of the frame that carries it (``ACK_WANTED``).
+    ``definition``: the by-value function a call names by its token; ``framed`` sends it
+    ahead to each worker that lacks it.
     """
 
     data: bytes
     buffers: list[memoryview]
     copied: bool = False
     flags: int = 0
+    definition: Definition | None = None
 
 
 class _OutOfBand:
@@ -120,14 +124,18 @@ def out_of_band(obj: Any) -> Any:
 _BYTES_TYPES = (bytes, bytearray)
 
 
-def _by_value(fn: object) -> bool:
-    """Whether plain pickle cannot carry fn by reference (lambda, closure, ``__main__``)."""
-    module = getattr(fn, "__module__", None)
-    return module == "__main__" or module is None or "<" in getattr(fn, "__qualname__", "")
+# How a pickle names __main__: a call whose pickle says it (beyond the function's own
+# name) has a __main__ object in its arguments, which may need to go by value.
+_MAIN = b"__main__"
 
 
-def dumps(obj: Any, *, by_value: bool = False, wrapped: int = 0) -> Encoded:
+def dumps(obj: Any, *, wrapped: int = 0, main: int = -1) -> Encoded:
     """Pickle obj with protocol 5, falling back to cloudpickle for what pickle refuses.
+
+    ``main`` >= 0: how often the pickle may name ``__main__`` by itself; naming it more,
+    it is pickled again, so that only what a worker's ``__main__`` holds goes by name
+    (``_functions.MainPickler``): a class defined in a script's main block must go by
+    value, or the worker could not unpickle its instances.
 
     ``wrapped`` counts the ``out_of_band`` wrappers in obj; each gives exactly one buffer,
     so when they account for every buffer, the payload is ``copied``. Raises whatever the
@@ -143,13 +151,14 @@ def dumps(obj: Any, *, by_value: bool = False, wrapped: int = 0) -> Encoded:
         buffers.append(raw)
         return False
 
-    if not by_value:
-        try:
-            data = pickle.dumps(obj, 5, buffer_callback=keep)
+    try:
+        data = pickle.dumps(obj, 5, buffer_callback=keep)
+        if main < 0 or data.count(_MAIN) <= main:
             return Encoded(data, buffers, 0 < wrapped == len(buffers))
-        except (pickle.PicklingError, AttributeError, TypeError):
-            buffers.clear()
-    data = cloudpickle.dumps(obj, 5, buffer_callback=keep)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        pass
+    buffers.clear()
+    data = by_value(obj, keep)
     return Encoded(data, buffers, 0 < wrapped == len(buffers))
 
 
@@ -190,8 +199,8 @@ def frame(kind: int, job: int, payload: Encoded | None = None) -> list[Buffer]:
     """Return the buffers of one frame, ready for ``writev``; nothing is copied."""
     if payload is None:
         return [HEADER.pack(0, job, kind)]
-    data, buffers, _, flags = payload
-    kind |= flags
+    data, buffers = payload.data, payload.buffers
+    kind |= payload.flags
     if not buffers:
         return [HEADER.pack(len(data), job, kind), data]
     lengths = [b.nbytes for b in buffers]
@@ -202,11 +211,11 @@ def frame(kind: int, job: int, payload: Encoded | None = None) -> list[Buffer]:
 
 def shared_frame(kind: int, job: int, payload: Encoded) -> list[Buffer]:
     """A frame whose buffers the sender has already copied into its shared region."""
-    data, buffers, _, flags = payload
+    data, buffers = payload.data, payload.buffers
     lengths = [b.nbytes for b in buffers]
     table = struct.pack(f"<I{len(lengths)}Q", len(lengths), *lengths)
     size = len(table) + len(data)
-    return [HEADER.pack(size, job, kind | flags | OUT_OF_BAND | SHARED), table, data]
+    return [HEADER.pack(size, job, kind | payload.flags | OUT_OF_BAND | SHARED), table, data]
 
 
 # Payloads at least this large go through a shared region when they may: below it the
@@ -217,7 +226,9 @@ SHARED_MIN = 1024 * 1024
 def framed(kind: int, job: int, payload: Encoded, region: SharedRegion, taken: int) -> list[Buffer]:
     """The frame for payload: through the sender's shared region when the payload may go
     there and is worth it, and the receiver has taken (``taken``) all it was sent before;
-    else, whole, through the pipe."""
+    else, whole, through the pipe. A call of a by-value function the receiver does not
+    hold yet is preceded by its definition (the region stands for the receiver: it lives
+    as long as the worker's channel)."""
     if (
         payload.copied
         and taken == region.sent
@@ -225,8 +236,19 @@ def framed(kind: int, job: int, payload: Encoded, region: SharedRegion, taken: i
         and region.write(payload.buffers)
     ):
         region.sent += 1
-        return shared_frame(kind, job, payload)
-    return frame(kind, job, payload)
+        buffers = shared_frame(kind, job, payload)
+    else:
+        buffers = frame(kind, job, payload)
+    made = payload.definition
+    if made is None:
+        return buffers
+    send, forget = hold(region, made.token)
+    if not send:
+        return buffers
+    # Frames arrive in order: the worker drops what it forgets, then holds the definition,
+    # before it reads this call; calls sent earlier that name the forgotten one come first.
+    head = frame(FUNCTION, forget) if forget else []
+    return [*head, HEADER.pack(len(made.data), made.token, FUNCTION), made.data, *buffers]
 
 
 def describe(obj: object) -> str:
@@ -257,73 +279,34 @@ def dumps_call(
     stream: the worker iterates what fn returns and may send that many items before the
     parent grants more.
 
-    A function passed as an argument (``map`` passes the user's function to the chunk
-    runner) decides by-value pickling as much as the called function does.
+    The function goes by name when the worker can import it, a script's own included;
+    else as a definition, pickled once, which the call names by its token; else (one
+    that copies mutable state) whole with the call (see ``_functions``). Arguments go by
+    plain pickle, or through cloudpickle where they hold a lambda, a closure or what a
+    worker's ``__main__`` lacks (``map`` passes the user's function as one).
     """
-    by_value = _by_value(fn)
     sent = args
     wrapped = 0
-    reference = None if by_value else _reference(fn)
-    for arg in args:  # one cheap pass; most calls have no large bytes and no function
-        if type(arg) in _BYTES_TYPES:
-            if len(arg) >= OUT_OF_BAND_MIN:
-                sent = tuple(map(out_of_band, args))
-                wrapped += 1
-        elif callable(arg) and _by_value(arg):
-            by_value = True
-    call: tuple[Any, ...] = (reference or fn, sent)
-    if soft_time_limit is not None or credit:
-        call = (*call, soft_time_limit, credit)
+    for arg in args:  # one cheap pass; most calls have no large bytes
+        if type(arg) in _BYTES_TYPES and len(arg) >= OUT_OF_BAND_MIN:
+            sent = tuple(map(out_of_band, args))
+            wrapped += 1
+    made = None
     try:
-        encoded = dumps(call, by_value=by_value, wrapped=wrapped)
+        named = reference(fn)
+        if named is None:
+            made = definition(fn)
+        head: Any = (named or fn) if made is None else (made.token,)
+        call: tuple[Any, ...] = (head, sent)
+        if soft_time_limit is not None or credit:
+            call = (*call, soft_time_limit, credit)
+        encoded = dumps(call, wrapped=wrapped, main=named.count(_MAIN) if named else 0)
     except Exception as exc:
         raise _call_error(fn, args, exc) from exc
+    if not ack and made is None:
+        return encoded
     # The worker must see the request before it unpickles anything: it goes in the header.
-    return encoded._replace(flags=ACK_WANTED) if ack else encoded
-
-
-# The pickled references of plain module-level functions, by function. Pickling a function
-# by reference looks its module and name up on every call; most programs call a handful of
-# functions millions of times, so each is pickled once and the call carries these bytes
-# (the worker keeps the functions it unpickled the same way, see ``load_function``, so a
-# worker resolves a function's name once, not per call). Bounded: a program that makes
-# functions without end only empties it now and then.
-REFERENCES_MAX = 256
-_references: dict[Callable[..., Any], bytes] = {}
-
-
-def _reference(fn: Callable[..., Any]) -> bytes | None:
-    """fn pickled by reference, for functions whose pickle never changes; else None."""
-    reference = _references.get(fn)
-    if reference is None and type(fn) in _PLAIN_FUNCTIONS and _module_level(fn):
-        try:
-            reference = pickle.dumps(fn, 5)
-        except Exception:
-            return None
-        if len(_references) >= REFERENCES_MAX:
-            _references.clear()
-        _references[fn] = reference
-    return reference
-
-
-def _module_level(fn: Callable[..., Any]) -> bool:
-    owner = getattr(fn, "__self__", None)  # builtins: their module, or the object bound
-    return owner is None or isinstance(owner, types.ModuleType)
-
-
-_PLAIN_FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType)
-
-
-def load_function(reference: Any, known: dict[bytes, Any]) -> Any:
-    """The function a call names: itself, or the one its pickled reference names."""
-    if type(reference) is not bytes:
-        return reference
-    fn = known.get(reference)
-    if fn is None:
-        if len(known) >= REFERENCES_MAX:
-            known.clear()
-        fn = known[reference] = pickle.loads(reference)
-    return fn
+    return Encoded(encoded.data, encoded.buffers, encoded.copied, ACK_WANTED if ack else 0, made)
 
 
 def dumps_report(obj: Any) -> Encoded:
@@ -343,7 +326,7 @@ def _call_error(fn: Callable[..., Any], args: Sequence[Any], exc: Exception) -> 
         (f"argument {i} of {describe(fn)} ({describe(a)})", a) for i, a in enumerate(args)
     ]:
         try:
-            dumps(obj, by_value=_by_value(obj))
+            by_value(obj)
         except Exception as part_exc:
             return SerializationError(
                 what, "in the parent", f"{type(part_exc).__name__}: {part_exc}"

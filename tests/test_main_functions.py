@@ -1,0 +1,204 @@
+"""Functions and classes of the user's ``__main__``, in real scripts under every start method.
+
+Each test runs a script in a fresh interpreter (as a file, as ``python -m``, as
+``python -c``), which starts a pool, calls functions of its own ``__main__`` and prints what
+it saw as JSON. The script also records the bytes of every call frame its pool writes to
+the worker's pipe (definitions sent ahead included), so what travels is observed on the
+wire, not through timing.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+SCRIPT = '''
+import asyncio, json, multiprocessing, sys
+import corral
+from corral.workers import _process
+
+frames = []  # bytes of each call frame written, with any definition sent ahead of it
+_framed = _process.framed
+
+
+def recording(kind, job, payload, region, taken):
+    buffers = _framed(kind, job, payload, region, taken)
+    frames.append(sum(memoryview(b).nbytes for b in buffers))
+    return buffers
+
+
+_process.framed = recording
+
+
+class Point:
+    def __init__(self, x):
+        self.x = x
+
+
+def square(x):
+    return x * x
+
+
+def is_point(p):
+    return isinstance(p, Point)
+
+
+def is_own_point(p):
+    # isinstance of the class the worker's own __main__ defines (no such class: False)
+    return isinstance(p, getattr(sys.modules["__main__"], "Point", ()))
+
+
+def make_point(x):
+    return Point(x)
+
+
+def runs_itself():
+    # True when the worker runs its own __main__'s function, not a copy.
+    return getattr(sys.modules["__main__"], "runs_itself", None) is runs_itself
+
+
+def squares_in_a_pool(n):
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        return pool.map(square, range(n))
+
+
+def shadowed():
+    return "top level"
+
+
+def redefined():
+    return "first"
+
+
+async def sizes(pool, fn):
+    """The frames of two calls of fn, and their results."""
+    del frames[:]
+    results = [await pool.run(fn, 1), await pool.run(fn, 2)]
+    return {"results": results, "frames": list(frames)}
+
+
+async def main(method):
+    global redefined
+    facts = {}
+    async with corral.Pool(1, start_method=method) as pool:
+        facts["square"] = await pool.run(square, 3)
+        facts["runs_itself"] = await pool.run(runs_itself)
+        facts["is_point"] = await pool.run(is_point, Point(1))
+        facts["own_class"] = await pool.run(is_own_point, Point(1))
+        facts["point_back"] = isinstance(await pool.run(make_point, 2), Point)
+        try:
+            facts["mp_pool"] = await pool.run(squares_in_a_pool, 3)
+        except Exception as exc:
+            facts["mp_pool"] = repr(exc)
+        facts["shadowed"] = await pool.run(shadowed)
+        first = await pool.run(redefined)
+
+        def redefined():
+            return "second"
+
+        facts["redefined"] = [first, await pool.run(redefined)]
+        facts["by_name"] = await sizes(pool, square)
+        facts["main_block"] = await sizes(pool, in_main_block)
+        facts["lambda"] = await sizes(pool, lambda x: x * 10)
+    print(json.dumps(facts))
+
+
+if __name__ == "__main__":
+
+    def in_main_block(x):
+        return x + 100
+
+    def shadowed():
+        return "main block"
+
+    asyncio.run(main(sys.argv[-1]))
+'''
+
+METHODS = ["fork", "forkserver", "spawn"]
+
+
+def run(tmp_path: Path, how: str, method: str) -> dict[str, Any]:
+    """Run SCRIPT as a file, a module (``-m``) or a command (``-c``); its facts."""
+    package = tmp_path / "app"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "script.py").write_text(SCRIPT)
+    command = {
+        "file": [sys.executable, str(package / "script.py"), method],
+        "module": [sys.executable, "-m", "app.script", method],
+        "command": [sys.executable, "-c", SCRIPT, method],
+    }[how]
+    done = subprocess.run(
+        command,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    facts: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return facts
+
+
+def assert_sent_once(facts: dict[str, Any], first: int, second: int) -> None:
+    """Both calls gave their results; the first call's frames carried the definition,
+    the second's only the call (as small as a call by name)."""
+    assert facts["results"] == [first, second]
+    with_definition, alone = facts["frames"]
+    assert alone < 200 < with_definition
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("how", ["file", "module"])
+@pytest.mark.parametrize("method", METHODS)
+def test_a_scripts_functions_go_by_name_and_keep_their_identity(
+    tmp_path: Path, how: str, method: str
+) -> None:
+    """Run as ``python x.py`` or ``python -m pkg.mod``, a script's functions and classes
+    reach the worker by name: the worker runs its own ``__main__``'s copy, an instance of
+    the script's class is an instance of the worker's class (both ways), and a task can
+    start a multiprocessing pool on another of the script's functions. A function the
+    main block defines, or redefines, or one rebound after the pool started, goes by value
+    and runs as the parent has it; a by-value function is sent once, then named."""
+    facts = run(tmp_path, how, method)
+    assert facts["square"] == 9
+    assert facts["runs_itself"] is True
+    assert facts["is_point"] is True
+    assert facts["own_class"] is True
+    assert facts["point_back"] is True
+    assert facts["mp_pool"] == [0, 1, 4]
+    assert facts["shadowed"] == "main block"
+    assert facts["redefined"] == ["first", "second"]
+    small, same = facts["by_name"]["frames"]
+    assert facts["by_name"]["results"] == [1, 4]
+    assert small == same < 200
+    assert_sent_once(facts["main_block"], 101, 102)
+    assert_sent_once(facts["lambda"], 10, 20)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("method", METHODS)
+def test_python_c_functions_go_by_value_once(tmp_path: Path, method: str) -> None:
+    """Under ``python -c`` the worker cannot import ``__main__`` (no file): every function
+    goes by value and still runs, instances of its classes still pass ``isinstance``
+    (cloudpickle maps copies of one class to one class), and each function is sent to a
+    worker once, later calls naming it."""
+    facts = run(tmp_path, "command", method)
+    assert facts["square"] == 9
+    assert facts["runs_itself"] is False  # a copy: nothing to import it from
+    assert facts["is_point"] is True
+    assert facts["point_back"] is True
+    assert facts["shadowed"] == "main block"
+    assert facts["redefined"] == ["first", "second"]
+    # square went to this worker once already, for the first fact: named since.
+    small, same = facts["by_name"]["frames"]
+    assert facts["by_name"]["results"] == [1, 4]
+    assert small == same < 200
+    assert_sent_once(facts["main_block"], 101, 102)
+    assert_sent_once(facts["lambda"], 10, 20)
