@@ -53,6 +53,10 @@ def is_own_point(p):
     return isinstance(p, getattr(sys.modules["__main__"], "Point", ()))
 
 
+def twice_x(p):
+    return p.x * 2
+
+
 def make_point(x):
     return Point(x)
 
@@ -90,6 +94,7 @@ async def main(method):
         facts["runs_itself"] = await pool.run(runs_itself)
         facts["is_point"] = await pool.run(is_point, Point(1))
         facts["own_class"] = await pool.run(is_own_point, Point(1))
+        facts["main_block_class"] = await pool.run(twice_x, Local(4))
         facts["point_back"] = isinstance(await pool.run(make_point, 2), Point)
         try:
             facts["mp_pool"] = await pool.run(squares_in_a_pool, 3)
@@ -115,6 +120,10 @@ if __name__ == "__main__":
 
     def shadowed():
         return "main block"
+
+    class Local:  # spawned workers lack it: its instances go by value
+        def __init__(self, x):
+            self.x = x
 
     asyncio.run(main(sys.argv[-1]))
 '''
@@ -163,14 +172,15 @@ def test_a_scripts_functions_go_by_name_and_keep_their_identity(
     """Run as ``python x.py`` or ``python -m pkg.mod``, a script's functions and classes
     reach the worker by name: the worker runs its own ``__main__``'s copy, an instance of
     the script's class is an instance of the worker's class (both ways), and a task can
-    start a multiprocessing pool on another of the script's functions. A function the
-    main block defines, or redefines, or one rebound after the pool started, goes by value
-    and runs as the parent has it; a by-value function is sent once, then named."""
+    start a multiprocessing pool on another of the script's functions. A function or class
+    the main block defines, or redefines, or one rebound after the pool started, goes by
+    value and runs as the parent has it; a by-value function is sent once, then named."""
     facts = run(tmp_path, how, method)
     assert facts["square"] == 9
     assert facts["runs_itself"] is True
     assert facts["is_point"] is True
     assert facts["own_class"] is True
+    assert facts["main_block_class"] == 8
     assert facts["point_back"] is True
     assert facts["mp_pool"] == [0, 1, 4]
     assert facts["shadowed"] == "main block"
@@ -193,6 +203,7 @@ def test_python_c_functions_go_by_value_once(tmp_path: Path, method: str) -> Non
     assert facts["square"] == 9
     assert facts["runs_itself"] is False  # a copy: nothing to import it from
     assert facts["is_point"] is True
+    assert facts["main_block_class"] == 8
     assert facts["point_back"] is True
     assert facts["shadowed"] == "main block"
     assert facts["redefined"] == ["first", "second"]

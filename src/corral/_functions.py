@@ -360,8 +360,9 @@ class Functions:
         self._defined: dict[int, Any] = {}  # token -> its pickle, until first used
 
     def define(self, token: int, body: bytes | bytearray | memoryview) -> None:
-        """A definition arrived (kept as it is until a call needs it); an empty one says
-        forget token."""
+        """A definition arrived; an empty one says forget token. It is unpickled when a
+        call first needs it, as part of unpickling that call, so a definition that kills
+        the worker as it unpickles counts as that call's arguments doing so."""
         if len(body):
             self._defined[token] = bytes(body)
         else:
