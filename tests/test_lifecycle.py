@@ -251,6 +251,19 @@ async def test_workers_sigkilled_while_starting_do_not_make_the_pool_give_up(
         await bounded(pool.close())
 
 
+@pytest.mark.timeout(120)
+async def test_a_start_up_sigkilled_every_time_gives_up_instead_of_spinning() -> None:
+    """An initializer SIGKILLed every time (as the OOM killer ends one that loads too
+    much) is retried at once only so often: then the starts count as failures, back off,
+    and the pool gives up with WorkerStartupError instead of starting workers forever."""
+    pool = corral.Pool(1, initializer=tasks.kill_self)
+    try:
+        with pytest.raises(corral.WorkerStartupError, match="signal 9"):
+            await bounded(pool.start(), timeout=100)
+    finally:
+        await bounded(pool.close())
+
+
 class RefusingWorker(LocalWorker):
     """A worker that starts, then refuses every job it is sent."""
 

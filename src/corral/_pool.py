@@ -59,6 +59,12 @@ KINDS = ("process", "thread", "local")
 # spin; a passing fault (a slow machine, a full process table) rarely fails this often.
 MAX_STARTUP_FAILURES = 3
 
+# Starts ended by SIGKILL in a row that are retried at once without counting as failures
+# (someone else's kill is no fault of the start-up): enough for chaos that kills workers in
+# their first milliseconds; past it they count, so a start-up the OOM killer ends every
+# time (an initializer that loads too much) backs off and gives up instead of spinning.
+MAX_KILLED_STARTS = 20
+
 # Wait before the n-th consecutive retry: BACKOFF * 2**(n-1) seconds.
 BACKOFF = 0.1
 
@@ -196,6 +202,7 @@ class Pool(TaskQueue):
             self._new_worker()  # validates the options here, at the call
         self._started = False
         self._startup_failures = 0
+        self._killed_starts = 0  # starts ended by SIGKILL in a row (see MAX_KILLED_STARTS)
         self._own: set[Worker] = set()  # the workers this pool keeps alive
         self._ready: asyncio.Event | None = None
 
@@ -404,7 +411,7 @@ class Pool(TaskQueue):
         return self.max_tasks_per_child
 
     def _worker_ready(self, worker: Worker) -> None:
-        self._startup_failures = 0
+        self._startup_failures = self._killed_starts = 0
         if self._ready is not None:
             self._ready.set()
 
@@ -416,10 +423,11 @@ class Pool(TaskQueue):
         if self._state.value != "closed" and _killed_from_outside(exc):
             # SIGKILL is no fault of the worker's start-up (another process sent it, or the
             # OOM killer): the next start may well succeed, so it is not counted towards
-            # giving up. Chaos that kills workers in their first milliseconds must not
-            # break the pool.
-            self._add_worker()
-            return
+            # giving up, unless it keeps happening (see MAX_KILLED_STARTS).
+            self._killed_starts += 1
+            if self._killed_starts < MAX_KILLED_STARTS:
+                self._add_worker()
+                return
         if isinstance(exc, WorkerLostError):
             exc = WorkerStartupError(1, f"{worker.name} died while starting: {exc}")
         if isinstance(exc, WorkerStartupError) and unguarded_main(exc):
