@@ -75,6 +75,18 @@ def shadowed():
     return "top level"
 
 
+loaded = None
+
+
+def load(value):
+    global loaded
+    loaded = value
+
+
+def use_loaded():
+    return loaded
+
+
 def redefined():
     return "first"
 
@@ -101,6 +113,8 @@ async def main(method):
         except Exception as exc:
             facts["mp_pool"] = repr(exc)
         facts["shadowed"] = await pool.run(shadowed)
+        await pool.broadcast(load, "model")
+        facts["loaded"] = await pool.run(use_loaded)
         first = await pool.run(redefined)
 
         def redefined():
@@ -172,7 +186,9 @@ def test_a_scripts_functions_go_by_name_and_keep_their_identity(
     """Run as ``python x.py`` or ``python -m pkg.mod``, a script's functions and classes
     reach the worker by name: the worker runs its own ``__main__``'s copy, an instance of
     the script's class is an instance of the worker's class (both ways), and a task can
-    start a multiprocessing pool on another of the script's functions. A function or class
+    start a multiprocessing pool on another of the script's functions, and what one
+    function stores in a global (a broadcast loading a model) the next one finds. A
+    function or class
     the main block defines, or redefines, or one rebound after the pool started, goes by
     value and runs as the parent has it; a by-value function is sent once, then named."""
     facts = run(tmp_path, how, method)
@@ -183,6 +199,7 @@ def test_a_scripts_functions_go_by_name_and_keep_their_identity(
     assert facts["main_block_class"] == 8
     assert facts["point_back"] is True
     assert facts["mp_pool"] == [0, 1, 4]
+    assert facts["loaded"] == "model"  # one module's globals, as the script wrote them
     assert facts["shadowed"] == "main block"
     assert facts["redefined"] == ["first", "second"]
     small, same = facts["by_name"]["frames"]
