@@ -329,6 +329,7 @@ class Pool(TaskQueue):
             self._launch()  # a pool used without `async with` starts on its first call
 
     async def broadcast(self, fn: Callable[..., Any], /, *args: Any) -> list[Any]:
+        self._check_open("broadcast")  # before starting anything for it
         if not self._started or self._connecting is not None or self._serving() < self.size:
             await self.start()  # every worker of the pool takes part
         return await super().broadcast(fn, *args)
