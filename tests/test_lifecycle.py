@@ -14,13 +14,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import psutil
 import pytest
 import uvloop
 
 import corral
 from corral.workers import LocalWorker
 from tests import tasks
+from tests.processes import dead
 from tests.waits import BOUND, bounded, until, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,13 +55,6 @@ def start_a_child_then_sleep(path: str, seconds: float, deaf: bool = False) -> N
     child = subprocess.Popen(["sleep", "1000"])
     Path(path).write_text(str(child.pid))
     time.sleep(seconds)
-
-
-def _gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 @pytest.mark.timeout(60)
@@ -132,7 +125,7 @@ async def test_a_worker_dead_before_start_resumes_is_replaced_not_served(tmp_pat
     await until(lambda: any(w.pid for w in pool.stats().workers))
     (first,) = [w.pid for w in pool.stats().workers if w.pid]
     assert first is not None
-    wait_until(lambda: _gone(first))  # the loop stays blocked until the worker has exited
+    wait_until(lambda: dead(first))  # the loop stays blocked until the worker has exited
     try:
         await bounded(starting)
         assert await bounded(pool.run(tasks.pid)) != first
@@ -175,6 +168,7 @@ import asyncio, sys
 sys.path.insert(0, {root!r})
 import corral
 from tests import tasks
+from tests.processes import dead
 
 async def main():
     async with corral.Pool(2{options}) as pool:
@@ -222,7 +216,7 @@ async def test_a_killed_worker_takes_the_processes_it_started(tmp_path: Path, ho
         deaf = how == "cancel"
         job = pool.submit(start_a_child_then_sleep, str(path), 1000, deaf, time_limit=time_limit)
         grandchild = _grandchild(path)
-        assert not _gone(grandchild)
+        assert not dead(grandchild)
         if how == "time_limit":
             with pytest.raises(corral.TimeLimitExceeded):
                 await bounded(job)
@@ -230,7 +224,7 @@ async def test_a_killed_worker_takes_the_processes_it_started(tmp_path: Path, ho
             job.cancel()  # ignored: the worker is killed after the grace period
         else:
             await bounded(pool.terminate())
-        await until(lambda: _gone(grandchild), timeout=20)
+        await until(lambda: dead(grandchild), timeout=20)
     finally:
         await bounded(pool.terminate())
 

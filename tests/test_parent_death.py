@@ -9,8 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
+
+from tests.processes import dead
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,13 +35,6 @@ if __name__ == "__main__":
 """
 
 
-def _gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("method", ["forkserver", "spawn", "fork"])
 def test_workers_die_with_a_sigkilled_parent(tmp_path: Path, method: str) -> None:
@@ -54,14 +48,14 @@ def test_workers_die_with_a_sigkilled_parent(tmp_path: Path, method: str) -> Non
     try:
         assert parent.stdout is not None
         pids = [int(pid) for pid in parent.stdout.readline().split()]
-        assert len(pids) == 2 and not any(_gone(pid) for pid in pids)
+        assert len(pids) == 2 and not any(dead(pid) for pid in pids)
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait(timeout=30)
         killed = time.monotonic()
-        while not all(_gone(pid) for pid in pids) and time.monotonic() - killed < 10:
+        while not all(dead(pid) for pid in pids) and time.monotonic() - killed < 10:
             time.sleep(0.01)
         took = time.monotonic() - killed
-        assert all(_gone(pid) for pid in pids), "workers outlived their parent"
+        assert all(dead(pid) for pid in pids), "workers outlived their parent"
         assert took < 3.0, f"workers took {took:.2f} s to follow their parent"
     finally:
         if parent.poll() is None:
@@ -103,13 +97,13 @@ def test_a_sigkilled_parent_takes_what_its_workers_started(tmp_path: Path) -> No
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait(timeout=30)
         killed = time.monotonic()
-        while not _gone(grandchild) and time.monotonic() - killed < 5:
+        while not dead(grandchild) and time.monotonic() - killed < 5:
             time.sleep(0.01)
-        assert _gone(grandchild), "a process the task started outlived the dead parent"
+        assert dead(grandchild), "a process the task started outlived the dead parent"
     finally:
         if parent.poll() is None:
             parent.kill()
             parent.wait()
         parent.stdout.close()  # type: ignore[union-attr]
-        if grandchild is not None and not _gone(grandchild):
+        if grandchild is not None and not dead(grandchild):
             os.kill(grandchild, signal.SIGKILL)  # the test's own leftover

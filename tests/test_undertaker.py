@@ -10,8 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
+
+from tests.processes import dead
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,13 +32,6 @@ time.sleep(1000)
 """
 
 
-def _gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
 @pytest.mark.timeout(60)
 def test_a_sigkilled_program_takes_the_groups_it_watches() -> None:
     """SIGKILL the program: the group it watches is SIGKILLed within seconds; the group it
@@ -54,15 +48,15 @@ def test_a_sigkilled_program_takes_the_groups_it_watches() -> None:
         os.kill(program.pid, signal.SIGKILL)
         program.wait(timeout=30)
         deadline = time.monotonic() + 10
-        while not _gone(watched) and time.monotonic() < deadline:
+        while not dead(watched) and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert _gone(watched), "a watched group outlived the program"
-        assert not _gone(forgotten), "a forgotten group was killed"
+        assert dead(watched), "a watched group outlived the program"
+        assert not dead(forgotten), "a forgotten group was killed"
     finally:
         if program.poll() is None:
             program.kill()
             program.wait()
         program.stdout.close()  # type: ignore[union-attr]
         for pid in (watched, forgotten):
-            if pid is not None and not _gone(pid):
+            if pid is not None and not dead(pid):
                 os.kill(pid, signal.SIGKILL)  # the test's own leftovers
