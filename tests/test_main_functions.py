@@ -146,14 +146,17 @@ METHODS = ["fork", "forkserver", "spawn"]
 
 
 def run(tmp_path: Path, how: str, method: str) -> dict[str, Any]:
-    """Run SCRIPT as a file, a module (``-m``) or a command (``-c``); its facts."""
+    """Run SCRIPT as a file, a module (``-m app.script``), a package's ``__main__``
+    (``-m app``) or a command (``-c``); its facts."""
     package = tmp_path / "app"
     package.mkdir()
     (package / "__init__.py").write_text("")
     (package / "script.py").write_text(SCRIPT)
+    (package / "__main__.py").write_text(SCRIPT)
     command = {
         "file": [sys.executable, str(package / "script.py"), method],
         "module": [sys.executable, "-m", "app.script", method],
+        "package": [sys.executable, "-m", "app", method],
         "command": [sys.executable, "-c", SCRIPT, method],
     }[how]
     done = subprocess.run(
@@ -210,13 +213,17 @@ def test_a_scripts_functions_go_by_name_and_keep_their_identity(
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.parametrize("how", ["command", "package"])
 @pytest.mark.parametrize("method", METHODS)
-def test_python_c_functions_go_by_value_once(tmp_path: Path, method: str) -> None:
-    """Under ``python -c`` the worker cannot import ``__main__`` (no file): every function
-    goes by value and still runs, instances of its classes still pass ``isinstance``
-    (cloudpickle maps copies of one class to one class), and each function is sent to a
-    worker once, later calls naming it."""
-    facts = run(tmp_path, "command", method)
+def test_functions_a_worker_cannot_import_go_by_value_once(
+    tmp_path: Path, how: str, method: str
+) -> None:
+    """Under ``python -c`` (no file) and ``python -m pkg`` (a package's ``__main__``,
+    which multiprocessing never runs again in a spawned worker) the worker cannot import
+    ``__main__``: every function goes by value and still runs, instances of its classes
+    still pass ``isinstance`` (cloudpickle maps copies of one class to one class), and
+    each function is sent to a worker once, later calls naming it."""
+    facts = run(tmp_path, how, method)
     assert facts["square"] == 9
     assert facts["runs_itself"] is False  # a copy: nothing to import it from
     assert facts["is_point"] is True

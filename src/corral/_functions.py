@@ -61,11 +61,16 @@ def main_reference_ok(obj: Any) -> bool:
     ``if __name__ ...``, nor through ``global`` in a function: spawn and forkserver skip
     those, and fork copies whatever they had bound when the worker started); and a
     function's code must come from the script's file (not ``exec``). A redefinition in
-    the main block therefore travels by value and runs as redefined.
+    the main block therefore travels by value and runs as redefined. A package's
+    ``__main__`` (``python -m pkg``, a zipapp) is never run again in a spawned worker
+    (multiprocessing skips it), so nothing of it goes by name.
     """
     main = sys.modules.get("__main__")
     qualname = getattr(obj, "__qualname__", None)
     if main is None or not isinstance(qualname, str) or "<" in qualname:
+        return False
+    spec = getattr(getattr(main, "__spec__", None), "name", None)
+    if isinstance(spec, str) and spec.rpartition(".")[2] == "__main__":
         return False
     if _resolve(main, qualname) is not obj:
         return False
