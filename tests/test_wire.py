@@ -751,6 +751,25 @@ def test_a_function_copying_mutable_state_goes_whole_with_each_call() -> None:
     assert worker.send(dumps_call(total, ()), 2)[0]() == 3
 
 
+def test_a_function_copying_much_data_goes_whole_with_each_call() -> None:
+    """A closure over a large ``bytes`` is not kept as a definition: hundreds of them,
+    made per call, would hold their data in the parent and in every worker."""
+    data = b"x" * (_functions.DEFINITION_BYTES_MAX + 1)
+
+    def size() -> int:
+        return len(data)
+
+    payload = dumps_call(size, ())
+    assert payload.definition is None
+    assert Receiver().send(payload)[0]() == len(data)
+    small = data[:100]
+
+    def small_size() -> int:
+        return len(small)
+
+    assert dumps_call(small_size, ()).definition is not None
+
+
 def adder(k: int) -> Callable[[int], int]:
     """A closure over k: a new by-value function per k."""
     return lambda x: x + k

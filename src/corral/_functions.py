@@ -44,6 +44,10 @@ REFERENCES_MAX = 256
 # program making functions without end costs little memory.
 DEFINITIONS_MAX = 256
 HELD_MAX = 64
+# A function that copies more than this many bytes of strings and bytes is pickled with
+# each call instead: kept, hundreds of them (closures made per call over big data) would
+# hold that data in the parent and in every worker long after the calls.
+DEFINITION_BYTES_MAX = 64 * 1024
 
 _PLAIN_FUNCTIONS = (types.FunctionType, types.BuiltinFunctionType)
 _MISSING = object()  # a global a function reads that does not exist (yet)
@@ -229,11 +233,11 @@ _definitions: dict[types.FunctionType, tuple[list[Any], Definition]] = {}
 def definition(fn: Any) -> Definition | None:
     """fn as a definition, or None when it must be pickled with each call: it is no plain
     function, or it copies something that may change in place (a list, a dict, an
-    instance). Raises what pickling raised."""
+    instance) or much data (``DEFINITION_BYTES_MAX``). Raises what pickling raised."""
     if type(fn) is not types.FunctionType:
         return None
     captured = _captured(fn, set())
-    if captured is None:
+    if captured is None or sum(map(_size, captured)) > DEFINITION_BYTES_MAX:
         return None
     entry = _definitions.get(fn)
     if entry is not None and _same(entry[0], captured):
@@ -244,6 +248,13 @@ def definition(fn: Any) -> Definition | None:
     # The captured objects are held, so no id among them is reused while this is kept.
     _definitions[fn] = (captured, made)
     return made
+
+
+def _size(obj: Any) -> int:
+    return len(obj) if type(obj) in _SIZED else 0
+
+
+_SIZED = frozenset({str, bytes})
 
 
 def _same(a: list[Any], b: list[Any]) -> bool:
