@@ -85,7 +85,7 @@ def main_reference_ok(obj: Any) -> bool:
     return code is None or _same_file(code.co_filename, path)
 
 
-def _resolve(module: types.ModuleType, qualname: str) -> Any:
+def _resolve(module: types.ModuleType | None, qualname: str) -> Any:
     target: Any = module
     for part in qualname.split("."):
         target = getattr(target, part, _MISSING)
@@ -113,6 +113,9 @@ def _script_names(path: str) -> frozenset[str]:
 
 
 def _stable_names(tree: ast.Module) -> frozenset[str]:
+    """Names bound by statements run at import (compound ones included, function and
+    class bodies not), less those bound under a test of ``__name__``, deleted, or declared
+    ``global`` anywhere: each of those may differ between the parent and a worker."""
     bound: set[str] = set()
     unstable: set[str] = set()
 
@@ -168,10 +171,10 @@ def reference(fn: Any) -> bytes | None:
     if entry is not None:
         code, pickled, main = entry
         if getattr(fn, "__code__", None) is code and (
-            not main or _resolve(sys.modules["__main__"], fn.__qualname__) is fn
+            not main or _resolve(sys.modules.get("__main__"), fn.__qualname__) is fn
         ):
             return pickled
-        del _references[fn]
+        _references.pop(fn, None)  # stale; pop: another thread's loop may pop it too
     if type(fn) not in _PLAIN_FUNCTIONS or not _module_level(fn):
         return None
     main = getattr(fn, "__module__", None) == "__main__"
