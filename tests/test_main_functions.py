@@ -75,6 +75,14 @@ def shadowed():
     return "top level"
 
 
+def scaled(x):
+    return x * factor  # the main block binds factor: spawned workers never do
+
+
+def uses_scaled(x):
+    return scaled(x)
+
+
 loaded = None
 
 
@@ -113,6 +121,7 @@ async def main(method):
         except Exception as exc:
             facts["mp_pool"] = repr(exc)
         facts["shadowed"] = await pool.run(shadowed)
+        facts["main_block_global"] = await pool.run(uses_scaled, 2)
         await pool.broadcast(load, "model")
         facts["loaded"] = await pool.run(use_loaded)
         first = await pool.run(redefined)
@@ -134,6 +143,8 @@ if __name__ == "__main__":
 
     def shadowed():
         return "main block"
+
+    factor = 7
 
     class Local:  # spawned workers lack it: its instances go by value
         def __init__(self, x):
@@ -191,9 +202,10 @@ def test_a_scripts_functions_go_by_name_and_keep_their_identity(
     the script's class is an instance of the worker's class (both ways), and a task can
     start a multiprocessing pool on another of the script's functions, and what one
     function stores in a global (a broadcast loading a model) the next one finds. A
-    function or class
-    the main block defines, or redefines, or one rebound after the pool started, goes by
-    value and runs as the parent has it; a by-value function is sent once, then named."""
+    function or class the main block defines, or redefines, or one rebound after the pool
+    started, or a function that reads (itself or through another) a global the main block
+    binds, goes by value and runs as the parent has it; a by-value function is sent once,
+    then named."""
     facts = run(tmp_path, how, method)
     assert facts["square"] == 9
     assert facts["runs_itself"] is True
@@ -204,6 +216,7 @@ def test_a_scripts_functions_go_by_name_and_keep_their_identity(
     assert facts["mp_pool"] == [0, 1, 4]
     assert facts["loaded"] == "model"  # one module's globals, as the script wrote them
     assert facts["shadowed"] == "main block"
+    assert facts["main_block_global"] == 14  # by value: as the parent has it
     assert facts["redefined"] == ["first", "second"]
     small, same = facts["by_name"]["frames"]
     assert facts["by_name"]["results"] == [1, 4]
@@ -230,6 +243,7 @@ def test_functions_a_worker_cannot_import_go_by_value_once(
     assert facts["main_block_class"] == 8
     assert facts["point_back"] is True
     assert facts["shadowed"] == "main block"
+    assert facts["main_block_global"] == 14
     assert facts["redefined"] == ["first", "second"]
     # square went to this worker once already, for the first fact: named since.
     small, same = facts["by_name"]["frames"]

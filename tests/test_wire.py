@@ -820,6 +820,7 @@ def test_stable_names_are_those_bound_at_import_only() -> None:
     ``__main__`` is sure to hold; those the main block or a ``global`` rebinds are not."""
     import ast
 
-    names = _functions._stable_names(ast.parse(SCRIPT))
+    names, main_only = _functions._stable_names(ast.parse(SCRIPT))
     assert {"helper", "Shape", "guarded", "fallback", "codec", "os", "rebinds"} <= names
     assert not {"later", "in_main", "shadowed"} & names
+    assert main_only == {"in_main", "shadowed"}

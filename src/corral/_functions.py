@@ -64,8 +64,11 @@ def main_reference_ok(obj: Any) -> bool:
     by statements that run when the script is imported (never in a block under
     ``if __name__ ...``, nor through ``global`` in a function: spawn and forkserver skip
     those, and fork copies whatever they had bound when the worker started); and a
-    function's code must come from the script's file (not ``exec``). A redefinition in
-    the main block therefore travels by value and runs as redefined. A package's
+    function's code must come from the script's file (not ``exec``), and neither it nor
+    a function or class of the script it uses may read a global the main block binds
+    (spawned workers never bind it: by value it travels as the parent has it). A
+    redefinition in the main block therefore travels by value and runs as redefined. A
+    package's
     ``__main__`` (``python -m pkg``, a zipapp) is never run again in a spawned worker
     (multiprocessing skips it), so nothing of it goes by name.
     """
@@ -79,10 +82,37 @@ def main_reference_ok(obj: Any) -> bool:
     if _resolve(main, qualname) is not obj:
         return False
     path = getattr(main, "__file__", None)
-    if not isinstance(path, str) or qualname.partition(".")[0] not in _script_names(path):
+    if not isinstance(path, str):
+        return False
+    stable, main_only = _script_names(path)
+    if qualname.partition(".")[0] not in stable:
         return False
     code = getattr(obj, "__code__", None)
-    return code is None or _same_file(code.co_filename, path)
+    if code is None:
+        return True
+    return _same_file(code.co_filename, path) and not _reads(obj, main_only, set())
+
+
+def _reads(fn: Any, names: frozenset[str], seen: set[int]) -> bool:
+    """Whether fn, or a function or class of its module that it uses, reads one of names."""
+    if id(fn) in seen:
+        return False
+    seen.add(id(fn))
+    module = fn.__globals__
+    for name in _global_names(fn.__code__):
+        if name in names:
+            return True
+        value = module.get(name)
+        used = list(vars(value).values()) if isinstance(value, type) else [value]
+        for member in used:
+            part = getattr(member, "__func__", member)  # staticmethod, classmethod
+            if (
+                type(part) is types.FunctionType
+                and part.__globals__ is module
+                and _reads(part, names, seen)
+            ):
+                return True
+    return False
 
 
 def _resolve(module: types.ModuleType | None, qualname: str) -> Any:
@@ -96,11 +126,13 @@ def _same_file(a: str, b: str) -> bool:
     return a == b or os.path.realpath(a) == os.path.realpath(b)
 
 
-_scripts: dict[str, frozenset[str]] = {}  # a main file's stable names, read once
+# A main file's names: those bound at import time only, and those its main block binds.
+_scripts: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
 
 
-def _script_names(path: str) -> frozenset[str]:
-    """The names the script at path binds at import time and nowhere else."""
+def _script_names(path: str) -> tuple[frozenset[str], frozenset[str]]:
+    """The names the script at path binds at import time and nowhere else, and those
+    bound under a test of ``__name__`` (or deleted): read once."""
     names = _scripts.get(path)
     if names is None:
         try:
@@ -112,10 +144,11 @@ def _script_names(path: str) -> frozenset[str]:
     return names
 
 
-def _stable_names(tree: ast.Module) -> frozenset[str]:
+def _stable_names(tree: ast.Module) -> tuple[frozenset[str], frozenset[str]]:
     """Names bound by statements run at import (compound ones included, function and
     class bodies not), less those bound under a test of ``__name__``, deleted, or declared
-    ``global`` anywhere: each of those may differ between the parent and a worker."""
+    ``global`` anywhere: each of those may differ between the parent and a worker. And
+    the names bound under a test of ``__name__`` or deleted: the parent's alone."""
     bound: set[str] = set()
     unstable: set[str] = set()
 
@@ -146,10 +179,11 @@ def _stable_names(tree: ast.Module) -> frozenset[str]:
                     unstable.update(n.id for n in stmt.targets if isinstance(n, ast.Name))
 
     visit(tree.body, bound)
+    main_only = frozenset(unstable)
     for node in ast.walk(tree):
         if isinstance(node, ast.Global):  # rebound whenever that function runs
             unstable.update(node.names)
-    return frozenset(bound - unstable)
+    return frozenset(bound - unstable), main_only
 
 
 def _tests_name(test: ast.expr) -> bool:
