@@ -70,14 +70,28 @@ def call_each(fn: Callable[[Any], Any], items: Iterable[Any]) -> Any:
     """Run fn on each item of a chunk, in a worker of any kind. For a coroutine function
     it returns one coroutine awaiting them in turn, which the worker runs as it runs any
     coroutine (in the loop, on the thread's loop, or on the child's)."""
+    if inspect.iscoroutinefunction(fn):
+        # Each coroutine is made as it is awaited: one cancelled before it starts leaves
+        # none behind never awaited (and warned about).
+        return _await_each(fn, items)
     results = [fn(item) for item in items]
-    if results and inspect.iscoroutine(results[0]):
-        return _await_each(results)
+    if results and inspect.iscoroutine(results[0]):  # a plain function returning them
+        return _await_made(results)
     return results
 
 
-async def _await_each(coroutines: list[Coroutine[Any, Any, Any]]) -> list[Any]:
-    return [await c for c in coroutines]
+async def _await_each(fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
+    return [await fn(item) for item in items]
+
+
+async def _await_made(coroutines: list[Coroutine[Any, Any, Any]]) -> list[Any]:
+    try:
+        return [await c for c in coroutines]
+    finally:
+        # Cancelled or failed part-way: the rest were never awaited; closed, they go
+        # without a "never awaited" warning (closing one that ended does nothing).
+        for c in coroutines:
+            c.close()
 
 
 def check_chunksize(chunksize: object) -> None:
