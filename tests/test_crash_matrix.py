@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import faulthandler
-import functools
 import os
 import signal
 import sys
@@ -171,26 +170,7 @@ CASES: dict[str, tuple[Callable[..., Any], tuple[Any, ...], type[BaseException],
 }
 
 
-# Cells where corral does not yet give the error the table asks for, and why.
-PENDING = {
-    "function exits at pickle": (
-        "corral._wire.dumps_call turns only an Exception raised while the parent pickles a "
-        "call into SerializationError: a SystemExit escapes Pool.submit (in an asyncio task "
-        "it ends the caller's event loop), and the executor fails the call with it"
-    ),
-}
-PENDING["argument exits at pickle"] = PENDING["function exits at pickle"]
-
-
-def _cases(pending: Callable[..., pytest.MarkDecorator]) -> list[Any]:
-    return [
-        pytest.param(case, marks=pending(reason=PENDING[case])) if case in PENDING else case
-        for case in CASES
-    ]
-
-
-# Skipped on Pool: the SystemExit would end the test's own event loop, and the test run.
-@pytest.mark.parametrize("case", _cases(pytest.mark.skip))
+@pytest.mark.parametrize("case", CASES)
 async def test_pool_fails_the_bad_call_only(case: str) -> None:
     """On ``Pool``, the bad call fails with its error, and the next call is served."""
     fn, args, error, match = CASES[case]
@@ -203,7 +183,7 @@ async def test_pool_fails_the_bad_call_only(case: str) -> None:
         assert await bounded(pool.run(tasks.add, 1, 1), BOUND) == 2
 
 
-@pytest.mark.parametrize("case", _cases(functools.partial(pytest.mark.xfail, strict=True)))
+@pytest.mark.parametrize("case", CASES)
 def test_executor_fails_the_bad_call_only(case: str) -> None:
     """On ``Executor``, the bad call's future fails with its error, and the next call is
     served. (Pickling and unpickling run in the executor's own thread: an exit there used

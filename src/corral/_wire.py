@@ -301,7 +301,9 @@ def dumps_call(
         if soft_time_limit is not None or credit:
             call = (*call, soft_time_limit, credit)
         encoded = dumps(call, wrapped=wrapped, main=named.count(_MAIN) if named else 0)
-    except Exception as exc:
+    except KeyboardInterrupt:
+        raise  # the user's Ctrl-C, not the call's fault
+    except BaseException as exc:  # a __reduce__ may raise anything, SystemExit included
         raise _call_error(fn, args, exc) from exc
     if not ack and made is None:
         return encoded
@@ -320,14 +322,18 @@ def dumps_report(obj: Any) -> Encoded:
         ) from exc
 
 
-def _call_error(fn: Callable[..., Any], args: Sequence[Any], exc: Exception) -> SerializationError:
+def _call_error(
+    fn: Callable[..., Any], args: Sequence[Any], exc: BaseException
+) -> SerializationError:
     """Find which part of a call would not pickle, to name it in the error."""
     for what, obj in [("the function " + describe(fn), fn)] + [
         (f"argument {i} of {describe(fn)} ({describe(a)})", a) for i, a in enumerate(args)
     ]:
         try:
             by_value(obj)
-        except Exception as part_exc:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as part_exc:
             return SerializationError(
                 what, "in the parent", f"{type(part_exc).__name__}: {part_exc}"
             )
