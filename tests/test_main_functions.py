@@ -133,6 +133,8 @@ async def main(method):
         facts["by_name"] = await sizes(pool, square)
         facts["main_block"] = await sizes(pool, in_main_block)
         facts["lambda"] = await sizes(pool, lambda x: x * 10)
+    async with corral.Pool(1, start_method=method, initializer=set_up, initargs=(5,)) as pool:
+        facts["main_block_initializer"] = await pool.run(use_loaded)
     print(json.dumps(facts))
 
 
@@ -140,6 +142,9 @@ if __name__ == "__main__":
 
     def in_main_block(x):
         return x + 100
+
+    def set_up(value):  # an initializer spawned workers lack: it goes by value
+        load(value)
 
     def shadowed():
         return "main block"
@@ -201,7 +206,8 @@ def test_a_scripts_functions_go_by_name_and_keep_their_identity(
     reach the worker by name: the worker runs its own ``__main__``'s copy, an instance of
     the script's class is an instance of the worker's class (both ways), and a task can
     start a multiprocessing pool on another of the script's functions, and what one
-    function stores in a global (a broadcast loading a model) the next one finds. A
+    function stores in a global (a broadcast, or an initializer the main block defines,
+    loading a model) the next one finds. A
     function or class the main block defines, or redefines, or one rebound after the pool
     started, or a function that reads (itself or through another) a global the main block
     binds, goes by value and runs as the parent has it; a by-value function is sent once,
@@ -218,6 +224,7 @@ def test_a_scripts_functions_go_by_name_and_keep_their_identity(
     assert facts["shadowed"] == "main block"
     assert facts["main_block_global"] == 14  # by value: as the parent has it
     assert facts["redefined"] == ["first", "second"]
+    assert facts["main_block_initializer"] == 5
     small, same = facts["by_name"]["frames"]
     assert facts["by_name"]["results"] == [1, 4]
     assert small == same < 200

@@ -163,7 +163,9 @@ def _setup(initializer: Any, initargs: tuple[Any, ...]) -> bytes | tuple[Any, tu
     multiprocessing to carry across as it does for ``multiprocessing.Pool``.
     """
     try:
-        return b"".join(frame(CALL, 0, dumps((initializer, initargs))))  # the child decodes it
+        # main=0: what the worker's __main__ lacks (a main-block initializer) goes by value.
+        setup = dumps((initializer, initargs), main=0)
+        return b"".join(frame(CALL, 0, setup))  # the child decodes it
     except RuntimeError:  # "... should only be shared between processes through inheritance"
         return (initializer, initargs)
     except Exception as exc:
