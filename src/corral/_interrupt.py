@@ -37,6 +37,8 @@ def raise_in(ident: int, exc_type: type[BaseException] | None) -> None:
     """Have thread ident raise exc_type at its next instruction; None withdraws one not
     raised yet. Call with exc_type None from the thread itself, after the code that may be
     interrupted, so that none lands later."""
+    if exc_type is None and _made is None:
+        return  # no interrupt was ever sent: none to withdraw (after each call: cheap)
     monitor = _monitor()
     if monitor is not None:
         monitor.raise_in(ident, exc_type)
@@ -95,8 +97,9 @@ class _Monitor:
 
     def raise_in(self, ident: int, exc_type: type[BaseException] | None) -> None:
         if exc_type is None:
-            with self._lock:
-                self._withdraw(ident)
+            if ident in self._codes:  # else nothing is armed for it (the common case)
+                with self._lock:
+                    self._withdraw(ident)
         else:
             self.arm(ident, sys._current_frames().get(ident), exc_type)
 
