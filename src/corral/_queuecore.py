@@ -12,7 +12,6 @@ its own workers alive.
 from __future__ import annotations
 
 import asyncio
-import collections
 import copy
 import enum
 import functools
@@ -164,21 +163,23 @@ class QueueCore:
         """Hook called for each new job before it is queued; it may raise to refuse it."""
 
     def _dispatch(self, assignments: list[tuple[Worker, Job[Any]]]) -> None:
-        queue = collections.deque(assignments)
-        while queue:
-            worker, job = queue.popleft()
-            self._in_flight[job] = worker
-            job.sent_at = perf_counter()
-            try:
-                worker.send(job)
-            except Exception as exc:
-                del self._in_flight[job]
-                self._settle(job, None, exc)
-                # The freed slot's next jobs go first, in a loop: a worker refusing every
-                # job must not cost a stack frame per job (RecursionError, a job never ended).
-                queue.extendleft(reversed(self._dispatcher.finished(worker)))
-            else:
-                self._after_send(worker)
+        while assignments:
+            refused: list[tuple[Worker, Job[Any]]] = []
+            for worker, job in assignments:
+                self._in_flight[job] = worker
+                job.sent_at = perf_counter()
+                try:
+                    worker.send(job)
+                except Exception as exc:
+                    del self._in_flight[job]
+                    self._settle(job, None, exc)
+                    # The freed slot's next jobs are sent after this batch, in a loop: a
+                    # worker refusing every job must not cost a stack frame per job
+                    # (RecursionError, a job never ended).
+                    refused.extend(self._dispatcher.finished(worker))
+                else:
+                    self._after_send(worker)
+            assignments = refused
 
     def _settle(self, job: Job[Any], value: Any, error: BaseException | None) -> None:
         if job.state is JobState.CANCELLED:
