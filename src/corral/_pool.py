@@ -232,7 +232,6 @@ class Pool(TaskQueue):
 
         Raises ``WorkerStartupError`` when workers keep failing to start.
         """
-        self._bind_loop()
         self._check_open("start")
         if not self._started:
             self._launch()
