@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import multiprocessing
-import os
 import time
 from collections.abc import Callable, Iterator
 
 import psutil
 import pytest
 import uvloop
+
+from tests.processes import open_fds
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
@@ -69,10 +70,6 @@ def _children() -> set[int]:
     return found
 
 
-def _fds() -> set[int]:
-    return {int(fd) for fd in os.listdir("/proc/self/fd")}
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _warm_up() -> None:
     """Start the session-long helpers (multiprocessing's forkserver and resource tracker,
@@ -98,12 +95,12 @@ def _warm_up() -> None:
 def no_leaks() -> Iterator[None]:
     """Fail a test that leaves a child process or an fd open (allowing a few seconds for
     children to be reaped on a slow machine)."""
-    children_before, fds_before = _children(), _fds()
+    children_before, fds_before = _children(), open_fds()
     yield
     deadline = time.monotonic() + 10
     while True:
         leaked_children = _children() - children_before
-        leaked_fds = _fds() - fds_before
+        leaked_fds = open_fds() - fds_before
         if not (leaked_children or leaked_fds) or time.monotonic() > deadline:
             break
         time.sleep(0.05)

@@ -1,8 +1,15 @@
-"""Facts about processes for the tests: whether one has ended."""
+"""Facts about processes for the tests: whether one has ended, which fds this one holds."""
 
 from __future__ import annotations
 
+import os
+
 import psutil
+
+
+def open_fds() -> set[int]:
+    """The fds this process holds open now."""
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
 
 
 def dead(pid: int) -> bool:

@@ -22,6 +22,8 @@ import pytest
 
 import corral
 from tests import tasks
+from tests.hosts import Host
+from tests.processes import open_fds
 from tests.waits import BOUND, bounded, until
 
 START_METHODS = ["fork", "forkserver", "spawn"]
@@ -63,6 +65,7 @@ async def test_multiprocessing_primitives_in_initargs(start_method: str) -> None
     at construction."""
     ctx = multiprocessing.get_context(start_method)
     lock, queue, event, value = ctx.Lock(), ctx.Queue(), ctx.Event(), ctx.Value("i", 0)
+    pool = None
     try:
         async with corral.Pool(
             2,
@@ -212,20 +215,6 @@ async def test_forked_worker_holds_no_sibling_memory() -> None:
             assert not mine & other, (mine, other)
 
 
-class QuietHost:
-    """A host for a lone ProcessWorker that only needs to start and stop."""
-
-    def job_started(self, worker: Any, job: Any) -> None: ...
-    def job_items(self, worker: Any, job: Any, items: Any) -> None: ...
-    def job_report(self, worker: Any, job: Any, obj: Any) -> None: ...
-    def job_done(self, worker: Any, job: Any, value: Any, error: Any) -> None: ...
-    def worker_lost(self, *args: Any) -> None: ...
-
-
-def _open_fds() -> set[int]:
-    return {int(fd) for fd in os.listdir("/proc/self/fd")}
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("start_method", ["fork", "forkserver"])
 async def test_running_out_of_fds_while_starting_a_worker(start_method: str) -> None:
@@ -238,12 +227,12 @@ async def test_running_out_of_fds_while_starting_a_worker(start_method: str) -> 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     failures = 0
     for spare in range(40):
-        before = _open_fds()
+        before = open_fds()
         lowest = min(set(range(max(before) + 2)) - before)
         worker = ProcessWorker(start_method=start_method)
         resource.setrlimit(resource.RLIMIT_NOFILE, (lowest + spare, hard))
         try:
-            await bounded(worker.start(QuietHost()))  # type: ignore[arg-type]
+            await bounded(worker.start(Host()))
         except corral.WorkerStartupError:
             failures += 1
             started = False
@@ -261,7 +250,7 @@ async def test_running_out_of_fds_while_starting_a_worker(start_method: str) -> 
         assert [os.fstat(fd).st_ino for fd in files] == identities
         for fd in files:
             os.close(fd)
-        assert _open_fds() == before, f"with {spare} fds to spare"
+        assert open_fds() == before, f"with {spare} fds to spare"
         if started:
             break
     assert failures >= 5  # it ran out at several different steps before it could start
@@ -391,10 +380,7 @@ async def test_pipes_taken_over_cost_only_the_worker(user_file: Path) -> None:
 def wait_for_gate(started: str, gate: str) -> int:
     """Say it started, then wait (bounded) until gate exists; return this process's pid."""
     Path(started).touch()
-    deadline = time.monotonic() + BOUND
-    while not os.path.exists(gate) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return os.getpid()
+    return tasks.wait_for_file(gate, BOUND)
 
 
 def _forkserver() -> psutil.Process:
@@ -455,7 +441,7 @@ async def test_a_failed_fork_costs_only_that_start(tmp_path: Path) -> None:
         with forks_refused(server.pid):
             extra = ProcessWorker(start_method="forkserver")
             with pytest.raises(corral.WorkerStartupError):
-                await bounded(extra.start(QuietHost()))  # type: ignore[arg-type]
+                await bounded(extra.start(Host()))
         gate.touch()
         assert await bounded(job) == healthy
         assert await bounded(pool.run(tasks.pid)) == healthy

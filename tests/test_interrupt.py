@@ -15,6 +15,7 @@ import pytest
 
 import corral
 from corral._interrupt import raise_in
+from tests import tasks
 from tests.waits import BOUND, bounded, until
 
 
@@ -81,6 +82,8 @@ def test_the_exception_lands_inside_the_running_try(
     for _ in range(20):
         seen = _run(body)
         assert seen[0] == "caught", seen
+        if body is busy_with_c_calls:
+            assert seen[-1] == "finally", seen
 
 
 def test_a_withdrawn_exception_never_lands() -> None:
@@ -125,15 +128,6 @@ def busy_until_interrupted(seconds: float) -> str:
         corral.report("finally ran")
 
 
-def sleep_catching_soft_limit(seconds: float) -> str:
-    """Sleep in C; the soft limit must end the sleep, inside the task's ``try``."""
-    try:
-        time.sleep(seconds)
-    except corral.SoftTimeLimitExceeded:
-        return "caught in sleep"
-    return "slept"
-
-
 def busy_recording_cleanup(seconds: float, started: str, cleaned: str) -> None:
     Path(started).touch()
     deadline = time.monotonic() + seconds
@@ -159,7 +153,10 @@ async def test_a_soft_limit_ends_a_sleep_in_c() -> None:
     """A task sleeping in C gets its soft limit within a second, inside its ``try``."""
     async with corral.Pool(1) as pool:
         started = time.monotonic()
-        assert await bounded(pool.run(sleep_catching_soft_limit, BOUND, soft_time_limit=0.1))
+        outcome = await bounded(
+            pool.run(tasks.sleep_catching_soft_limit, BOUND, soft_time_limit=0.1)
+        )
+        assert outcome == "cleaned up after 0.1"
         assert time.monotonic() - started < 1 + 0.1
 
 

@@ -20,7 +20,7 @@ import uvloop
 import corral
 from corral.workers import LocalWorker
 from tests import tasks
-from tests.processes import dead
+from tests.processes import dead, open_fds
 from tests.waits import BOUND, bounded, until, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,10 +134,6 @@ async def test_a_worker_dead_before_start_resumes_is_replaced_not_served(tmp_pat
         await bounded(pool.close())
 
 
-def _fds() -> set[int]:
-    return {int(fd) for fd in os.listdir("/proc/self/fd")}
-
-
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
     "loop_factory", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"]
@@ -154,13 +150,13 @@ def test_a_pool_left_open_when_its_loop_ends_leaks_no_fd(
         await pool.start()
         assert await pool.run(tasks.add, 1, 2) == 3
 
-    before = _fds()
+    before = open_fds()
     with pytest.warns(ResourceWarning, match="never closed"):
         for _ in range(5):
             with asyncio.Runner(loop_factory=loop_factory) as runner:
                 runner.run(leave_open())
             gc.collect()
-    wait_until(lambda: len(_fds() - before) == 0, timeout=10)
+    wait_until(lambda: len(open_fds() - before) == 0, timeout=10)
 
 
 UNGUARDED = """
@@ -168,7 +164,6 @@ import asyncio, sys
 sys.path.insert(0, {root!r})
 import corral
 from tests import tasks
-from tests.processes import dead
 
 async def main():
     async with corral.Pool(2{options}) as pool:
@@ -197,8 +192,8 @@ def test_a_script_without_the_main_guard_gets_one_clear_error(tmp_path: Path, op
     assert "bootstrapping" not in done.stderr
 
 
-def _grandchild(path: Path) -> int:
-    wait_until(lambda: path.exists() and path.read_text() != "")
+async def _grandchild(path: Path) -> int:
+    await until(lambda: path.exists() and path.read_text() != "")
     return int(path.read_text())
 
 
@@ -215,7 +210,7 @@ async def test_a_killed_worker_takes_the_processes_it_started(tmp_path: Path, ho
         time_limit = 1.0 if how == "time_limit" else None
         deaf = how == "cancel"
         job = pool.submit(start_a_child_then_sleep, str(path), 1000, deaf, time_limit=time_limit)
-        grandchild = _grandchild(path)
+        grandchild = await _grandchild(path)
         assert not dead(grandchild)
         if how == "time_limit":
             with pytest.raises(corral.TimeLimitExceeded):

@@ -13,13 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 import uvloop
 
 import corral
 from corral.workers import LocalWorker
 from tests import tasks
+from tests.processes import dead
 from tests.waits import BOUND, bounded, wait_until
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
@@ -190,7 +190,7 @@ def test_every_call_after_the_pools_loop_closed_is_refused(
     assert refused == "refused"
     assert not marker.exists(), f"a refused call ran: {marker.read_text()!r}"
     if kind == "process":
-        wait_until(lambda: not psutil.pid_exists(int(pid)))
+        wait_until(lambda: dead(int(pid)))
 
 
 def test_a_pool_is_refused_outside_a_loop_before_it_has_one() -> None:
