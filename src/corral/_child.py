@@ -315,15 +315,19 @@ class _Worker:
         if frame is self._armed_frame:
             disarm()
             raise exc
+        left = self._soft_left  # what _raise reads from the timer now is only the follow-up's
         self._raise(exc, frame)
+        self._soft_left = max(left - FOLLOW_UP, 1e-3) if left else 0.0
 
     def _disarm(self) -> None:
-        """The call (or a stream's turn) ended: no interrupt may land after this."""
+        """The call (or a stream's turn) ended: no interrupt may land after this, and no
+        timer of its own (a soft limit to come, a follow-up) may fire."""
+        if self._soft_limit or self._armed is not None:
+            signal.setitimer(signal.ITIMER_REAL, 0)
         self._soft_limit = 0.0
         self._running = 0
         if self._armed is not None:
             self._armed = self._armed_frame = None
-            signal.setitimer(signal.ITIMER_REAL, 0)
             disarm()
 
     def serve(self, setup: bytes | tuple[Any, tuple[Any, ...]]) -> None:
@@ -490,8 +494,6 @@ class _Worker:
             # Disarmed before anything is written, so no signal can cut a frame in half;
             # one landing before these lines run is reported by serve() as the outcome.
             self._disarm()
-            if soft_limit:
-                signal.setitimer(signal.ITIMER_REAL, 0)
         run_time = perf_counter() - start
         if failure is None and credit:
             try:

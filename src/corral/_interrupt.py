@@ -49,7 +49,7 @@ def raise_in(ident: int, exc_type: type[BaseException] | None) -> None:
 
 
 def arm(frame: FrameType | None, exc: BaseException | type[BaseException]) -> bool:
-    """From a signal handler: have this thread raise exc_type at its next instruction in
+    """From a signal handler: have this thread raise exc at its next instruction in
     frame (the one the signal interrupted) or a function that called it.
 
     Returns False where raising from the handler itself is safe (before Python 3.13): the
