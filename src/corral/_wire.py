@@ -285,12 +285,11 @@ def dumps_call(
     plain pickle, or through cloudpickle where they hold a lambda, a closure or what a
     worker's ``__main__`` lacks (``map`` passes the user's function as one).
     """
-    sent = args
     wrapped = 0
     for arg in args:  # one cheap pass; most calls have no large bytes
         if type(arg) in _BYTES_TYPES and len(arg) >= OUT_OF_BAND_MIN:
-            sent = tuple(map(out_of_band, args))
             wrapped += 1
+    sent = tuple(map(out_of_band, args)) if wrapped else args
     made = None
     try:
         named = reference(fn)
@@ -308,7 +307,7 @@ def dumps_call(
     if not ack and made is None:
         return encoded
     # The worker must see the request before it unpickles anything: it goes in the header.
-    return Encoded(encoded.data, encoded.buffers, encoded.copied, ACK_WANTED if ack else 0, made)
+    return encoded._replace(flags=ACK_WANTED if ack else 0, definition=made)
 
 
 def dumps_report(obj: Any) -> Encoded:
