@@ -52,7 +52,7 @@ MAX_DELAY = 0.005
 STARTING_SHARE = 0.3
 
 # Long-lived helpers multiprocessing starts once; not leaks.
-HELPERS = ("forkserver", "resource_tracker")
+HELPERS = ("forkserver", "resource_tracker", "corral-undertaker")
 
 
 def job(ledger: str, i: int, exit_code: int, seconds: float = 0.0) -> int:
