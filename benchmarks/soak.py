@@ -51,7 +51,7 @@ MAX_DELAY = 0.005
 # Of the kills, the share aimed at a worker still starting (its first milliseconds).
 STARTING_SHARE = 0.3
 
-# Long-lived helpers multiprocessing starts once; not leaks.
+# Long-lived helpers multiprocessing and corral start once; not leaks.
 HELPERS = ("forkserver", "resource_tracker", "corral-undertaker")
 
 
