@@ -26,7 +26,8 @@ from distributed import Client, LocalCluster, get_worker
 
 import corral
 from corral.workers import DaskWorker
-from tests.conftest import _children, _fds
+from tests.conftest import _children
+from tests.processes import open_fds
 from tests.waits import bounded, wait_until
 
 BOUND = 60.0
@@ -157,12 +158,12 @@ def no_leaks() -> Iterator[None]:
     between scheduler and workers pooled for reuse, opening more when a test is busier
     than any before it. They are Dask's, closed with the cluster. A client or DaskWorker
     left open still fails the test: its connection to the scheduler stays counted."""
-    children_before, fds_before = _children(), _fds()
+    children_before, fds_before = _children(), open_fds()
     yield
     deadline = time.monotonic() + 10
     while True:
         leaked_children = _children() - children_before
-        leaked_fds = _fds() - fds_before - _connections_to_children()
+        leaked_fds = open_fds() - fds_before - _connections_to_children()
         if not (leaked_children or leaked_fds) or time.monotonic() > deadline:
             break
         time.sleep(0.05)
