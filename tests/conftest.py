@@ -13,7 +13,7 @@ import psutil
 import pytest
 import uvloop
 
-from tests.processes import open_fds
+from tests.processes import describe_fds, open_fds
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
@@ -105,4 +105,4 @@ def no_leaks() -> Iterator[None]:
             break
         time.sleep(0.05)
     assert not leaked_children, f"child processes left behind: {sorted(leaked_children)}"
-    assert not leaked_fds, f"fds left open: {sorted(leaked_fds)}"
+    assert not leaked_fds, f"fds left open: {describe_fds(leaked_fds)}"
