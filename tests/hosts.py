@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import corral
 from corral import Job, JobState
+from corral._job import move
 from corral._stream import ItemStream
 from corral.workers._base import Worker
 
@@ -80,6 +81,8 @@ class Host:
     def job_started(self, worker: Worker, job: Job[Any]) -> None:
         self._check_thread()
         self.events.append(("started", job.id))
+        if job.state is JobState.SENT:  # as the queue does: the worker only reports it
+            move(job, JobState.RUNNING)
         self.states_at_start[job.id] = job.state
 
     def job_done(
@@ -122,7 +125,10 @@ class Host:
 
 
 def send(worker: Worker, job: Job[Any]) -> Job[Any]:
-    """Hand job to worker and return it, so a test can write ``job = send(worker, ...)``."""
+    """Hand job to worker as a queue does (the job is SENT first: workers only report) and
+    return it, so a test can write ``job = send(worker, ...)``."""
+    if job.state is JobState.PENDING:  # a test may send one it marked cancelled
+        move(job, JobState.SENT)
     worker.send(job)
     return job
 

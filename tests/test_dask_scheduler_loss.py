@@ -23,7 +23,7 @@ import pytest
 from distributed import Client
 
 import corral
-from corral._pool import MAX_STARTUP_FAILURES
+from corral._sources import MAX_STARTUP_FAILURES
 from corral.workers import DaskWorker
 from tests.test_dask_worker import add, chunks, stuck_until
 from tests.waits import BOUND, bounded, until

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from corral import Job, JobState
-from corral._queue import Dispatcher
+from corral._dispatcher import Dispatcher
 from tests import tasks
 
 

@@ -34,7 +34,7 @@ async def test_send_only_queues_and_calls_run_in_the_loops_thread() -> None:
             host.job(threading.get_ident),
         ]
         for job in jobs:
-            worker.send(job)
+            send(worker, job)
             assert job.state is JobState.SENT
         assert not log
         assert await host.outcome(jobs[1]) == ("coroutine", None)

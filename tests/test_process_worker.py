@@ -16,6 +16,7 @@ import corral
 from corral import Job
 from corral.workers import ProcessWorker, Worker
 from tests import tasks
+from tests.hosts import send
 
 T = TypeVar("T")
 
@@ -134,10 +135,10 @@ async def test_runs_a_job_and_reports_started_then_done(start_method: str) -> No
         assert pid is not None
         assert pid != os.getpid()
         job = host.job(tasks.add, 2, 3)
-        worker.send(job)
+        send(worker, job)
         assert await host.outcome(job) == (5, None)
         job2 = host.job(tasks.pid)
-        worker.send(job2)
+        send(worker, job2)
         assert await host.outcome(job2) == (pid, None)
         # job_started is optional for a worker; when reported, it comes before job_done.
         assert [e for e in host.events if e[0] == "done"] == [("done", 1), ("done", 2)]
@@ -161,7 +162,7 @@ async def test_task_exception_is_reported_as_job_done_with_error() -> None:
     await asyncio.wait_for(worker.start(host), BOUND)
     try:
         job = host.job(tasks.fail, "boom")
-        worker.send(job)
+        send(worker, job)
         value, error = await host.outcome(job)
         assert value is None
         assert isinstance(error, ValueError)
@@ -169,7 +170,7 @@ async def test_task_exception_is_reported_as_job_done_with_error() -> None:
         assert isinstance(error.__cause__, corral.RemoteTraceback)
         assert "in fail" in error.__cause__.tb
         job2 = host.job(tasks.add, 1, 1)
-        worker.send(job2)
+        send(worker, job2)
         assert await host.outcome(job2) == (2, None)
     finally:
         await asyncio.wait_for(worker.stop(), BOUND)
@@ -182,7 +183,7 @@ async def test_stop_finishes_the_jobs_already_sent() -> None:
     await asyncio.wait_for(worker.start(host), BOUND)
     jobs = [host.job(tasks.sleep, 0.01 * i) for i in range(5)]
     for job in jobs:
-        worker.send(job)
+        send(worker, job)
     await asyncio.wait_for(worker.stop(), BOUND)
     for i, job in enumerate(jobs):
         assert host.outcomes[job.id].result() == (0.01 * i, None)
@@ -232,11 +233,11 @@ async def test_killed_worker_reports_sent_but_unacknowledged_jobs_as_unstarted()
     async with Beacon() as beacon:
         await asyncio.wait_for(worker.start(host), BOUND)
         running = host.job(tasks.beacon_then_sleep, beacon.port, 60)
-        worker.send(running)
+        send(worker, running)
         assert await beacon.running() == worker.pid
     behind = [host.job(tasks.add, 1, i) for i in range(2)]
     for job in behind:
-        worker.send(job)
+        send(worker, job)
     assert worker.in_flight == 3
     await asyncio.wait_for(worker.kill(), BOUND)
     error, unstarted, started = await host.loss()
@@ -274,7 +275,7 @@ async def test_task_exit_reports_the_exit_code() -> None:
     worker = ProcessWorker()
     await asyncio.wait_for(worker.start(host), BOUND)
     job = host.job(tasks.exit_now, 5)
-    worker.send(job)
+    send(worker, job)
     error, unstarted, started = await host.loss()
     assert isinstance(error, corral.WorkerLostError)
     assert (error.exitcode, error.signal) == (5, None)
@@ -296,7 +297,7 @@ async def test_argument_that_kills_on_unpickling_counts_a_delivery() -> None:
     worker = ProcessWorker()
     await asyncio.wait_for(worker.start(host), BOUND)
     job = host.job(tasks.identity, KillsWhenUnpickled())
-    worker.send(job)
+    send(worker, job)
     error, unstarted, started = await host.loss()
     assert isinstance(error, corral.WorkerLostError)
     assert error.exitcode == 1

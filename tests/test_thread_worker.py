@@ -65,7 +65,7 @@ async def test_coroutine_functions_run_on_the_threads_own_loop() -> None:
     try:
         jobs = [host.job(coroutine_whoami, i) for i in range(3)]
         for job in jobs:
-            worker.send(job)
+            send(worker, job)
         for i, job in enumerate(jobs):
             assert await host.outcome(job) == ((i, "corral-t-async", True), None)
     finally:
@@ -81,11 +81,11 @@ async def test_soft_limit_raises_inside_a_plain_call() -> None:
     try:
         running = threading.Event()
         caught = host.job(catch_soft_limit, running, soft=0.1)
-        worker.send(caught)
+        send(worker, caught)
         assert await host.outcome(caught) == ("caught 0.1", None)
         running.clear()
         uncaught = host.job(spin, running, release, soft=0.1)
-        worker.send(uncaught)
+        send(worker, uncaught)
         value, error = await host.outcome(uncaught)
         assert value is None
         assert type(error) is corral.SoftTimeLimitExceeded
@@ -93,7 +93,7 @@ async def test_soft_limit_raises_inside_a_plain_call() -> None:
         assert error.__traceback__ is not None
         assert 0.1 <= (host.run_times[uncaught.id] or 0) < BOUND
         after = host.job(tasks.add, 2, 2)  # the worker serves on
-        worker.send(after)
+        send(worker, after)
         assert await host.outcome(after) == (4, None)
     finally:
         release.set()
@@ -110,7 +110,7 @@ async def test_cancel_interrupts_a_stream_making_its_batch() -> None:
     worker = await started(ThreadWorker(), host)
     running, closed = threading.Event(), threading.Event()
     job = host.job(stuck_after_first, running, closed, window=100)
-    worker.send(job)
+    send(worker, job)
     try:
         await wait_for(running)
         worker.cancel(job, grace=BOUND)
@@ -188,7 +188,7 @@ async def test_interrupts_racing_the_end_of_calls_lose_nothing() -> None:
         errors: set[type[BaseException] | None] = set()
         for i in range(100):
             job = host.job(busy, rng.random() * 0.01, soft=0.003)
-            worker.send(job)
+            send(worker, job)
             if i % 2:
                 await asyncio.sleep(rng.random() * 0.01)
                 worker.cancel(job, grace=BOUND)

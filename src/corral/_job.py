@@ -31,6 +31,27 @@ class JobState(enum.Enum):
     CANCELLED = "cancelled"
 
 
+# Where a job may go from each state. Only the queue moves a job (workers report what
+# happened; the queue decides what it means), through ``move``, which refuses any other
+# step: one would be a bug in corral, and is better loud than a job stuck or run twice.
+_NEXT: dict[JobState, frozenset[JobState]] = {
+    JobState.PENDING: frozenset({JobState.SENT, JobState.DONE, JobState.CANCELLED}),
+    JobState.SENT: frozenset(
+        {JobState.RUNNING, JobState.PENDING, JobState.DONE, JobState.CANCELLED}
+    ),
+    JobState.RUNNING: frozenset({JobState.PENDING, JobState.DONE, JobState.CANCELLED}),
+    JobState.DONE: frozenset(),
+    JobState.CANCELLED: frozenset(),
+}
+
+
+def move(job: Job[Any], state: JobState) -> None:
+    """Move job to state; ``RuntimeError`` for a step its life cycle does not have."""
+    if state not in _NEXT[job.state]:
+        raise RuntimeError(f"{job!r} cannot go from {job.state.value} to {state.value}")
+    job.state = state
+
+
 class JobOwner(Protocol):
     """What a job needs from the queue that holds it."""
 
@@ -182,21 +203,39 @@ class Job(Generic[T]):
             self.future.add_done_callback(lambda _: reports.wake())  # the reading ends
         return self._reports
 
-    def _reported(self, obj: Any) -> None:
-        self._report_buffer().add(obj)
-
     def add_done_callback(self, fn: Callable[[Job[T]], object]) -> None:
         """Call fn(job) once the job is done (in the event loop)."""
         self.future.add_done_callback(lambda _: fn(self))
 
     def _withdraw(self) -> None:
-        if self.state is not JobState.DONE and self.state is not JobState.CANCELLED:
-            self.state = JobState.CANCELLED
+        if _NEXT[self.state]:  # neither done nor cancelled
+            move(self, JobState.CANCELLED)
             self._owner.cancel_job(self)
 
     def _finish(self) -> None:
         """Let go of what only a running job needs (the job and its future refer to each
         other, and a large pickled payload should not wait for the cycle collector)."""
-        self.state = JobState.DONE
+        move(self, JobState.DONE)
         self.future.job = None
         self.payload = None
+
+
+def settle(job: Job[T], value: T | None, error: BaseException | None) -> None:
+    """End job with its value or error (a cancelled job stays cancelled). The queue's one
+    way to finish a job (a second end, a result after a time limit's, is dropped)."""
+    if not _NEXT[job.state]:  # done or cancelled already
+        return
+    job._finish()
+    future = job.future
+    if future.done():
+        return
+    if error is None:
+        future.set_result(value)  # type: ignore[arg-type]
+    else:
+        future.set_exception(error)
+
+
+def add_report(job: Job[Any], obj: Any) -> None:
+    """The running job called ``corral.report(obj)``: keep it for its readers."""
+    if not job.done():
+        job._report_buffer().add(obj)

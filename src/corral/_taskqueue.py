@@ -1,23 +1,47 @@
-"""``TaskQueue``: calls in, workers of any kind out.
+"""``TaskQueue``: calls in, workers of any kind out, and every rule between them.
 
-The queue takes calls (``submit``, ``run``, ``map``, ``imap``, ``iterate``, ``broadcast``),
-keeps them in priority order and hands them to the workers attached to it; the rules it
-serves them by are ``QueueCore``'s. ``Pool`` adds keeping its own workers alive.
+The queue takes calls (``submit``, ``run``, ``map``, ``imap``, ``iterate``, ``broadcast``)
+and keeps them in the ``Dispatcher``'s priority order; the dispatcher decides which worker
+gets which job and when (pure decisions); the queue carries them out and owns the life
+cycles: every job state transition (``_job.move``), and one record per worker
+(``Roster``). What happens when a worker reports back (a job started, items of a stream,
+a report, a result, its death) is decided here, once, for every kind of worker: a dead
+worker's unstarted jobs go back to the front, started ones fail or retry; a hard time
+limit kills the worker; a new worker starts, replays the broadcasts, then serves.
+
+A queue serves with the workers attached to it. Given a worker source (``Pool`` is a
+queue with one, see ``_sources``) it also keeps the source's workers alive: starts them,
+replaces the lost, recycles them at their quota or memory limit, and gives up, failing
+the calls, when they cannot start.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import enum
+import functools
+import itertools
 from collections.abc import AsyncIterable, Callable, Iterable
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, TypeVar, TypeVarTuple, Unpack
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, TypeVarTuple, Unpack
 
-from ._errors import PoolClosedError, WorkerLostError
-from ._job import Job, JobState
+from ._checks import check_count, check_seconds
+from ._dispatcher import Dispatcher
+from ._errors import (
+    CorralError,
+    PoolClosedError,
+    TimeLimitExceeded,
+    WorkerLostError,
+    WorkerStartupError,
+)
+from ._job import Job, JobState, add_report, move, settle
 from ._mapping import MapIterator, imap_items, map_list
-from ._queuecore import QueueCore, QueueState, check_limit
-from ._stats import Percentiles, QueueStats, parent_rss, worker_stats
+from ._roster import Roster, Standing, WorkerRecord
+from ._sources import GiveUp, WorkerSource
+from ._stats import Percentiles, QueueStats, Timings, parent_rss, worker_stats
 from ._stream import WINDOW, ItemStream, StreamIterator
+from ._wire import describe
 
 if TYPE_CHECKING:
     from .workers._base import Worker
@@ -25,8 +49,30 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
+# A job whose delivery killed this many workers before any acknowledged it is failed: the
+# culprit is the job itself (an argument whose unpickling kills the process), and retrying
+# it forever would kill workers forever.
+MAX_DELIVERIES = 3
 
-class TaskQueue(QueueCore):
+Strategy = Literal["fair", "prefetch", "auto"]
+STRATEGIES = ("fair", "prefetch", "auto")
+
+# Under strategy="auto", the work a worker may have queued behind the job it runs, judged by
+# its last job's run time: calls of 2 ms or more go one at a time (a round trip is about
+# 0.1 ms: prefetching them would gain under 5% and could leave them stuck behind a long
+# call while another worker idles); shorter ones go several at a time, up to ``prefetch``.
+AUTO_AHEAD = 0.002
+
+
+class QueueState(enum.Enum):
+    """Life of a queue."""
+
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class TaskQueue:
     """A priority queue of calls served by the workers attached to it.
 
     Args:
@@ -39,6 +85,44 @@ class TaskQueue(QueueCore):
         prefetch: jobs in flight per worker under ``"prefetch"``; the most under
             ``"auto"``.
     """
+
+    def __init__(self, *, strategy: Strategy = "fair", prefetch: int = 4) -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, not {strategy!r}")
+        check_count("prefetch", prefetch)
+        self.strategy = strategy
+        self.prefetch = prefetch
+        # A new worker's capacity: "auto" starts at one job, until one proves short.
+        self._capacity = prefetch if strategy == "prefetch" else 1
+        self._adaptive = strategy == "auto"
+        self._dispatcher: Dispatcher[Worker, Job[Any]] = Dispatcher()
+        self._roster = Roster()
+        self._in_flight: dict[Job[Any], Worker] = {}
+        self._deadlines: dict[Job[Any], asyncio.TimerHandle] = {}  # hard time limits
+        self._broadcasts: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []  # replayed
+        self._timings = Timings()
+        self._ids = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._state = QueueState.OPEN
+        self._drained: asyncio.Event | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._broken: BaseException | None = None  # set when no worker can ever serve
+        # The worker source this queue keeps alive (a Pool's); None: attached workers only.
+        self._source: WorkerSource | None = None
+        self._started = False  # the source's workers have been launched
+        self._connecting: asyncio.Task[None] | None = None  # a cluster source, until up
+        self._ready: asyncio.Event | None = None  # set as each owned worker serves
+        # Recycling, off unless the source asks for it: these two cost nothing when None.
+        self._quota: int | None = None
+        self._memory_limit: int | None = None
+
+    def _keep(self, source: WorkerSource) -> None:
+        """Keep source's workers alive (called once, by ``Pool``, before any call)."""
+        self._source = source
+        self._quota = source.max_tasks_per_child
+        self._memory_limit = source.max_memory_per_child
+
+    # -- the public calls -----------------------------------------------------------------
 
     async def __aenter__(self) -> TaskQueue:
         self._bind_loop()
@@ -67,7 +151,7 @@ class TaskQueue(QueueCore):
     @property
     def workers(self) -> list[Worker]:
         """The workers serving now."""
-        return list(self._workers)
+        return self._roster.started()
 
     def attach(self, worker: Worker) -> asyncio.Task[None]:
         """Start worker and let it serve this queue; returns the task that starts it.
@@ -76,11 +160,11 @@ class TaskQueue(QueueCore):
         every ``broadcast``), or raises ``WorkerStartupError`` if it could not start.
         """
         self._check_open("attach a worker")
-        if worker in self._workers or worker in self._starting:
+        if worker in self._roster:
             raise ValueError(f"{worker!r} is already attached to this queue")
         if worker.alive or worker.tasks_sent:
             raise ValueError(f"{worker!r} has been started already; attach a new worker")
-        self._starting.add(worker)
+        self._roster.join(worker, owned=False)
         return self._spawn_task(self._start_worker(worker))
 
     async def detach(self, worker: Worker) -> None:
@@ -88,10 +172,13 @@ class TaskQueue(QueueCore):
         could not finish (it died) is handed back to the queue, or fails if it had started.
         """
         self._bind_loop("detach a worker")
-        if worker not in self._workers:
+        if self._roster.standing(worker) not in (Standing.SERVING, Standing.RETIRING):
             raise ValueError(f"{worker!r} is not attached to this queue")
+        owned = self._roster.disown(worker)
         self._forget(worker)
-        self._worker_detached(worker)
+        if owned:
+            assert self._source is not None
+            self._source.size -= 1  # the pool shrinks by the one taken from it
         self._check_servable()
         await worker.stop()
 
@@ -102,20 +189,22 @@ class TaskQueue(QueueCore):
         served by none) fail with ``PoolClosedError`` or ``ValueError``: closing, the
         queue takes no new worker that could run them."""
         self._bind_loop("close")  # from another loop it could only hang
-        if self._state is QueueState.CLOSED:
-            return
-        self._state = QueueState.CLOSING
-        self._check_servable()  # no worker may join now: jobs none left can take fail
-        await self._wait_drained()
-        self._state = QueueState.CLOSED
-        await self._stop_workers(kill=False)
+        if self._state is not QueueState.CLOSED:
+            self._state = QueueState.CLOSING
+            self._check_servable()  # no worker may join now: jobs none left can take fail
+            await self._wait_drained()
+            self._state = QueueState.CLOSED
+            await self._stop_workers(kill=False)
+        if self._source is not None:
+            await self._source.close()  # after the workers that used what it reached
 
     async def terminate(self) -> None:
         """Kill the workers now; every unfinished job is cancelled. Idempotent."""
         self._bind_loop("terminate")
         self._state = QueueState.CLOSED
         for job in [*self._dispatcher.drain(), *self._in_flight]:
-            job.state = JobState.CANCELLED  # the workers die anyway: no need to stop it
+            if job.state is not JobState.DONE and job.state is not JobState.CANCELLED:
+                move(job, JobState.CANCELLED)  # the workers die anyway: no need to stop it
             job.future.cancel()
         self._in_flight.clear()
         for deadline in self._deadlines.values():
@@ -126,6 +215,8 @@ class TaskQueue(QueueCore):
         for task in list(self._tasks):
             task.cancel()
         await self._stop_workers(kill=True)
+        if self._source is not None:
+            await self._source.close()
 
     def submit(
         self,
@@ -154,57 +245,6 @@ class TaskQueue(QueueCore):
             soft_time_limit=soft_time_limit,
         )
 
-    def _submit(
-        self,
-        fn: Callable[..., T],
-        args: tuple[Any, ...],
-        *,
-        priority: float,
-        series: str | None,
-        retries: int,
-        time_limit: float | None,
-        soft_time_limit: float | None,
-        stream: ItemStream | None = None,
-    ) -> Job[T]:
-        loop = self._check_call(series, retries)
-        if not callable(fn):
-            raise TypeError(f"the function to run must be callable, not {fn!r}")
-        check_limit("time_limit", time_limit)
-        check_limit("soft_time_limit", soft_time_limit)
-        job: Job[T] = Job(
-            self,
-            next(self._ids),
-            fn,
-            args,
-            loop,
-            priority=priority,
-            series=series,
-            retries=retries,
-            time_limit=time_limit,
-            soft_time_limit=soft_time_limit,
-        )
-        job.stream = stream
-        self._admit(job)
-        job.submitted_at = perf_counter()
-        self._dispatch(self._dispatcher.push(job))
-        return job
-
-    def _check_call(
-        self, series: str | None, retries: int, action: str = "submit"
-    ) -> asyncio.AbstractEventLoop:
-        """The checks every call passes, raised at the call that made them; returns the
-        queue's loop, which is the one running the call."""
-        loop = self._bind_loop(action)
-        if self._broken is not None:  # more telling than "closed": why it cannot serve
-            raise self._broken_error()
-        if self._state is not QueueState.OPEN:
-            raise PoolClosedError("submit", self._state.value)
-        if series is not None and not self._servable(series):
-            raise ValueError(self._unservable_message(series))
-        if not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries must be an int of 0 or more, not {retries!r}")
-        return loop
-
     def iterate(
         self,
         fn: Callable[..., Iterable[T]],
@@ -223,8 +263,7 @@ class TaskQueue(QueueCore):
         worker, so its ``finally`` runs. An exception in the generator is raised at the
         item where it happened; a worker lost mid-stream ends it with ``WorkerLostError``.
         """
-        if not isinstance(window, int) or isinstance(window, bool) or window < 2:
-            raise ValueError(f"window must be an int of at least 2, not {window!r}")
+        check_count("window", window, minimum=2)
         job = self._submit(
             fn,
             args,
@@ -336,12 +375,20 @@ class TaskQueue(QueueCore):
         if not callable(fn):
             raise TypeError(f"the function to broadcast must be callable, not {fn!r}")
         args = tuple(args)
-        self._check_broadcast(fn, args)
+        source = self._source
+        if source is not None:
+            source.check_broadcast(fn, args)
+            if (
+                not self._started
+                or self._connecting is not None
+                or self._kept_serving() < source.size
+            ):
+                await self._start_source()  # every worker of the pool takes part
         record = (fn, args)
         self._broadcasts.append(record)  # workers starting from now on replay it
         jobs = []
-        for worker in self._workers:
-            if worker in self._retiring:
+        for worker in self._roster.started():
+            if self._roster.standing(worker) is Standing.RETIRING:
                 continue  # its replacement, already on its way, replays the call
             job = self._pinned_job(worker, fn, args, loop)
             jobs.append(job)
@@ -361,14 +408,13 @@ class TaskQueue(QueueCore):
         """A snapshot of the workers and of recent calls' timings (``print`` it)."""
         now = perf_counter()
         workers = []
-        for worker in [*self._workers, *self._starting]:
+        for worker in self._roster.all():
             load = self._dispatcher.load(worker)
-            if worker in self._starting:
-                state = "starting"
-            elif worker in self._retiring:
-                state = "retiring"
-            else:
+            standing = self._roster.standing(worker)
+            if standing is Standing.SERVING:
                 state = "busy" if load else "idle"
+            else:
+                state = standing.value if standing is not None else "gone"
             workers.append(worker_stats(worker, state, load, now))
         wait, transfer, run = self._timings.split()
         return QueueStats(
@@ -382,3 +428,660 @@ class TaskQueue(QueueCore):
             run=Percentiles.of(run),
             rss=parent_rss(),
         )
+
+    def unstarted(self, job: Job[Any]) -> bool:
+        """Whether job has surely not begun: queued here, or sent ahead to a worker that
+        says it has not begun it."""
+        if job.state is JobState.PENDING:
+            return True
+        worker = self._in_flight.get(job)
+        return (
+            job.state is JobState.SENT and worker is not None and not worker.may_have_started(job)
+        )
+
+    # -- taking calls -----------------------------------------------------------------------
+
+    def _submit(
+        self,
+        fn: Callable[..., T],
+        args: tuple[Any, ...],
+        *,
+        priority: float,
+        series: str | None,
+        retries: int,
+        time_limit: float | None,
+        soft_time_limit: float | None,
+        stream: ItemStream | None = None,
+    ) -> Job[T]:
+        loop = self._check_call(series, retries)
+        if not callable(fn):
+            raise TypeError(f"the function to run must be callable, not {fn!r}")
+        check_seconds("time_limit", time_limit)
+        check_seconds("soft_time_limit", soft_time_limit)
+        job: Job[T] = Job(
+            self,
+            next(self._ids),
+            fn,
+            args,
+            loop,
+            priority=priority,
+            series=series,
+            retries=retries,
+            time_limit=time_limit,
+            soft_time_limit=soft_time_limit,
+        )
+        job.stream = stream
+        source = self._source
+        if source is not None:
+            source.prepare(job)  # may raise (it pickles a process pool's call)
+            if not self._started:
+                self._launch()  # a pool used without `async with` starts on its first call
+        job.submitted_at = perf_counter()
+        self._dispatch(self._dispatcher.push(job))
+        return job
+
+    def _check_call(
+        self, series: str | None, retries: int, action: str = "submit"
+    ) -> asyncio.AbstractEventLoop:
+        """The checks every call passes, raised at the call that made them; returns the
+        queue's loop, which is the one running the call."""
+        loop = self._bind_loop(action)
+        if self._broken is not None:  # more telling than "closed": why it cannot serve
+            raise self._broken_error()
+        if self._state is not QueueState.OPEN:
+            raise PoolClosedError("submit", self._state.value)
+        if series is not None and not self._servable(series):
+            raise ValueError(self._unservable_message(series))
+        check_count("retries", retries, minimum=0)
+        return loop
+
+    def _check_open(self, action: str) -> asyncio.AbstractEventLoop:
+        """Refuse action unless it is made on the queue's loop and the queue is open;
+        returns that loop."""
+        loop = self._bind_loop(action)
+        if self._state is not QueueState.OPEN:
+            raise PoolClosedError(action, self._state.value)
+        return loop
+
+    def _pinned_job(
+        self,
+        worker: Worker,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        loop: asyncio.AbstractEventLoop,
+    ) -> Job[Any]:
+        job: Job[Any] = Job(self, next(self._ids), fn, args, loop)
+        job.worker = worker
+        job.submitted_at = perf_counter()
+        return job
+
+    def _worker_count(self) -> int:
+        """Workers serving now, or those a pool is about to start (for chunk sizes)."""
+        return len(self._roster) or (0 if self._source is None else self._source.size)
+
+    # -- handing jobs to workers ------------------------------------------------------------
+
+    def _dispatch(self, assignments: list[tuple[Worker, Job[Any]]]) -> None:
+        while assignments:
+            refused: list[tuple[Worker, Job[Any]]] = []
+            for worker, job in assignments:
+                self._in_flight[job] = worker
+                move(job, JobState.SENT)
+                job.sent_at = perf_counter()
+                try:
+                    worker.send(job)
+                except Exception as exc:
+                    del self._in_flight[job]
+                    settle(job, None, exc)
+                    # The freed slot's next jobs are sent after this batch, in a loop: a
+                    # worker refusing every job must not cost a stack frame per job
+                    # (RecursionError, a job never ended).
+                    refused.extend(self._dispatcher.finished(worker))
+                else:
+                    # Retired at its quota's last send, not its last result, so that under
+                    # prefetch a worker is never sent more than its quota.
+                    if self._quota is not None and self._dispatcher.quota_left(worker) == 0:
+                        self._retire(worker)
+            assignments = refused
+
+    # -- what the workers report (the Host callbacks of workers._base) ---------------------
+
+    def job_started(self, worker: Worker, job: Job[Any]) -> None:
+        """Worker callback: job began running; its hard time limit counts from now."""
+        if job.state is JobState.SENT:
+            move(job, JobState.RUNNING)
+        if job.time_limit is not None and self._loop is not None:
+            self._deadlines[job] = self._loop.call_later(
+                job.time_limit, self._time_limit_passed, worker, job
+            )
+
+    def job_items(self, worker: Worker, job: Job[Any], items: list[Any]) -> None:
+        """Worker callback: the next items of a stream. The first ones free the worker's
+        slot: the stream goes on beside the worker's other jobs."""
+        stream = job.stream
+        if stream is None or job.done():
+            return
+        if not stream.released:
+            stream.released = True
+            stream.grant = functools.partial(self._grant, job)
+            if job in self._in_flight:
+                self._dispatch(self._dispatcher.finished(worker))
+        stream.feed(items)
+
+    def job_report(self, worker: Worker, job: Job[Any], obj: Any) -> None:
+        """Worker callback: the running job called ``corral.report(obj)``."""
+        add_report(job, obj)
+
+    def job_done(
+        self, worker: Worker, job: Job[Any], value: Any, error: BaseException | None
+    ) -> None:
+        """Worker callback: job finished; the worker's slot goes to the next job first."""
+        if self._deadlines:
+            self._disarm(job)
+        now = perf_counter()
+        timings = self._timings  # stats: a few stores per call, the sums wait for stats()
+        timings.calls += 1
+        run = job.run_time
+        timings.samples.append((job.submitted_at, job.sent_at, now, run))
+        worker.busy_time += now - job.sent_at if run is None else run
+        if error is not None and job.state is not JobState.CANCELLED:
+            timings.failed += 1
+        if self._in_flight.pop(job, None) is not None:
+            if self._memory_limit is not None:
+                self._check_memory(worker, self._memory_limit)
+            if job.stream is None or not job.stream.released:
+                capacity = self._capacity_after(run) if self._adaptive else None
+                self._dispatch(self._dispatcher.finished(worker, capacity))
+            if self._roster.retiring:
+                self._stop_if_idle(worker)
+        settle(job, value, error)
+        if self._drained is not None:
+            self._check_drained()
+
+    def worker_lost(
+        self,
+        worker: Worker,
+        error: CorralError,
+        unstarted: list[Job[Any]],
+        started: list[Job[Any]],
+    ) -> None:
+        """Worker callback: it died. Unstarted jobs go back to the front, in their order;
+        started ones fail with error, or run again while they have retries left."""
+        record = self._roster.get(worker)
+        if record is not None and record.standing is Standing.STARTING:
+            record = None  # its start fails: that is handled where it was started
+        else:
+            record = self._forget(worker, error)
+        assignments: list[tuple[Worker, Job[Any]]] = []
+        for job in started:
+            self._disarm(job)
+            self._in_flight.pop(job, None)
+            if job.state is JobState.CANCELLED or job.done():
+                continue
+            if job.worker is not None or (job.stream is not None and job.stream.released):
+                settle(job, None, error)  # a broadcast, or a stream already under way
+            elif job.retries > 0:
+                job.retries -= 1
+                move(job, JobState.PENDING)
+                assignments.extend(self._dispatcher.requeue(job))
+            else:
+                settle(job, None, error)
+        for job in reversed(unstarted):
+            self._in_flight.pop(job, None)
+            if job.state is JobState.CANCELLED or job.done():
+                continue
+            if job.worker is not None:
+                settle(job, None, error)
+                continue
+            if job.deliveries >= MAX_DELIVERIES:
+                lost = WorkerLostError(
+                    worker.name,
+                    getattr(error, "exitcode", None),
+                    getattr(error, "signal", None),
+                    f"the job killed {job.deliveries} workers before it could start; "
+                    "unpickling its arguments may kill the process",
+                )
+                settle(job, None, lost)
+                continue
+            move(job, JobState.PENDING)
+            assignments.extend(self._dispatcher.requeue(job))
+        self._dispatch(assignments)
+        # A worker lost while starting is handled where its start fails; a retiring one's
+        # replacement is already on its way.
+        if record is not None and record.standing is Standing.SERVING:
+            if record.owned:
+                self._replace()
+            else:
+                self._check_servable()
+        if self._drained is not None:
+            self._check_drained()
+
+    def cancel_job(self, job: Job[Any]) -> None:
+        """Job callback: the job was cancelled. Pending: dropped. Sent: stopped in its worker."""
+        if self._dispatcher.discard(job):
+            self._check_drained()
+            return
+        worker = self._in_flight.get(job)
+        if worker is not None:
+            worker.cancel(job)
+
+    def _grant(self, job: Job[Any], n: int) -> None:
+        worker = self._in_flight.get(job)
+        if worker is not None:
+            worker.credit(job, n)
+
+    def _time_limit_passed(self, worker: Worker, job: Job[Any]) -> None:
+        """The hard limit passed: the caller gets TimeLimitExceeded now, and the worker,
+        which may be stuck anywhere (a C call, a lock, signals blocked), is killed."""
+        self._deadlines.pop(job, None)
+        if self._in_flight.get(job) is not worker or job.done():
+            return
+        assert job.time_limit is not None
+        settle(job, None, TimeLimitExceeded(job.time_limit))
+        worker.cancel(job, grace=0)
+
+    def _disarm(self, job: Job[Any]) -> None:
+        deadline = self._deadlines.pop(job, None)
+        if deadline is not None:
+            deadline.cancel()
+
+    def _capacity_after(self, run: float | None) -> int:
+        """Under "auto": the jobs a worker may hold after a job that ran run seconds: the
+        one it runs, and behind it as many such jobs as fit in ``AUTO_AHEAD``."""
+        if run is None or run >= AUTO_AHEAD:  # long, or not measured (cancelled)
+            return 1
+        if run * (self.prefetch - 1) <= AUTO_AHEAD:
+            return self.prefetch
+        return 1 + int(AUTO_AHEAD / run)
+
+    # -- the workers' life in the queue ------------------------------------------------------
+
+    async def _start_worker(self, worker: Worker) -> None:
+        """Start worker, replay the broadcasts on it, then let it take jobs."""
+        try:
+            await worker.start(self)
+            if self._broadcasts:
+                await self._replay(worker)
+        except (WorkerStartupError, WorkerLostError) as exc:
+            record = self._roster.remove(worker)
+            await worker.kill()
+            self._startup_failed(worker, exc, owned=record is not None and record.owned)
+            return
+        except BaseException:
+            self._roster.remove(worker)
+            await worker.kill()
+            raise
+        if worker not in self._roster:  # given up meanwhile (a pool shrunk, or stopping)
+            await worker.kill()
+            return
+        if self._state is QueueState.CLOSED or (
+            self._state is not QueueState.OPEN and not (self._dispatcher or self._in_flight)
+        ):
+            self._roster.remove(worker)
+            await worker.stop()
+            return
+        worker.ready_at = perf_counter()
+        self._roster.serve(worker)
+        self._dispatch(
+            self._dispatcher.add_worker(worker, self._capacity, worker.series, self._quota)
+        )
+        if self._source is not None:
+            self._source.restarts.succeeded()
+        if self._ready is not None:
+            self._ready.set()
+
+    async def _replay(self, worker: Worker) -> None:
+        """Run every remembered broadcast on a new worker, in order, before it serves."""
+        loop = self._loop or self._bind_loop()
+        i = 0
+        while i < len(self._broadcasts):  # a broadcast made meanwhile is replayed too
+            fn, args = self._broadcasts[i]
+            i += 1
+            job = self._pinned_job(worker, fn, args, loop)
+            self._dispatch([(worker, job)])
+            try:
+                await job.future
+            except (WorkerLostError, WorkerStartupError, asyncio.CancelledError):
+                raise
+            except BaseException as exc:
+                raise WorkerStartupError(
+                    1, f"replaying broadcast {describe(fn)} raised {type(exc).__name__}: {exc}"
+                ) from exc
+
+    def _startup_failed(self, worker: Worker, exc: CorralError, *, owned: bool) -> None:
+        """worker could not start. One the caller attached is theirs: ``attach``'s task
+        raises, and the pending jobs no worker left can take fail. One the queue's source
+        made is retried, at once or after a back-off, until the source gives up."""
+        if not owned or self._source is None:
+            self._check_servable()
+            if isinstance(exc, WorkerLostError):
+                raise WorkerStartupError(1, f"{worker.name} died while starting: {exc}") from exc
+            raise exc
+        verdict = self._source.restarts.failed(worker, exc)
+        if isinstance(verdict, GiveUp):
+            self._give_up(verdict.error)
+        elif self._state is not QueueState.CLOSED:
+            if verdict.delay:
+                self._spawn_task(self._retry_after(verdict.delay))
+            else:
+                self._add_worker()
+
+    async def _retry_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if self._state is not QueueState.CLOSED and self._broken is None:
+            self._add_worker()
+
+    def _give_up(self, broken: WorkerStartupError) -> None:
+        """No worker will start: fail the waiting calls (and later ones) with broken."""
+        self._broken = broken
+        self._fail_pending(broken)
+        if self._ready is not None:
+            self._ready.set()
+        self._check_drained()
+
+    def _replace(self) -> None:
+        """An owned worker is gone: start its replacement, unless nothing needs one."""
+        if self._state is QueueState.CLOSED or self._broken is not None:
+            return
+        if self._state is not QueueState.OPEN and not (self._dispatcher or self._in_flight):
+            self._check_drained()
+            return
+        self._add_worker()
+
+    def _add_worker(self) -> None:
+        assert self._source is not None
+        worker = self._source.new_worker()
+        self._roster.join(worker, owned=True)
+        self._spawn_task(self._start_worker(worker))
+
+    def _retire(self, worker: Worker) -> None:
+        """Give worker no more jobs; stop it once it has finished those it holds. An owned
+        worker's replacement starts now."""
+        if self._roster.standing(worker) is not Standing.SERVING:
+            return  # retiring already, or gone
+        self._dispatcher.retire(worker)
+        if self._roster.retire(worker) and self._state is not QueueState.CLOSED:
+            self._add_worker()
+        self._stop_if_idle(worker)
+
+    def _check_memory(self, worker: Worker, limit: int) -> None:
+        """After a job: a serving worker above the memory limit is recycled (it finished
+        the job in hand; the next go elsewhere)."""
+        if self._roster.standing(worker) is Standing.SERVING:
+            rss = worker.rss()
+            if rss is not None and rss > limit:
+                self._retire(worker)
+
+    def _stop_if_idle(self, worker: Worker) -> None:
+        """Stop a retiring worker once it holds nothing: no job, and no open stream (a
+        stream frees its slot but lives in the worker until its consumer is done)."""
+        if (
+            self._roster.standing(worker) is Standing.RETIRING
+            and not self._dispatcher.load(worker)
+            and all(w is not worker for w in self._in_flight.values())
+        ):
+            self._forget(worker)
+            self._spawn_task(worker.stop())
+
+    def _forget(self, worker: Worker, error: CorralError | None = None) -> WorkerRecord | None:
+        """Take worker out of the queue; broadcasts pinned to it that it never took fail.
+        Returns its last record (None if it had left already)."""
+        for job in self._dispatcher.remove_worker(worker):
+            settle(
+                job,
+                None,
+                error
+                or WorkerLostError(
+                    worker.name, detail="it left the queue before running the broadcast"
+                ),
+            )
+        return self._roster.remove(worker)
+
+    def _kept_serving(self) -> int:
+        """How many of the source's workers serve now."""
+        return len(self._roster.kept(Standing.SERVING))
+
+    # -- a source's workers: launching, connecting, resizing -------------------------------
+
+    def _launch(self) -> None:
+        """Start the source's workers (a cluster's once connected)."""
+        source = self._source
+        assert source is not None
+        self._started = True
+        self._ready = asyncio.Event()
+        if source.connects:
+            self._connecting = self._spawn_task(self._connect(source))
+            return
+        for _ in range(source.size):
+            self._add_worker()
+
+    async def _connect(self, source: WorkerSource) -> None:
+        """Connect the source (a cluster), which may size it, then start its workers. A
+        scheduler out of reach breaks the queue: retrying would only wait again."""
+        try:
+            await source.connect()
+        except WorkerStartupError as exc:
+            self._give_up(exc)
+            return
+        finally:
+            self._connecting = None
+        if self._state is not QueueState.CLOSED:  # closed meanwhile: nothing to serve
+            for _ in range(source.size):
+                self._add_worker()
+
+    async def _start_source(self) -> None:
+        """Launch the source's workers if not yet, and wait until all serve.
+
+        Raises ``WorkerStartupError`` when they keep failing to start."""
+        self._check_open("start")
+        if not self._started:
+            self._launch()
+        assert self._ready is not None and self._source is not None
+        try:
+            await self._until_connected()
+            await self._wait_serving(self._source.size)
+        except BaseException:  # cancelled while starting: leave nothing running
+            await asyncio.shield(self.terminate())
+            raise
+        if self._broken is not None:
+            await self.terminate()
+            raise self._broken
+
+    async def _wait_serving(self, n: int) -> None:
+        """Wait until n of the source's workers serve (or the queue broke)."""
+        assert self._ready is not None
+        while self._kept_serving() < n and self._broken is None:
+            self._ready.clear()
+            await self._ready.wait()
+
+    async def _until_connected(self) -> None:
+        """Wait until the source has connected, or failed to (no cluster: at once).
+        Cancelling the wait leaves the connection going; a connection given up by
+        ``close`` raises ``PoolClosedError`` here."""
+        connecting = self._connecting
+        if connecting is not None:
+            await asyncio.wait({connecting})
+            if connecting.cancelled():
+                raise PoolClosedError("start", self._state.value)
+
+    async def _until_sized(self) -> None:
+        """Wait until the queue knows how many workers it will have (a cluster's pool
+        learns it on connecting); ``map`` sizes its chunks by it."""
+        source = self._source
+        if source is not None and not source.sized and self._state is QueueState.OPEN:
+            if not self._started:
+                self._launch()
+            await self._until_connected()
+
+    async def _resize(self, size: int) -> None:
+        """Grow or shrink the source's workers to size; see ``Pool.resize``."""
+        check_count("workers", size)
+        self._check_open("resize")
+        source = self._source
+        assert source is not None
+        source.sized = True  # the size asked for, not the cluster's threads
+        if not self._started:
+            source.size = size
+            await self._start_source()
+            return
+        await self._until_connected()  # before it, a cluster's pool has no size yet
+        if self._broken is not None:
+            raise self._broken_error()
+        grow = size - source.size
+        source.size = size
+        for _ in range(grow):
+            self._add_worker()
+        if grow >= 0:
+            await self._wait_serving(size)
+            if self._broken is not None:
+                raise self._broken_error()
+            return
+        surplus = -grow
+        starting = self._roster.kept(Standing.STARTING)[:surplus]
+        for worker in starting:  # not serving yet: the cheapest to give up
+            self._roster.remove(worker)
+        serving = sorted(self._roster.kept(Standing.SERVING), key=self._dispatcher.load)[
+            : surplus - len(starting)
+        ]
+        for worker in serving:
+            self._roster.disown(worker)  # not the pool's any more: not replaced
+            self._retire(worker)
+        await asyncio.gather(*(w.kill() for w in starting), *(w.stop() for w in serving))
+
+    # -- closing ------------------------------------------------------------------------------
+
+    async def _stop_workers(self, *, kill: bool) -> None:
+        if self._connecting is not None:
+            self._connecting.cancel()  # drained (or terminating): nothing needs the cluster
+        starting = self._roster.starting()
+        workers = self._roster.started()
+        for worker in starting:
+            self._roster.remove(worker)
+        for worker in workers:
+            self._forget(worker)
+        await asyncio.gather(
+            *(w.kill() for w in starting), *(w.kill() if kill else w.stop() for w in workers)
+        )
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _wait_drained(self) -> None:
+        # One event for every caller of close(), never replaced; each waiter re-checks the
+        # queue after a wake (a dead worker's jobs are requeued before the event is set).
+        if self._drained is None:
+            self._drained = asyncio.Event()
+        while (self._dispatcher or self._in_flight) and self._state is not QueueState.CLOSED:
+            if self._broken is not None:
+                self._fail_pending(self._broken)
+                continue
+            await self._drained.wait()
+            self._drained.clear()
+
+    def _check_drained(self) -> None:
+        if self._drained is not None and not (self._dispatcher or self._in_flight):
+            self._drained.set()
+
+    def _fail_pending(self, error: BaseException) -> None:
+        for job in self._dispatcher.drain():
+            settle(job, None, error)
+
+    # -- whether a job can ever run -----------------------------------------------------------
+
+    def _servable(self, series: str | None) -> bool:
+        """Whether a job of series can ever run: some attached worker serves it, or none
+        is attached and one may still come."""
+        workers = self._roster.all()
+        if not workers:
+            return self._may_gain_workers()
+        return any(w.serves(series) for w in workers)
+
+    def _may_gain_workers(self) -> bool:
+        """Whether a worker may still join. A source starts its own, closing too, until it
+        gives up (with none left to keep, all detached, only a resize, while open, would
+        bring one); a plain queue takes new workers only while open."""
+        if self._broken is not None:
+            return False
+        source = self._source
+        if source is not None and (source.size > 0 or not source.sized):
+            return True
+        return self._state is QueueState.OPEN
+
+    def _unservable_error(self, series: str | None) -> BaseException:
+        if self._broken is not None:  # a pool that gave up starting its workers
+            return self._broken_error()
+        if not self._roster:  # closing, every worker gone
+            return PoolClosedError("run this job", f"{self._state.value} with no worker left")
+        return ValueError(self._unservable_message(series))
+
+    def _unservable_message(self, series: str | None) -> str:
+        served = sorted({s for w in self._roster.all() for s in w.series or ()})
+        return (
+            f"no worker of this queue serves series={series!r} (they serve {served}); "
+            f"attach one with series=[{series!r}]"
+        )
+
+    def _check_servable(self) -> None:
+        """Fail the pending jobs that no attached worker can take (instead of letting
+        them wait forever)."""
+        if not self._dispatcher:
+            return
+        for series in self._dispatcher.pending_series():
+            if not self._servable(series):
+                error = self._unservable_error(series)
+                for job in self._dispatcher.withdraw_series(series):
+                    settle(job, None, error)
+        self._check_drained()
+
+    def _broken_error(self) -> BaseException:
+        """A fresh copy of the reason this queue cannot serve (one raised exception per
+        call, so tracebacks do not pile up on a shared instance)."""
+        broken = self._broken
+        assert broken is not None
+        error = copy.copy(broken)
+        error.__cause__ = broken.__cause__
+        return error
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def _bind_loop(self, action: str = "start") -> asyncio.AbstractEventLoop:
+        """The running loop, which must be this queue's own (the first loop it is used on).
+
+        Every public call checks this first, so a call from anywhere else is refused before
+        it does anything: the queue's futures, pipes and timers live on its loop, where work
+        begun from another loop would run and only then fail its caller, and where a wait
+        from a new loop, once the queue's own has closed, would never end."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError(
+                f"cannot {action}: no event loop is running in this thread; call it from a "
+                f"coroutine on the {type(self).__name__}'s loop (from another thread, "
+                "through asyncio.run_coroutine_threadsafe)"
+            ) from None
+        if loop is not self._loop:  # the one comparison a call pays on the hot path
+            self._adopt_loop(loop, action)
+        return loop
+
+    def _adopt_loop(self, loop: asyncio.AbstractEventLoop, action: str) -> None:
+        """Make loop the queue's own if it has none yet; else refuse the call."""
+        own, name = self._loop, type(self).__name__
+        if own is None:
+            self._loop = loop
+        elif own.is_closed():
+            raise RuntimeError(
+                f"cannot {action}: this {name}'s event loop is closed; a {name} serves only "
+                f"the loop it was first used on, so make a new {name} on this one"
+            )
+        else:
+            raise RuntimeError(
+                f"cannot {action}: this {name} belongs to another event loop; call it from "
+                "a coroutine on that loop (from another thread, through "
+                "asyncio.run_coroutine_threadsafe)"
+            )
+
+    def _spawn_task(self, coro: Any) -> asyncio.Task[Any]:
+        loop = self._loop or self._bind_loop()
+        task = loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task

@@ -369,7 +369,7 @@ class _Bridge:
                 # Queued, or sent ahead to a worker that has not begun it (process workers
                 # tell; other kinds' calls sent ahead run).
                 job = future._job
-                if job is not None and self.pool._unstarted(job):
+                if job is not None and self.pool.unstarted(job):
                     future.cancel()
         else:
             self._submit(None)  # before the pool closes, which refuses new jobs

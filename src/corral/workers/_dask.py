@@ -294,8 +294,6 @@ class DaskWorker(Worker):
         assert self._idle is not None
         self._idle.clear()
         self.tasks_sent += 1
-        if job.state is not JobState.CANCELLED:
-            job.state = JobState.SENT
 
     def _launch(self, call: Call) -> None:
         """Submit call's first Dask task and start the task of the loop that awaits it."""

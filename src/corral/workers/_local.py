@@ -125,8 +125,6 @@ class LocalWorker(Worker):
     def send(self, job: Job[Any]) -> None:
         if self.state is not WorkerState.READY:
             raise RuntimeError(f"cannot send to {self.name}: it is {self.state.value}")
-        if job.state is not JobState.CANCELLED:  # one already cancelled never starts
-            job.state = JobState.SENT
         self.tasks_sent += 1
         self._pending.append(job)
         self._wake()
@@ -221,7 +219,6 @@ class LocalWorker(Worker):
         assert self._host is not None and self._loop is not None
         self._current = job
         self._why = None
-        job.state = JobState.RUNNING
         self._host.job_started(self, job)
         self._started_at = time.perf_counter()
         token = set_reporter(functools.partial(self._reported, job))

@@ -354,7 +354,6 @@ class ProcessWorker(Worker):
         writer.write(framed(CALL, job.id, job.encode(), self._regions[0], taken))
         self._sent[job.id] = (job, writer.queued)
         self.tasks_sent += 1
-        job.state = JobState.SENT
 
     def credit(self, job: Job[Any], n: int) -> None:
         """The consumer of job's stream took n items: the worker may send n more."""
@@ -579,8 +578,6 @@ class ProcessWorker(Worker):
         self._release()
         for job, _ in self._sent.values():
             if _began(job, started_id):
-                if job.state is JobState.SENT:
-                    job.state = JobState.RUNNING
                 started.append(job)
             else:
                 unstarted.append(job)

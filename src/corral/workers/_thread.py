@@ -192,8 +192,6 @@ class ThreadWorker(Worker):
     def send(self, job: Job[Any]) -> None:
         if self.state is not WorkerState.READY:
             raise RuntimeError(f"cannot send to {self.name}: it is {self.state.value}")
-        if job.state is not JobState.CANCELLED:  # one already cancelled never starts
-            job.state = JobState.SENT
         self.tasks_sent += 1
         with self._lock:
             self._pending.append(job)
@@ -294,8 +292,6 @@ class ThreadWorker(Worker):
                 host.job_report(self, job, event.value)
                 continue
             if kind == _STARTED:
-                if job.state is JobState.SENT:
-                    job.state = JobState.RUNNING
                 host.job_started(self, job)
                 if job.soft_time_limit is not None:
                     self._soft[job] = loop.call_later(

@@ -18,7 +18,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from corral._queue import Dispatcher
+from corral._dispatcher import Dispatcher
 
 _names = itertools.count()
 
