@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import corral
 from corral import Job, JobState
-from corral._job import move
+from corral._job import move, new_job
 from corral._stream import ItemStream
 from corral.workers._base import Worker
 
@@ -44,7 +44,7 @@ class Host:
     ) -> Job[Any]:
         """A new job for fn(*args), owned by this host; with a window, a stream."""
         self._ids += 1
-        job: Job[Any] = Job(self, self._ids, fn, args, self.loop, soft_time_limit=soft)
+        job: Job[Any] = new_job(self, self._ids, fn, args, self.loop, soft_time_limit=soft)
         if window is not None:
             job.stream = ItemStream(window)
         self.outcomes[job.id] = self.loop.create_future()

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from corral import Job, JobState
+from corral import Job, JobState, _job
 from corral._dispatcher import Dispatcher
 from tests import tasks
 
@@ -36,7 +36,7 @@ class QueueOwner:
 
 
 def new_job(owner: Any, job_id: int = 1, **options: Any) -> Job[Any]:
-    return Job(owner, job_id, tasks.add, (1, 2), asyncio.get_running_loop(), **options)
+    return _job.new_job(owner, job_id, tasks.add, (1, 2), asyncio.get_running_loop(), **options)
 
 
 async def test_new_job_is_pending_and_has_no_outcome() -> None:
@@ -197,3 +197,10 @@ def test_job_states() -> None:
     ]
     for state in JobState:
         assert pickle.loads(pickle.dumps(state)) is state
+
+
+def test_a_job_is_not_made_by_hand() -> None:
+    """``corral.Job`` is the handle a queue's ``submit`` returns: constructing one raises
+    ``TypeError`` saying where jobs come from (its internals are no public constructor)."""
+    with pytest.raises(TypeError, match=r"made by a queue's submit\(\)"):
+        Job()

@@ -14,6 +14,7 @@ import pytest
 
 import corral
 from corral import Job
+from corral._job import new_job
 from corral.workers import ProcessWorker, Worker
 from tests import tasks
 from tests.hosts import send
@@ -42,7 +43,7 @@ class Host:
         """A new job for fn(*args), owned by this host."""
         loop = asyncio.get_running_loop()
         self._ids += 1
-        job: Job[Any] = Job(self, self._ids, fn, args, loop)
+        job: Job[Any] = new_job(self, self._ids, fn, args, loop)
         self.outcomes[job.id] = loop.create_future()
         self.started[job.id] = asyncio.Event()
         return job

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from corral import Job
+from corral._job import new_job
 from corral._tracker import Tracker
 from tests import tasks
 
@@ -96,7 +97,7 @@ async def test_put_a_job_or_other_awaitable() -> None:
     """A ``Job``, or any object with ``__await__``, is wrapped in a future that gives its
     value."""
     tracker = Tracker()
-    job = Job(Owner(), 1, tasks.add, (1, 2), asyncio.get_running_loop())
+    job = new_job(Owner(), 1, tasks.add, (1, 2), asyncio.get_running_loop())
     other = Awaitable(new_future())
     tracked_job = tracker.put(job)
     tracked_other = tracker.put(other)

@@ -107,42 +107,30 @@ class Job(Generic[T]):
         "worker",
     )
 
-    def __init__(
-        self,
-        owner: JobOwner,
-        job_id: int,
-        fn: Callable[..., T],
-        args: tuple[Any, ...],
-        loop: asyncio.AbstractEventLoop,
-        *,
-        priority: float = 0,
-        series: str | None = None,
-        retries: int = 0,
-        time_limit: float | None = None,
-        soft_time_limit: float | None = None,
-    ) -> None:
-        self._owner = owner
-        self.id = job_id
-        self.fn = fn
-        self.args = args
-        self.future: JobFuture[T] = JobFuture(loop=loop)
-        self.future.job = self
-        self.priority = priority
-        self.series = series
-        self.retries = retries
-        self.time_limit = time_limit
-        self.soft_time_limit = soft_time_limit
-        self.state = JobState.PENDING
-        self.payload: Encoded | None = None  # the pickled call, for process workers
-        self.deliveries = 0  # times a worker died holding it before acknowledging it
-        self.worker: Any = None  # a job pinned to one worker (a broadcast) runs only there
-        # Timings for stats, on the perf_counter clock: the queue stamps submission and
-        # hand-over; the worker sets run_time (seconds inside fn) before ``job_done``.
-        self.submitted_at = 0.0
-        self.sent_at = 0.0
-        self.run_time: float | None = None
-        self.stream: ItemStream | None = None  # set for ``iterate``: the items in transit
-        self._reports: Reports | None = None
+    _owner: JobOwner
+    id: int
+    fn: Callable[..., T]
+    args: tuple[Any, ...]
+    future: JobFuture[T]
+    priority: float
+    series: str | None
+    retries: int
+    time_limit: float | None
+    soft_time_limit: float | None
+    state: JobState
+    payload: Encoded | None  # the pickled call, for process workers
+    deliveries: int  # times a worker died holding it before acknowledging it
+    worker: Any  # a job pinned to one worker (a broadcast) runs only there
+    # Timings for stats, on the perf_counter clock: the queue stamps submission and
+    # hand-over; the worker sets run_time (seconds inside fn) before ``job_done``.
+    submitted_at: float
+    sent_at: float
+    run_time: float | None
+    stream: ItemStream | None  # set for ``iterate``: the items in transit
+    _reports: Reports | None
+
+    def __init__(self) -> None:
+        raise TypeError("a Job is made by a queue's submit(), not by hand")
 
     def encode(self) -> Encoded:
         """The pickled call, made once (a requeued job is not pickled again); raises
@@ -218,6 +206,45 @@ class Job(Generic[T]):
         move(self, JobState.DONE)
         self.future.job = None
         self.payload = None
+
+
+def new_job(
+    owner: JobOwner,
+    job_id: int,
+    fn: Callable[..., T],
+    args: tuple[Any, ...],
+    loop: asyncio.AbstractEventLoop,
+    *,
+    priority: float = 0,
+    series: str | None = None,
+    retries: int = 0,
+    time_limit: float | None = None,
+    soft_time_limit: float | None = None,
+) -> Job[T]:
+    """A new PENDING job of owner's (the queue's): the one way a job is made, so the public
+    ``Job`` is the handle only."""
+    job: Job[T] = object.__new__(Job)
+    job._owner = owner
+    job.id = job_id
+    job.fn = fn
+    job.args = args
+    job.future = JobFuture(loop=loop)
+    job.future.job = job
+    job.priority = priority
+    job.series = series
+    job.retries = retries
+    job.time_limit = time_limit
+    job.soft_time_limit = soft_time_limit
+    job.state = JobState.PENDING
+    job.payload = None
+    job.deliveries = 0
+    job.worker = None
+    job.submitted_at = 0.0
+    job.sent_at = 0.0
+    job.run_time = None
+    job.stream = None
+    job._reports = None
+    return job
 
 
 def settle(job: Job[T], value: T | None, error: BaseException | None) -> None:

@@ -35,7 +35,7 @@ from ._errors import (
     WorkerLostError,
     WorkerStartupError,
 )
-from ._job import Job, JobState, add_report, move, settle
+from ._job import Job, JobState, add_report, move, new_job, settle
 from ._mapping import MapIterator, imap_items, map_list
 from ._roster import Roster, Standing, WorkerRecord
 from ._sources import GiveUp, WorkerSource
@@ -458,7 +458,7 @@ class TaskQueue:
             raise TypeError(f"the function to run must be callable, not {fn!r}")
         check_seconds("time_limit", time_limit)
         check_seconds("soft_time_limit", soft_time_limit)
-        job: Job[T] = Job(
+        job: Job[T] = new_job(
             self,
             next(self._ids),
             fn,
@@ -510,7 +510,7 @@ class TaskQueue:
         args: tuple[Any, ...],
         loop: asyncio.AbstractEventLoop,
     ) -> Job[Any]:
-        job: Job[Any] = Job(self, next(self._ids), fn, args, loop)
+        job: Job[Any] = new_job(self, next(self._ids), fn, args, loop)
         job.worker = worker
         job.submitted_at = perf_counter()
         return job
