@@ -31,8 +31,6 @@ import multiprocessing.forkserver
 import os
 import select
 import signal
-from collections.abc import Iterator
-from itertools import islice
 from time import perf_counter
 from types import CoroutineType, FrameType
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -51,6 +49,8 @@ from ._shared import (
     abandon,
     release_inherited,
 )
+from ._streaming import BATCH_ITEMS as BATCH_ITEMS  # noqa: PLC0414  (for workers._dask)
+from ._streaming import Batch, LiveIterator, Turns, open_iterator
 from ._wire import (
     ACK,
     ACK_WANTED,
@@ -194,40 +194,6 @@ def _unpack_setup(setup: bytes | tuple[Any, tuple[Any, ...]]) -> tuple[Any, tupl
     return setup
 
 
-# A stream's batches grow to this many items while producing one takes under a quarter of
-# BATCH_SECONDS: large enough to share a frame's cost among many small items, short enough
-# that a slow generator's items reach the consumer soon and streams take turns.
-BATCH_ITEMS = 1024
-BATCH_SECONDS = 0.01
-
-
-def next_batch_size(size: int, elapsed: float) -> int:
-    """A stream's next batch size after a batch took elapsed seconds: double (up to
-    ``BATCH_ITEMS``) under a quarter of ``BATCH_SECONDS``, halve above it."""
-    if elapsed < BATCH_SECONDS / 4:
-        return min(BATCH_ITEMS, size * 2)
-    if elapsed > BATCH_SECONDS:
-        return max(1, size // 2)
-    return size
-
-
-class _Stream:
-    """A live iterator a worker holds for ``iterate``, and what it may still send."""
-
-    __slots__ = ("credit", "iterator", "run_time", "size")
-
-    def __init__(self, iterator: Iterator[Any], credit: int, run_time: float) -> None:
-        self.iterator = iterator
-        self.credit = credit
-        self.run_time = run_time
-        self.size = 1  # items per batch: grows while the generator is fast
-
-    def close(self) -> None:
-        close = getattr(self.iterator, "close", None)
-        if close is not None:
-            close()
-
-
 class _Worker:
     """The child's side of the pipes: blocking reads in, blocking writes out."""
 
@@ -251,7 +217,7 @@ class _Worker:
         self._armed: BaseException | None = None  # an interrupt armed, not followed up yet
         self._armed_frame: FrameType | None = None  # the frame it was armed in
         self._soft_left = 0.0  # what was left of the soft limit when it was armed
-        self._streams: dict[int, _Stream] = {}  # open streams, served in turn
+        self._turns: Turns[int] = Turns()  # open streams, by job: they take turns with calls
         self._decoder = FrameDecoder()
         self._poll = select.poll()
         self._poll.register(in_fd, select.POLLIN)
@@ -340,17 +306,21 @@ class _Worker:
             self._send(frame(INIT_FAILED, 0, dumps_error(exc)))
             raise SystemExit(1) from None
         self._send(frame(UP, 0, dumps(os.getpid())))
-        streams = self._streams
+        turns = self._turns
+        streams = turns.live
         try:
             while True:
                 # Without open streams (the common case) the stream checks are skipped.
-                frames = self._read(block=not (streams and self._ready_stream()))
+                frames = self._read(block=not (streams and turns.waiting()))
                 if frames is None:
                     return
                 while frames:
                     f = frames.pop()
                     kind = f.kind & KIND_MASK
                     if kind == CALL:
+                        if streams:  # a call waits: a stream's batch first, if it is its turn
+                            while (live := turns.choose(True)) is not None:
+                                self._pump(live)
                         job = f.job
                         try:
                             self._call(f)
@@ -358,56 +328,35 @@ class _Worker:
                             # the signal fell just as the call ended
                             self._send(frame(ERROR, job, dumps_error(exc)))
                     elif kind == CREDIT:
-                        stream = self._streams.get(f.job)
-                        if stream is not None:
-                            stream.credit += loads(f.kind, f.body)
+                        turns.grant(f.job, loads(f.kind, f.body))
                     elif kind == CLOSE:
                         self._close_stream(f.job)
                     elif kind == FUNCTION:  # unpickled when a call first needs it
                         self._functions.define(f.job, f.body)
                     del f  # drop the body, so the decoder may reuse a big buffer
-                if streams:
-                    ready = self._ready_stream()
-                    if ready is not None:
-                        self._pump(ready)
+                if streams:  # no call waits: a stream's batch, then a look at the pipe
+                    live = turns.choose(False)
+                    if live is not None:
+                        self._pump(live)
         finally:
-            for job in list(self._streams):  # the parent left: run the generators' finally
-                with contextlib.suppress(BaseException):
-                    self._streams.pop(job).close()
+            for live in turns.drain():  # the parent left: run the generators' finally
+                live.discard()
 
     # -- streams ----------------------------------------------------------------------------
 
-    def _ready_stream(self) -> int | None:
-        """The next stream with credit, in turn; None when every stream waits for credit."""
-        for job, stream in self._streams.items():
-            if stream.credit > 0:
-                return job
-        return None
-
-    def _pump(self, job: int) -> None:
+    def _pump(self, live: LiveIterator[int]) -> None:
         """Send the next batch of a stream, then its turn ends. A batch is as many items as
-        the stream's credit allows, up to its batch size, which adapts: it doubles (to
-        ``BATCH_ITEMS``) while batches take less than ``BATCH_SECONDS`` to produce and
-        halves when they take longer, so a fast generator's items travel a thousand to a
-        frame and a slow one's are sent as they come."""
-        stream = self._streams.pop(job)
-        items: list[Any] = []
-        limit = min(stream.credit, stream.size)
-        ended = False
-        failure: BaseException | None = None
+        the stream's credit allows, up to its batch size, which adapts (see ``_streaming``):
+        a fast generator's items travel a thousand to a frame, a slow one's as they come."""
+        job = live.job
         self._words[STARTED] = job
         self._running = job
-        start = perf_counter()
         try:
-            items.extend(islice(stream.iterator, limit))  # keeps the items before a raise
-            ended = len(items) < limit
-        except BaseException as exc:
-            failure = exc
+            items, ended, failure = live.produce(live.limit())
+        except (SoftTimeLimitExceeded, asyncio.CancelledError) as exc:
+            items, ended, failure = [], False, exc  # the signal fell just as the batch ended
         finally:
             self._disarm()
-        elapsed = perf_counter() - start
-        stream.size = next_batch_size(stream.size, elapsed)
-        stream.run_time += elapsed
         if items:
             try:
                 payload = dumps(items)
@@ -417,30 +366,21 @@ class _Worker:
                     "in the worker",
                     f"{type(exc).__name__}: {exc}",
                 )
-                ended = False
             else:
-                stream.credit -= len(items)
                 self._send(frame(ITEMS, job, payload))
+        self._turns.end_turn(live, Batch(items, ended, failure))  # back of the line, or out
         if failure is not None:
-            with contextlib.suppress(BaseException):
-                stream.close()
-            self._send(frame(ERROR, job, dumps_error(failure, stream.run_time)))
+            live.discard()
+            self._send(frame(ERROR, job, dumps_error(failure, live.run_time)))
         elif ended:
-            self._send(frame(RESULT, job, dumps((None, stream.run_time))))
-        else:
-            self._streams[job] = stream  # back of the line: streams take turns
+            self._send(frame(RESULT, job, dumps((None, live.run_time))))
 
     def _close_stream(self, job: int) -> None:
         """The consumer left: close the generator (its ``finally`` runs) and end the job."""
-        stream = self._streams.pop(job, None)
-        if stream is None:
-            return
-        try:
-            stream.close()
-            error: BaseException = asyncio.CancelledError(f"the stream of job {job} was closed")
-        except BaseException as exc:  # its finally raised
-            error = exc
-        self._send(frame(ERROR, job, dumps_error(error, stream.run_time)))
+        live = self._turns.pop(job)
+        if live is not None:
+            error = live.shut(job)  # CancelledError, or what its finally raised
+            self._send(frame(ERROR, job, dumps_error(error, live.run_time)))
 
     def _call(self, f: Frame) -> None:
         job = f.job
@@ -497,10 +437,10 @@ class _Worker:
         run_time = perf_counter() - start
         if failure is None and credit:
             try:
-                self._streams[job] = _Stream(iter(value), credit, run_time)
+                self._turns.add(LiveIterator(job, open_iterator(fn, value), credit, run_time))
                 return  # the serve loop sends its items as credit allows
             except TypeError as exc:
-                failure = TypeError(f"iterate() needs {describe(fn)} to return an iterable: {exc}")
+                failure = exc
         if failure is not None:
             self._send(frame(ERROR, job, dumps_error(failure, run_time)))
             return

@@ -22,28 +22,22 @@ exception of fn: it returns it pickled, with its traceback, so Dask never retrie
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import importlib
 import inspect
 import pickle
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from .._errors import SerializationError, SoftTimeLimitExceeded
 from .._interrupt import raise_in
 from .._report import set_reporter
+from .._streaming import BATCH_SECONDS, LiveIterator, open_iterator
 from .._wire import describe, dumps, dumps_error, dumps_report
 from ._thread import _running as _soft
 from ._thread import _SoftLimitInterrupt as _SoftLimit
-
-# A stream's batch ends at ``_child.BATCH_ITEMS`` items (see ``_dask._batch``), or once
-# producing it took BATCH_SECONDS: longer than the child's, so that a Dask task's round trip
-# (milliseconds) is shared by many small items, short enough that a slow generator's items
-# reach the consumer soon.
-BATCH_SECONDS = 0.05
 
 # A call's outcome that pickles into at most this many bytes also travels as an event of
 # the worker's topic, ahead of the task's end on the same streams, which saves fetching it
@@ -202,22 +196,10 @@ def _run_call(
     return blob
 
 
-class _Generator:
-    """A stream's iterator, kept in its Dask worker process between batches."""
-
-    def __init__(self, iterator: Iterator[Any]) -> None:
-        self.iterator = iterator
-        self.lock = threading.Lock()  # one batch (or the close) at a time
-
-    def close(self) -> None:
-        """Close the iterator (a generator's ``finally`` runs); what that raises is lost."""
-        close = getattr(self.iterator, "close", None)
-        if close is not None:
-            with contextlib.suppress(BaseException):
-                close()
-
-
-_generators: dict[str, _Generator] = {}  # live streams of this Dask worker process, by key
+# Live streams of this Dask worker process, by the key of the task that opened each, with
+# a lock: one batch (or the close) at a time, though pulls run in the worker's threads.
+# Their credit is the parent's: each pull names how many items it may take.
+_streams: dict[str, tuple[LiveIterator[str], threading.Lock]] = {}
 
 # A batch: (pickled items, ended, pickled error or None, run_time, reports sent, worker
 # address); the address is None when the stream is not known there (its worker died).
@@ -225,25 +207,19 @@ Batch = tuple[Pickled, bool, Pickled | None, float, int, str | None]
 _NO_ITEMS: Pickled = (pickle.dumps([], 5), [])
 
 
-def _take(key: str, generator: _Generator, n: int, reporter: _Reporter) -> Batch:
-    """Up to n items of a stream: fewer once BATCH_SECONDS have passed."""
-    items: list[Any] = []
-    ended = False
-    failure: Pickled | None = None
-    start = time.perf_counter()
-    deadline = start + BATCH_SECONDS
-    clock = time.perf_counter
-    with generator.lock:
-        try:
-            for item in generator.iterator:
-                items.append(item)
-                if len(items) >= n or clock() > deadline:
-                    break
-            else:
-                ended = True
-        except BaseException as exc:
-            failure = _error(exc, None)
-        run_time = time.perf_counter() - start
+def _take(live: LiveIterator[str], lock: threading.Lock, n: int, reporter: _Reporter) -> Batch:
+    """Up to n items of a stream: fewer once making them took five times ``BATCH_SECONDS``.
+
+    Why five: each batch here is a Dask task's round trip through the scheduler
+    (milliseconds, where a process child's is one frame), which more items share, while a
+    slow generator's items still reach the consumer soon. Why a time and not an adapted
+    size: the pull asks for as many items as the credit allows (see ``_dask._batch``).
+    """
+    with lock:
+        before = live.run_time
+        items, ended, error = live.produce(n, within=5 * BATCH_SECONDS)
+        run_time = live.run_time - before
+        failure = None if error is None else _error(error, None)
         try:
             blob = _pickled(items)
         except Exception as exc:
@@ -254,9 +230,9 @@ def _take(key: str, generator: _Generator, n: int, reporter: _Reporter) -> Batch
                 f"{type(exc).__name__}: {exc}",
             )
             failure = failure or _error(error, None)
-            generator.close()
+            live.discard()
     if ended or failure is not None:
-        _generators.pop(key, None)
+        _streams.pop(live.job, None)
     return blob, ended, failure, run_time, reporter.sent, _distributed().get_worker().address
 
 
@@ -272,28 +248,29 @@ def _open_stream(
     address = _distributed().get_worker().address
     if error is None:
         try:
-            iterator = iter(value)
+            iterator = open_iterator(fn, value)
         except TypeError as exc:
-            error = TypeError(f"iterate() needs {describe(fn)} to return an iterable: {exc}")
+            error = exc
     if error is not None:
         return _NO_ITEMS, True, _error(error, run_time), run_time, reporter.sent, address
-    generator = _generators[key] = _Generator(iterator)
-    items, ended, failure, more, sent, _ = context.run(_take, key, generator, n, reporter)
+    held = _streams[key] = (LiveIterator(key, iterator, 0), threading.Lock())
+    items, ended, failure, more, sent, _ = context.run(_take, *held, n, reporter)
     return items, ended, failure, run_time + more, sent, address
 
 
 def _pull_stream(where: tuple[str, str], handle: str, n: int) -> Batch:
     """The next batch of the stream kept under handle; no address if it is not here."""
-    generator = _generators.get(handle)
-    if generator is None:
+    held = _streams.get(handle)
+    if held is None:
         return _NO_ITEMS, True, None, 0.0, 0, None
     reporter, context = _reporting(where)
-    return context.run(_take, handle, generator, n, reporter)
+    return context.run(_take, *held, n, reporter)
 
 
 def _close_stream(key: str) -> None:
     """Close the stream kept under key (its generator's ``finally`` runs), if it is here."""
-    generator = _generators.pop(key, None)
-    if generator is not None:
-        with generator.lock:  # after a batch still running for the cancelled pull
-            generator.close()
+    held = _streams.pop(key, None)
+    if held is not None:
+        live, lock = held
+        with lock:  # after a batch still running for the cancelled pull
+            live.discard()

@@ -13,7 +13,7 @@ How it keeps the ``Worker`` contract (``corral.workers._base``)::
 
 - One job at a time, in the order sent; ``job_started`` before the call, ``run_time`` set
   before ``job_done`` (wall time from the call to the end of its task).
-- Streams (``iterate``): the worker keeps the iterator the call returned (see ``_pump``)
+- Streams (``iterate``): the worker keeps the iterator the call returned (see ``_streaming``)
   and makes its items in batches, each a loop callback of its own, never more than its
   credit ahead of the consumer. A batch of a stream with credit alternates with the next
   waiting job, as in a process child, so a stream never holds the worker, and the loop
@@ -52,8 +52,8 @@ from typing import TYPE_CHECKING, Any
 from .._errors import SoftTimeLimitExceeded, WorkerLostError, WorkerStartupError
 from .._job import JobState
 from .._report import set_reporter
+from .._streaming import Batch, LiveIterator, Turns, open_iterator
 from ._base import Worker, WorkerHost, WorkerState, check_initializer
-from ._pump import Batch, Stream, Streams, open_iterator
 
 if TYPE_CHECKING:
     from .._job import Job
@@ -88,7 +88,7 @@ class LocalWorker(Worker):
         self._wakeup: asyncio.Handle | None = None  # the scheduled _next
         self._current: Job[Any] | None = None  # the job running now
         self._task: asyncio.Future[Any] | None = None  # its task, for an awaitable
-        self._streams = Streams()  # open streams, served in turns between jobs
+        self._turns: Turns[Job[Any]] = Turns()  # open streams, served in turns between jobs
         self._turn: Job[Any] | None = None  # the stream making a batch now
         self._started_at = 0.0
         self._why: str | None = None  # why its task was cancelled: "soft" or "cancel"
@@ -147,15 +147,12 @@ class LocalWorker(Worker):
             self._pending.remove(job)
             self._skipped.append(job)  # reported from a loop callback, never from here
             self._wake()
-        elif (stream := self._streams.get(job)) is not None:
-            stream.closing = True  # closed at its next turn, from a loop callback
+        elif self._turns.cancel(job):  # shut at its next turn, from a loop callback
             self._wake()
 
     def credit(self, job: Job[Any], n: int) -> None:
         """The consumer of job's stream took n items: the worker may make n more."""
-        stream = self._streams.get(job)
-        if stream is not None:
-            stream.credit += n
+        if self._turns.grant(job, n):
             self._wake()
 
     async def stop(self) -> None:
@@ -182,7 +179,7 @@ class LocalWorker(Worker):
         idle = self._current is None
         stopping = self.state is WorkerState.STOPPING
         if self._skipped or (
-            idle and (self._pending or self._streams.waiting() or (stopping and self._streams))
+            idle and (self._pending or self._turns.waiting() or (stopping and self._turns.live))
         ):
             if self._wakeup is None:
                 assert self._loop is not None
@@ -196,8 +193,8 @@ class LocalWorker(Worker):
             self._job_done(self._skipped.pop(0), None, asyncio.CancelledError())
         if self._current is not None or self.state is WorkerState.DEAD:
             return
-        ending = bool(self.state is WorkerState.STOPPING and not self._pending and self._streams)
-        stream = self._streams.choose(bool(self._pending), ending=ending)
+        ending = self.state is WorkerState.STOPPING and not self._pending and bool(self._turns.live)
+        stream = self._turns.choose(bool(self._pending), ending=ending)
         if ending and stream is None:  # cancelled ones close first
             self._shut()
             return
@@ -248,7 +245,7 @@ class LocalWorker(Worker):
         assert self._host is not None
         self._host.job_report(self, job, obj)
 
-    def _take_turn(self, stream: Stream) -> None:
+    def _take_turn(self, stream: LiveIterator[Job[Any]]) -> None:
         """One batch of stream's items (or its closing, once cancelled), to the host."""
         assert self._host is not None
         job = stream.job
@@ -256,20 +253,18 @@ class LocalWorker(Worker):
         token = set_reporter(functools.partial(self._reported, job))
         try:
             if stream.closing:
-                batch = Batch([], False, stream.shut())
+                batch = Batch([], False, stream.shut(job.id))
             else:
                 batch = stream.produce(stream.limit())
         finally:
             token.var.reset(token)
             self._turn = None
-        items, ended, error = batch
-        stream.credit -= len(items)
-        if error is None and not ended:
-            self._streams.requeue(job)  # back of the line: streams take turns
+        items, _, error = batch
+        self._turns.end_turn(stream, batch)  # back of the line, or out
+        if not batch.over:
             if items:
                 self._host.job_items(self, job, items)
             return
-        self._streams.remove(job)
         if error is not None:
             stream.discard()  # a generator that raised is closed already; an iterator not
         job.run_time = stream.run_time
@@ -319,12 +314,13 @@ class LocalWorker(Worker):
         self._disarm()
         if job.stream is not None and error is None:
             try:
-                stream = Stream(job, open_iterator(job.fn, value), job.run_time)
+                iterator = open_iterator(job.fn, value)
             except TypeError as exc:
                 error = exc
             else:
+                stream = LiveIterator(job, iterator, job.stream.window, job.run_time)
                 stream.closing = self._why == "cancel"  # cancelled, yet it returned
-                self._streams.add(stream)
+                self._turns.add(stream)
                 self._wake()
                 return
         self._job_done(job, value, error)
@@ -347,7 +343,7 @@ class LocalWorker(Worker):
         self._pending.clear()
         self._skipped.clear()
         self._current = self._task = None
-        streams = self._streams.drain()
+        streams = self._turns.drain()
         self._end()
         if task is not None and not task.done():
             task.cancel()
@@ -363,7 +359,7 @@ class LocalWorker(Worker):
         """Stopping, with no job left: close the open streams (their ``finally`` runs), as
         a process child does at EOF, and report them lost: their consumers still read."""
         lost: list[Job[Any]] = []
-        for stream in self._streams.drain():
+        for stream in self._turns.drain():
             stream.discard()
             lost.append(stream.job)
         self._end()

@@ -9,14 +9,14 @@ The loop and the thread meet under one lock, in four places::
 
     loop thread                                worker thread
       send()       -- _pending ------------->  _take(): a job, or a stream's turn
-      credit()     -- Stream.credit -------->  (the consumer took items: more may be made)
+      credit()     -- Turns.grant() -------->  (the consumer took items: more may be made)
       _flush()     <-- _outbox, one wake-up --  started, items, reports, done: batched, in order
       _interrupt() -- async exception ------>  raised inside the running call
 
 - One job at a time, in the order sent; every host callback is made in the loop's thread;
   ``run_time`` (seconds in the call) is set before ``job_done``. An awaitable result runs
   to its end on the thread's own event loop (made on first use, closed with the thread).
-- Streams (``iterate``): the thread keeps the iterator the call returned (see ``_pump``)
+- Streams (``iterate``): the thread keeps the iterator the call returned (see ``_streaming``)
   and makes its items in batches, never more than its credit ahead of the consumer; a turn
   of a stream with credit alternates with the next waiting job, as in a process child, so a
   stream never holds the worker. Items go through the same outbox as every other event, so
@@ -66,8 +66,8 @@ from .._errors import SoftTimeLimitExceeded, WorkerLostError, WorkerStartupError
 from .._interrupt import raise_in
 from .._job import JobState
 from .._report import set_reporter
+from .._streaming import Batch, LiveIterator, Turns, open_iterator
 from ._base import Worker, WorkerHost, WorkerState, check_initializer
-from ._pump import Stream, Streams, open_iterator
 
 if TYPE_CHECKING:
     from .._job import Job
@@ -143,7 +143,7 @@ class ThreadWorker(Worker):
         self._closing = False  # exit once _pending is empty
         self._abandoned = False  # take nothing more, report nothing more
         self._current: Job[Any] | None = None  # the job running now, or taking its turn
-        self._streams = Streams()  # open streams; the thread alone runs their iterators
+        self._turns: Turns[Job[Any]] = Turns()  # open streams; only the thread runs them
         self._fired: set[str] = set()  # interrupts sent to the current job
         self._why: str | None = None  # "soft" or "cancel": what the current job was told
         self._coroutine_fn = False  # the current job's task will be cancelled, not raised in
@@ -152,7 +152,7 @@ class ThreadWorker(Worker):
         self._runner: asyncio.Runner | None = None  # its event loop, for awaitables
         self._started_at = 0.0
         self._stray: BaseException | None = None
-        self._turn: Stream | None = None  # the stream taking its turn (set under _lock)
+        self._turn: LiveIterator[Job[Any]] | None = None  # the stream taking its turn
         self._limit = 0  # items that turn may make; 0: it closes the stream
 
     async def start(self, host: WorkerHost) -> None:
@@ -208,9 +208,7 @@ class ThreadWorker(Worker):
                 self._pending.remove(job)
                 self._post(_Event(_DONE, job, None, asyncio.CancelledError()), loop.call_soon)
                 return
-            stream = self._streams.get(job)
-            if stream is not None:  # closed at its next turn, or after this one
-                stream.closing = True
+            if self._turns.cancel(job):  # shut at its next turn, or after this one
                 self._wakeup.notify()
             if job is not self._current:
                 return  # done, not ours, or a stream waiting for its turn
@@ -222,9 +220,7 @@ class ThreadWorker(Worker):
     def credit(self, job: Job[Any], n: int) -> None:
         """The consumer of job's stream took n items: the thread may make n more."""
         with self._lock:
-            stream = self._streams.get(job)
-            if stream is not None:
-                stream.credit += n
+            if self._turns.grant(job, n):
                 self._wakeup.notify()
 
     async def stop(self) -> None:
@@ -242,7 +238,7 @@ class ThreadWorker(Worker):
         assert self._exited is not None
         with self._lock:
             idle = self._current is None and self.state is not WorkerState.STARTING
-            idle = idle and not self._streams  # else it exits once it has closed them
+            idle = idle and not self._turns.live  # else it exits once it has closed them
         self._give_up(None, "it was killed by its owner")
         if idle:  # it is waiting for work, and exits at once
             await asyncio.shield(self._exited)
@@ -323,7 +319,7 @@ class ThreadWorker(Worker):
                 self._interrupt_locked("cancel")  # best effort, to let the thread end
             events, self._outbox = self._outbox, []
             # Streams stay registered: the thread closes them as it exits.
-            streams = [s for s in self._streams.jobs() if s is not running]
+            streams = [s for s in self._turns.live if s is not running]
         self._deliver(events)  # the host may send more: they join _pending, collected next
         with self._lock:
             unstarted = list(self._pending)
@@ -410,7 +406,7 @@ class ThreadWorker(Worker):
             if self._turn is None:
                 self._finish(None, stray)
             else:
-                self._end_turn(self._turn, [], False, stray)
+                self._end_turn(self._turn, Batch([], False, stray))
         job = self._take()
         if job is None:
             return False
@@ -419,9 +415,9 @@ class ThreadWorker(Worker):
             value, error = self._call(job)
             self._finish(value, error)
         elif self._limit:
-            self._end_turn(stream, *stream.produce(self._limit))
+            self._end_turn(stream, stream.produce(self._limit))
         else:
-            self._end_turn(stream, [], False, stream.shut())
+            self._end_turn(stream, Batch([], False, stream.shut(job.id)))
         return True
 
     def _take(self) -> Job[Any] | None:
@@ -432,7 +428,7 @@ class ThreadWorker(Worker):
                 if self._abandoned:
                     return None
                 ending = self._closing and not self._pending
-                stream = self._streams.choose(bool(self._pending), ending=ending)
+                stream = self._turns.choose(bool(self._pending), ending=ending)
                 if stream is not None:
                     job = stream.job
                     self._limit = 0 if stream.closing else stream.limit()
@@ -501,16 +497,15 @@ class ThreadWorker(Worker):
             if self._abandoned:
                 return
             if job.stream is not None and error is None:
-                stream = Stream(job, value, run_time)
+                stream = LiveIterator(job, value, job.stream.window, run_time)
                 stream.closing = "cancel" in self._fired  # the interrupt came too late
-                self._streams.add(stream)
+                self._turns.add(stream)
                 return
             self._post(_Event(_DONE, job, value, self._translate(job, error), run_time))
 
-    def _end_turn(
-        self, stream: Stream, items: list[Any], ended: bool, error: BaseException | None
-    ) -> None:
+    def _end_turn(self, stream: LiveIterator[Job[Any]], batch: Batch) -> None:
         """A stream's turn ended: post its items, then its end if it ended or failed."""
+        items, _, error = batch
         if error is not None:
             stream.discard()  # a generator that raised is closed already; an iterator not
         with self._lock:
@@ -520,20 +515,17 @@ class ThreadWorker(Worker):
             self._turn = None
             if self._abandoned:
                 return
-            stream.credit -= len(items)
+            self._turns.end_turn(stream, batch)  # back of the line, or out
             if items:
                 self._post(_Event(_ITEMS, job, items))
-            if error is None and not ended:
-                self._streams.requeue(job)  # back of the line: streams take turns
-                return
-            self._streams.remove(job)
-            self._post(_Event(_DONE, job, None, self._translate(job, error), stream.run_time))
+            if batch.over:
+                self._post(_Event(_DONE, job, None, self._translate(job, error), stream.run_time))
 
     def _close_streams(self) -> None:
         """The thread exits: close the streams still open (their ``finally`` runs), as a
         process child does at EOF. They stay registered: the loop reports them lost."""
         with self._lock:
-            streams = self._streams.open_streams()
+            streams = list(self._turns.live.values())
         for stream in streams:
             stream.discard()
 
