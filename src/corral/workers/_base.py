@@ -29,6 +29,12 @@ if TYPE_CHECKING:
 
 _numbers = itertools.count(1)
 
+# How long a cancelled job that is still running may take to stop (its ``finally`` blocks,
+# closing connections) before its worker gives up on it: kills its process, or abandons
+# its thread or coroutine. Long enough for a task's clean-up, short enough that the slot
+# soon serves again. Every kind's ``cancel`` defaults to it.
+CANCEL_GRACE = 1.0
+
 
 class WorkerHost(Protocol):
     """The callbacks a worker makes. All are called in the event loop's thread."""
@@ -138,7 +144,7 @@ class Worker(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} cannot stream (iterate)")
 
     @abc.abstractmethod
-    def cancel(self, job: Job[Any], *, grace: float = 1.0) -> None:
+    def cancel(self, job: Job[Any], *, grace: float = CANCEL_GRACE) -> None:
         """Stop job, which was sent to this worker; its outcome no longer matters.
 
         A job not started never starts. A running one is interrupted and given grace

@@ -88,7 +88,7 @@ from .._child import BATCH_ITEMS
 from .._errors import SerializationError, WorkerLostError, WorkerStartupError
 from .._job import JobState
 from .._wire import _call_error, describe
-from ._base import Worker, WorkerHost, WorkerState
+from ._base import CANCEL_GRACE, Worker, WorkerHost, WorkerState
 from ._dask_outcomes import Call, Outcomes, load_error, unpickling_failed
 from ._dask_remote import (
     Batch,
@@ -249,7 +249,7 @@ class DaskWorker(Worker):
         if more is not None and not more.done():
             more.set_result(None)
 
-    def cancel(self, job: Job[Any], *, grace: float = 1.0) -> None:
+    def cancel(self, job: Job[Any], *, grace: float = CANCEL_GRACE) -> None:
         """Release job: the caller gets ``CancelledError`` (or the host's error) at once.
         A job waiting for a slot never runs; a submitted one is cancelled in Dask, which
         drops it if it has not started and otherwise lets the call run to its end (Dask

@@ -53,15 +53,10 @@ from .._errors import SoftTimeLimitExceeded, WorkerLostError, WorkerStartupError
 from .._job import JobState
 from .._report import set_reporter
 from .._streaming import Batch, LiveIterator, Turns, open_iterator
-from ._base import Worker, WorkerHost, WorkerState, check_initializer
+from ._base import CANCEL_GRACE, Worker, WorkerHost, WorkerState, check_initializer
 
 if TYPE_CHECKING:
     from .._job import Job
-
-# A cancelled coroutine still running this long after its task was cancelled is taken to
-# ignore cancellation and is abandoned: long enough for its clean-up (``finally`` blocks,
-# closing connections), short enough that the slot soon serves again.
-CANCEL_GRACE = 1.0
 
 
 class LocalWorker(Worker):

@@ -55,7 +55,7 @@ from .._wire import (
     framed,
     loads,
 )
-from ._base import Worker, WorkerHost, WorkerState, check_initializer
+from ._base import CANCEL_GRACE, Worker, WorkerHost, WorkerState, check_initializer
 from ._pipes import LoopReader, LoopWriter, enlarge, open_fds
 
 if TYPE_CHECKING:
@@ -68,11 +68,6 @@ if TYPE_CHECKING:
 # A worker that has not said UP by then is killed: generous, since a spawned interpreter
 # importing a large application on a loaded machine can take seconds.
 STARTUP_TIMEOUT = 60.0
-
-# A cancelled job that is still running this long after its interrupt is taken to ignore
-# it (a C call, blocked signals, a task that swallowed it): its process is killed. Long
-# enough for a task's clean-up, short enough that the worker soon serves again.
-CANCEL_GRACE = 1.0
 
 # The exit code of a worker that found its main module starting a pool at import (see
 # ``_rerun_in_a_worker``); no exit code of Python's own or of a signal.

@@ -67,13 +67,10 @@ from .._interrupt import raise_in
 from .._job import JobState
 from .._report import set_reporter
 from .._streaming import Batch, LiveIterator, Turns, open_iterator
-from ._base import Worker, WorkerHost, WorkerState, check_initializer
+from ._base import CANCEL_GRACE, Worker, WorkerHost, WorkerState, check_initializer
 
 if TYPE_CHECKING:
     from .._job import Job
-
-# See ``_local.CANCEL_GRACE``: time for a cancelled call's clean-up before it is abandoned.
-CANCEL_GRACE = 1.0
 
 _running = threading.local()  # in a worker thread: soft_time_limit of the call running now
 
