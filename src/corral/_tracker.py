@@ -18,6 +18,8 @@ import inspect
 from collections.abc import Awaitable, Coroutine
 from typing import Any, TypeVar
 
+from ._checks import check_count
+
 T = TypeVar("T")
 
 
@@ -92,8 +94,10 @@ class Tracker:
 
         Checks n at the call: ``ValueError`` unless it is a positive int.
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"until_fewer(n) needs a positive int, got n={n!r}")
+        try:
+            check_count("n", n)
+        except ValueError:
+            raise ValueError(f"until_fewer(n) needs a positive int, got n={n!r}") from None
         return self._until_fewer(n)
 
     async def _until_fewer(self, n: int) -> None:

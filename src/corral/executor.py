@@ -51,6 +51,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
+from ._checks import check_count
 from ._job import JobState
 from ._pool import Pool
 
@@ -453,12 +454,12 @@ class Executor(concurrent.futures.Executor):
     ) -> None:
         if mp_context is not None:
             pool_options["start_method"] = _start_method_of(mp_context, pool_options)
-        if max_workers is not None and (
-            not isinstance(max_workers, int) or isinstance(max_workers, bool) or max_workers < 1
-        ):
+        try:
+            check_count("max_workers", max_workers, optional=True)
+        except ValueError:
             raise ValueError(  # the standard library's words, then what else it may be
                 f"max_workers must be greater than 0 (an int, or None), not {max_workers!r}"
-            )
+            ) from None
         cluster = pool_options.get("cluster")
         if cluster is not None and not isinstance(cluster, str):
             raise ValueError(
@@ -513,14 +514,14 @@ class Executor(concurrent.futures.Executor):
         iteration stops early (an exception, a timeout, the iterator closed), the calls
         still outstanding are cancelled, running ones included.
         """
+        # buffersize as Python 3.14 checks it: a TypeError for no int, with its words.
         if buffersize is not None and (
             not isinstance(buffersize, int) or isinstance(buffersize, bool)
         ):
             raise TypeError("buffersize must be an integer or None")
         if buffersize is not None and buffersize < 1:
             raise ValueError("buffersize must be None or > 0")
-        if not isinstance(chunksize, int) or chunksize < 1:
-            raise ValueError(f"chunksize must be an int >= 1, not {chunksize!r}")
+        check_count("chunksize", chunksize)
         end = None if timeout is None else time.monotonic() + timeout
         calls: Iterator[tuple[Any, ...]] = zip(*iterables, strict=False)
         target: Callable[..., Any] = fn

@@ -84,6 +84,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
+from .._checks import check_count
 from .._child import BATCH_ITEMS
 from .._errors import SerializationError, WorkerLostError, WorkerStartupError
 from .._job import JobState
@@ -112,6 +113,13 @@ CONNECT_TIMEOUT = 30.0
 
 # Why a DaskWorker died, and its jobs with it, when its client lost the scheduler.
 LOST_SCHEDULER = "its Dask client lost the scheduler"
+
+# What a client given to corral must be, and the way round it.
+_CLIENT_NEEDED = (
+    "corral needs a distributed.Client made with asynchronous=True on the event loop the "
+    "queue runs on (`await distributed.Client(address, asynchronous=True)`), or the "
+    "scheduler's address, for which it makes a client of its own"
+)
 
 
 class DaskWorker(Worker):
@@ -142,10 +150,7 @@ class DaskWorker(Worker):
     ) -> None:
         super().__init__(series=series, name=name)
         check_target(client_or_address)
-        if slots is not None and (
-            isinstance(slots, bool) or not isinstance(slots, int) or slots < 1
-        ):
-            raise ValueError(f"slots must be a positive int or None, not {slots!r}")
+        check_count("slots", slots, optional=True)
         self.slots = slots
         self._target: Any = client_or_address
         self._client: Any = None
@@ -173,7 +178,7 @@ class DaskWorker(Worker):
         client given is not asynchronous on this event loop."""
         if self.state is not WorkerState.NEW:
             raise RuntimeError(f"cannot start {self.name}: it is {self.state.value}")
-        loop = self._loop = asyncio.get_running_loop()
+        self._loop = asyncio.get_running_loop()
         self._host = self._outcomes.host = host
         self._idle = asyncio.Event()
         self._idle.set()
@@ -190,24 +195,8 @@ class DaskWorker(Worker):
                         1, f"could not connect to the Dask scheduler at {self._target}: {exc}"
                     ) from exc
             else:
-                client = self._target
-                if not client.asynchronous or client.loop.asyncio_loop is not loop:
-                    raise WorkerStartupError(
-                        1,
-                        "DaskWorker needs a client on the queue's event loop: make it with "
-                        "`await distributed.Client(address, asynchronous=True)` there, or "
-                        "pass the scheduler's address",
-                    )
-                if client.status not in ("running", "connecting"):
-                    await client  # starts a client not started yet
-                if client.status not in ("running", "connecting"):
-                    # Awaiting a closed client returns at once, still closed.
-                    raise WorkerStartupError(
-                        1,
-                        f"its Dask client is {client.status}: it was closed, or it lost "
-                        "the scheduler and gave up reconnecting",
-                    )
-                self._client = client
+                await open_client(self._target)
+                self._client = self._target
             self._client.subscribe_topic(self._topic, self._outcomes.on_event)
         except BaseException:
             await self._disconnect()
@@ -581,13 +570,35 @@ class DaskWorker(Worker):
 
 
 def check_target(client_or_address: Any) -> None:
-    """What a DaskWorker connects through is a ``distributed.Client`` or a scheduler
-    address; ``ImportError`` with the fix when Dask is missing, else ``TypeError``."""
+    """What a DaskWorker (or ``Pool(cluster=...)``) connects through is a scheduler
+    address or an asynchronous ``distributed.Client``: ``ImportError`` with the fix when
+    Dask is missing, ``TypeError`` for anything else, ``ValueError`` for a synchronous
+    client (it would block the event loop). Checked where the target is given."""
     if not isinstance(client_or_address, str | _distributed().Client):
         raise TypeError(
             "DaskWorker takes a distributed.Client or a scheduler address such as "
             f"'tcp://127.0.0.1:8786' (of a LocalCluster: its .scheduler_address), "
             f"not {client_or_address!r}"
+        )
+    # A client's ``asynchronous`` is also False away from its own loop: made elsewhere, it
+    # could not serve this one.
+    if not isinstance(client_or_address, str) and not client_or_address.asynchronous:
+        raise ValueError(f"{_CLIENT_NEEDED}; {client_or_address!r} is not asynchronous here")
+
+
+async def open_client(client: Any) -> None:
+    """Check, as a worker starts, that the client given serves this event loop and is
+    open (a client not started yet is started): else ``WorkerStartupError`` saying why.
+    A client reconnecting to its scheduler passes: its calls wait for the reconnection."""
+    if client.loop.asyncio_loop is not asyncio.get_running_loop():
+        raise WorkerStartupError(1, f"{_CLIENT_NEEDED}; this one belongs to another event loop")
+    if client.status not in ("running", "connecting"):
+        await client  # starts a client not started yet
+    if client.status not in ("running", "connecting"):  # awaiting a closed one returns at once
+        raise WorkerStartupError(
+            1,
+            f"the Dask client given is {client.status}: it was closed, or it lost the "
+            "scheduler and gave up reconnecting; pass an open one",
         )
 
 

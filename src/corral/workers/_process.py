@@ -33,6 +33,7 @@ import psutil
 
 from .. import _child, _forkserver
 from .. import _undertaker as undertaker
+from .._checks import check_seconds
 from .._errors import RemoteTraceback, SerializationError, WorkerLostError, WorkerStartupError
 from .._job import JobState
 from .._shared import ARGS_TAKEN, RESULTS_TAKEN, SharedPage, SharedRegion
@@ -192,8 +193,7 @@ class ProcessWorker(Worker):
                 f"start_method={start_method!r} is not available here; choose one of {methods}"
             )
         check_initializer(initializer)
-        if startup_timeout <= 0:
-            raise ValueError(f"startup_timeout must be positive, not {startup_timeout!r}")
+        check_seconds("startup_timeout", startup_timeout)
         self.start_method = method
         self.startup_timeout = startup_timeout
         self._setup = _setup(initializer, tuple(initargs))
