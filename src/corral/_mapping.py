@@ -33,14 +33,14 @@ from collections.abc import (
     Sized,
 )
 from itertools import islice
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
+from ._checks import check_count
 from ._progress import ProgressBar, open_bar, wants_bar
 from ._wire import describe
 
 if TYPE_CHECKING:
     from ._job import Job
-    from ._taskqueue import TaskQueue
 
 T = TypeVar("T")
 
@@ -64,6 +64,22 @@ TARGET_CHUNK_SECONDS = 0.02
 # The largest automatic imap chunk when the input's length is unknown: it bounds the inputs
 # read ahead and the values held for one chunk when each call costs next to nothing.
 MAX_CHUNKSIZE = 1 << 16
+
+
+class Queue(Protocol):
+    """What map and imap use of the queue they serve (a ``TaskQueue``): its ``submit``,
+    how many workers it has, and its check that a call comes from its own event loop. A
+    protocol, not the class, so that mapping sits below the queue that offers it."""
+
+    @property
+    def submit(self) -> Callable[..., Job[Any]]:
+        """``TaskQueue.submit``: a job for fn(*args), with the call's options."""
+
+    def _worker_count(self) -> int:
+        """Workers serving now, or those about to start: what chunk sizes divide by."""
+
+    def _bind_loop(self, action: str) -> asyncio.AbstractEventLoop:
+        """The running loop; ``RuntimeError`` naming action if it is not the queue's."""
 
 
 def call_each(fn: Callable[[Any], Any], items: Iterable[Any]) -> Any:
@@ -94,20 +110,13 @@ async def _await_made(coroutines: list[Coroutine[Any, Any, Any]]) -> list[Any]:
             c.close()
 
 
-def check_chunksize(chunksize: object) -> None:
-    if chunksize is not None and (
-        not isinstance(chunksize, int) or isinstance(chunksize, bool) or chunksize < 1
-    ):
-        raise ValueError(f"chunksize must be a positive int or None, not {chunksize!r}")
-
-
 def auto_chunksize(n: int, workers: int) -> int:
     """Chunk size for n calls over workers: about ``CHUNKS_PER_WORKER`` chunks each."""
     return max(1, math.ceil(n / (max(1, workers) * CHUNKS_PER_WORKER)))
 
 
 async def map_list(
-    queue: TaskQueue,
+    queue: Queue,
     fn: Callable[[Any], Any],
     iterable: Iterable[Any],
     *,
@@ -116,7 +125,7 @@ async def map_list(
     progress: bool | str,
 ) -> list[Any]:
     """``TaskQueue.map``."""
-    check_chunksize(chunksize)
+    check_count("chunksize", chunksize, optional=True)
     show_bar = wants_bar(progress)
     items = list(iterable)
     if not items:
@@ -173,7 +182,7 @@ def _advance(bar: ProgressBar, n: int, future: asyncio.Future[Any]) -> None:
 
 
 def imap_items(
-    queue: TaskQueue,
+    queue: Queue,
     fn: Callable[[Any], Any],
     iterable: Iterable[Any] | AsyncIterable[Any],
     *,
@@ -184,7 +193,7 @@ def imap_items(
 ) -> MapIterator[Any]:
     """``TaskQueue.imap``: checks every argument now, reads nothing yet, and returns the
     ``MapIterator`` that does the work as it is iterated."""
-    check_chunksize(chunksize)
+    check_count("chunksize", chunksize, optional=True)
     if not callable(fn):
         raise TypeError(f"the function to map must be callable, not {fn!r}")
     show_bar = wants_bar(progress)
@@ -284,7 +293,7 @@ class MapIterator(Generic[T]):
 
     def __init__(
         self,
-        queue: TaskQueue,
+        queue: Queue,
         fn: Callable[[Any], Any],
         source: Iterator[Any] | AsyncIterator[Any],
         *,

@@ -13,10 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
-
-if TYPE_CHECKING:
-    from ._job import Job
+from typing import Any, Generic, Protocol, TypeVar
 
 T = TypeVar("T")
 
@@ -81,6 +78,23 @@ class Reports(_Waitable):
             await self._wait()
 
 
+class StreamJob(Protocol):
+    """What a ``StreamIterator`` uses of its job (a ``Job``): its stream and future, and
+    its end. A protocol, not the class, so that streams sit below the jobs that hold them."""
+
+    @property
+    def stream(self) -> ItemStream | None: ...
+
+    @property
+    def future(self) -> asyncio.Future[Any]: ...
+
+    def done(self) -> bool: ...
+
+    def result(self) -> Any: ...
+
+    def cancel(self) -> bool: ...
+
+
 class StreamIterator(Generic[T]):
     """What ``iterate`` returns: the async iterator of a stream job's items.
 
@@ -90,7 +104,7 @@ class StreamIterator(Generic[T]):
     generator's is after ``aclose()``.
     """
 
-    def __init__(self, job: Job[Any]) -> None:
+    def __init__(self, job: StreamJob) -> None:
         stream = job.stream
         assert stream is not None
         self.job = job
