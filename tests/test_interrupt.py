@@ -129,9 +129,12 @@ def busy_until_interrupted(seconds: float) -> str:
 
 
 def busy_recording_cleanup(seconds: float, started: str, cleaned: str) -> None:
-    Path(started).touch()
+    # The mark is made inside the try: a cancel sent once it exists lands where the
+    # finally covers it (made before, a cancel landing between it and the try, on a slow
+    # machine, would rightly skip the finally).
     deadline = time.monotonic() + seconds
     try:
+        Path(started).touch()
         while time.monotonic() < deadline:
             pass
     finally:
