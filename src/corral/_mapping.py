@@ -32,8 +32,9 @@ from collections.abc import (
     Iterator,
     Sized,
 )
+from dataclasses import dataclass
 from itertools import islice
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ._checks import check_count
 from ._progress import ProgressBar, open_bar, wants_bar
@@ -66,20 +67,15 @@ TARGET_CHUNK_SECONDS = 0.02
 MAX_CHUNKSIZE = 1 << 16
 
 
-class Queue(Protocol):
-    """What map and imap use of the queue they serve (a ``TaskQueue``): its ``submit``,
-    how many workers it has, and its check that a call comes from its own event loop. A
-    protocol, not the class, so that mapping sits below the queue that offers it."""
+@dataclass(frozen=True, slots=True)
+class Queue:
+    """What map and imap use of the queue they serve, handed over by it (a ``TaskQueue``):
+    its ``submit``, how many workers it has, and its check that a call comes from its own
+    event loop. Given, not imported, so that mapping sits below the queue that offers it."""
 
-    @property
-    def submit(self) -> Callable[..., Job[Any]]:
-        """``TaskQueue.submit``: a job for fn(*args), with the call's options."""
-
-    def _worker_count(self) -> int:
-        """Workers serving now, or those about to start: what chunk sizes divide by."""
-
-    def _bind_loop(self, action: str) -> asyncio.AbstractEventLoop:
-        """The running loop; ``RuntimeError`` naming action if it is not the queue's."""
+    submit: Callable[..., Job[Any]]
+    worker_count: Callable[[], int]  # serving now, or about to start: what chunks divide by
+    check_loop: Callable[[str], asyncio.AbstractEventLoop]  # RuntimeError off its loop
 
 
 def call_each(fn: Callable[[Any], Any], items: Iterable[Any]) -> Any:
@@ -130,7 +126,7 @@ async def map_list(
     items = list(iterable)
     if not items:
         return []
-    size = chunksize or auto_chunksize(len(items), queue._worker_count())
+    size = chunksize or auto_chunksize(len(items), queue.worker_count())
     if not show_bar:
         return await map_jobs(queue.submit, fn, items, size, options)
     bar = open_bar(len(items), f"map {describe(fn)}")
@@ -210,7 +206,7 @@ def imap_items(
     total = len(iterable) if isinstance(iterable, Sized) else None
     cap = MAX_CHUNKSIZE
     if total is not None:  # no bigger than map's chunks: the workers still balance
-        cap = min(cap, auto_chunksize(total, queue._worker_count()))
+        cap = min(cap, auto_chunksize(total, queue.worker_count()))
     return MapIterator(
         queue,
         fn,
@@ -326,7 +322,7 @@ class MapIterator(Generic[T]):
             return values.popleft()
         # On another loop than the queue's, its jobs' values would never come: refused
         # before anything is submitted, and the imap stays usable on its own loop.
-        self._queue._bind_loop("iterate over imap")
+        self._queue.check_loop("iterate over imap")
         try:
             return await self._next_chunk()
         except BaseException:  # StopAsyncIteration too: the end closes it as well
@@ -362,7 +358,7 @@ class MapIterator(Generic[T]):
 
     async def _fill(self) -> None:
         """Read and submit chunks until the window is full or the input ends."""
-        limit = max(2, IN_FLIGHT_PER_WORKER * self._queue._worker_count())
+        limit = max(2, IN_FLIGHT_PER_WORKER * self._queue.worker_count())
         while self._source is not None and not self._closed and self._outstanding() < limit:
             size = self._sizer.size
             chunk: list[Any] = []

@@ -36,7 +36,7 @@ from ._errors import (
     WorkerStartupError,
 )
 from ._job import Job, JobState, add_report, move, new_job, settle
-from ._mapping import MapIterator, imap_items, map_list
+from ._mapping import MapIterator, Queue, imap_items, map_list
 from ._roster import Roster, Standing, WorkerRecord
 from ._sources import GiveUp, WorkerSource
 from ._stats import Percentiles, QueueStats, Timings, parent_rss, worker_stats
@@ -322,7 +322,7 @@ class TaskQueue:
         options = {"priority": priority, "series": series, "retries": retries}
         await self._until_sized()
         return await map_list(
-            self, fn, iterable, chunksize=chunksize, options=options, progress=progress
+            self._as_queue(), fn, iterable, chunksize=chunksize, options=options, progress=progress
         )
 
     def imap(
@@ -351,7 +351,7 @@ class TaskQueue:
         self._check_call(series, retries, "imap")  # here, not at the first item
         options = {"priority": priority, "series": series, "retries": retries}
         return imap_items(
-            self,
+            self._as_queue(),
             fn,
             iterable,
             ordered=ordered,
@@ -514,6 +514,10 @@ class TaskQueue:
         job.worker = worker
         job.submitted_at = perf_counter()
         return job
+
+    def _as_queue(self) -> Queue:
+        """What map and imap use of this queue."""
+        return Queue(self.submit, self._worker_count, self._bind_loop)
 
     def _worker_count(self) -> int:
         """Workers serving now, or those a pool is about to start (for chunk sizes)."""
