@@ -20,14 +20,8 @@ from typing import Any
 
 from ._errors import WorkerStartupError
 from .workers import DaskWorker
-from .workers._dask import check_target
+from .workers._dask import check_target, open_client
 from .workers._dask_remote import _distributed
-
-_WRONG_CLIENT = (
-    "Pool(cluster=client) needs a distributed.Client made with asynchronous=True on the "
-    "event loop the pool runs on (`await distributed.Client(address, asynchronous=True)`), "
-    "or the scheduler's address, for which the pool makes a client of its own"
-)
 
 
 class ClusterLink:
@@ -43,9 +37,8 @@ class ClusterLink:
     """
 
     def __init__(self, target: Any) -> None:
-        check_target(target)  # Dask installed (else ImportError), a client or an address
-        if not isinstance(target, str) and not target.asynchronous:
-            raise ValueError(f"{_WRONG_CLIENT}; {target!r} is not asynchronous here")
+        check_target(target)  # Dask installed (else ImportError); an address, or a client
+        # that is asynchronous (else ValueError)
         self.target = target
         self.owned = isinstance(target, str)
         self._client: Any = None  # set once connecting begins (an address) or succeeded
@@ -76,20 +69,8 @@ class ClusterLink:
                 )
                 await self._client
             else:
-                client = self.target
-                if client.loop.asyncio_loop is not asyncio.get_running_loop():
-                    raise WorkerStartupError(
-                        1,
-                        f"{_WRONG_CLIENT}; this client belongs to another event loop (an "
-                        "Executor runs its pool on a loop of its own: pass the address)",
-                    )
-                if client.status != "running":
-                    await client  # starts a client not started yet
-                if client.status != "running":  # awaiting a closed one leaves it closed
-                    raise WorkerStartupError(
-                        1, f"the Dask client given is {client.status}: pass an open one"
-                    )
-                self._client = client
+                await open_client(self.target)  # of this loop, open: else WorkerStartupError
+                self._client = self.target
             threads = await asyncio.wait_for(self._threads(), timeout)
         except WorkerStartupError:
             raise

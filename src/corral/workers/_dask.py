@@ -597,7 +597,7 @@ async def open_client(client: Any) -> None:
     if client.status not in ("running", "connecting"):  # awaiting a closed one returns at once
         raise WorkerStartupError(
             1,
-            f"the Dask client given is {client.status}: it was closed, or it lost the "
+            f"its Dask client is {client.status}: it was closed, or it lost the "
             "scheduler and gave up reconnecting; pass an open one",
         )
 
