@@ -26,18 +26,7 @@ SOURCE = Path(corral.__file__).parent
 # of the modules' owners (and then from this list): any other reach fails.
 # (importer, owner, name)
 REACHES_LEFT = {
-    ("corral._cluster", "corral.workers._dask_remote", "_distributed"),
     ("corral.workers._dask", "corral._wire", "_call_error"),
-    ("corral.workers._dask", "corral.workers._dask_remote", "_close_stream"),
-    ("corral.workers._dask", "corral.workers._dask_remote", "_distributed"),
-    ("corral.workers._dask", "corral.workers._dask_remote", "_open_stream"),
-    ("corral.workers._dask", "corral.workers._dask_remote", "_pull_stream"),
-    ("corral.workers._dask", "corral.workers._dask_remote", "_run_call"),
-    ("corral.workers._dask", "corral.workers._dask_remote", "_unpickled"),
-    ("corral.workers._dask_outcomes", "corral.workers._dask_remote", "_NO_ITEMS"),
-    ("corral.workers._dask_outcomes", "corral.workers._dask_remote", "_unpickled"),
-    ("corral.workers._dask_remote", "corral.workers._thread", "_SoftLimitInterrupt"),
-    ("corral.workers._dask_remote", "corral.workers._thread", "_running"),
 }
 
 

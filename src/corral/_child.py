@@ -49,7 +49,6 @@ from ._shared import (
     abandon,
     release_inherited,
 )
-from ._streaming import BATCH_ITEMS as BATCH_ITEMS  # noqa: PLC0414  (for workers._dask)
 from ._streaming import Batch, LiveIterator, Turns, open_iterator
 from ._wire import (
     ACK,

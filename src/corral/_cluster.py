@@ -21,7 +21,7 @@ from typing import Any
 from ._errors import WorkerStartupError
 from .workers import DaskWorker
 from .workers._dask import check_target, open_client
-from .workers._dask_remote import _distributed
+from .workers._dask_remote import distributed_module
 
 
 class ClusterLink:
@@ -61,7 +61,7 @@ class ClusterLink:
         another event loop."""
         try:
             if self.owned:
-                distributed = _distributed()  # installed: __init__ checked
+                distributed = distributed_module()  # installed: __init__ checked
                 # Made before it is awaited, so that close() can close what a failed or
                 # cancelled connection left open.
                 self._client = distributed.Client(

@@ -27,10 +27,29 @@ from collections import Counter
 from types import CodeType, FrameType
 from typing import Any
 
+from ._errors import SoftTimeLimitExceeded
+
 # Our own prototype, so the argument types of ctypes.pythonapi's shared one stay untouched.
 _set_async_exc = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_object)(
     ("PyThreadState_SetAsyncExc", ctypes.pythonapi)
 )
+
+
+# In a thread that runs calls (a thread worker's, a Dask worker's): the soft time limit of
+# the call running now, read by ``SoftLimitInterrupt`` where it is raised.
+soft_limits = threading.local()
+
+
+class SoftLimitInterrupt(SoftTimeLimitExceeded):
+    """``SoftTimeLimitExceeded`` raised in another thread by ``raise_in``: that path raises
+    a class, instantiated without arguments in the target thread, so the limit is read
+    from there (``soft_limits``). It pickles as a plain ``SoftTimeLimitExceeded``."""
+
+    def __init__(self) -> None:
+        super().__init__(getattr(soft_limits, "soft_time_limit", 0.0))
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (SoftTimeLimitExceeded, (self.limit,), self.__dict__)
 
 
 def raise_in(ident: int, exc_type: type[BaseException] | None) -> None:

@@ -7,7 +7,7 @@ the queue's side of one ``distributed.Client`` (asynchronous, on the queue's eve
 How it keeps the ``Worker`` contract (``corral.workers._base``)::
 
     parent (the queue's event loop)                 a Dask worker thread
-      send(job) --- client.submit(_run_call) ---->  fn(*args), in a small wrapper
+      send(job) --- client.submit(run_call) ---->  fn(*args), in a small wrapper
         one loop task per job awaits its future     corral.report(obj) -> log_event
       outcomes  <-- events of this worker's topic   reports; "started" (hard limit);
                     (through the scheduler) ------  a small outcome, sent ahead
@@ -17,7 +17,7 @@ What comes back (events, values, a stream's batches, and in which order) is rece
 ``Outcomes``, in ``corral.workers._dask_outcomes``; this module decides what to submit and
 when a job is done.
 
-- Calls: ``client.submit(_run_call, fn, args, ..., pure=False, priority=-job.priority)``:
+- Calls: ``client.submit(run_call, fn, args, ..., pure=False, priority=-job.priority)``:
   corral runs a lower number sooner, Dask a higher one. A job's ``series`` becomes the
   Dask resource ``{series: 1}``: only Dask workers that declare it (``dask worker
   --resources "gpu=1"``, ``Nanny(resources={"gpu": 1})``) run the job, and a job whose
@@ -64,7 +64,7 @@ when a job is done.
 - Streams (``iterate``) are pulled a batch per Dask task: the first calls fn, keeps the
   iterator in a table of its Dask worker process and returns the first items; each next
   one, pinned to that Dask worker, takes as many items as the stream's credit allows (at
-  most ``BATCH_ITEMS``, or what ``BATCH_SECONDS`` of a slow generator gives). So credit
+  most ``BATCH_ITEMS``, or what five ``BATCH_SECONDS`` of a slow generator give). So credit
   is exact, the parent holds at most a window of items, and no Dask thread is held while
   the consumer is slow. Closing a stream closes its generator there (its ``finally``
   runs). A stream whose Dask worker died ends with ``WorkerLostError`` (a pull that takes
@@ -85,20 +85,20 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
 from .._checks import check_count
-from .._child import BATCH_ITEMS
 from .._errors import SerializationError, WorkerLostError, WorkerStartupError
 from .._job import JobState
+from .._streaming import BATCH_ITEMS
 from .._wire import _call_error, describe
 from ._base import CANCEL_GRACE, Worker, WorkerHost, WorkerState
 from ._dask_outcomes import Call, Outcomes, load_error, unpickling_failed
 from ._dask_remote import (
     Batch,
-    _close_stream,
-    _distributed,
-    _open_stream,
-    _pull_stream,
-    _run_call,
-    _unpickled,
+    close_stream,
+    distributed_module,
+    open_stream,
+    pull_stream,
+    run_call,
+    unpickled,
 )
 
 if TYPE_CHECKING:
@@ -183,7 +183,7 @@ class DaskWorker(Worker):
         self._idle = asyncio.Event()
         self._idle.set()
         self.state = WorkerState.STARTING
-        distributed = _distributed()
+        distributed = distributed_module()
         try:
             if self._owns_client:
                 try:
@@ -307,7 +307,7 @@ class DaskWorker(Worker):
             self._submit(
                 call,
                 key,
-                _run_call,
+                run_call,
                 job.fn,
                 job.args,
                 (self._topic, key),
@@ -318,7 +318,7 @@ class DaskWorker(Worker):
         else:
             call.credit = job.stream.window
             where = (self._topic, key)
-            self._submit(call, key, _open_stream, job.fn, job.args, where, _batch(call))
+            self._submit(call, key, open_stream, job.fn, job.args, where, _batch(call))
 
     def _new_key(self, job: Job[Any]) -> str:
         """A key no other Dask task has: the function's name (Dask's dashboard groups by
@@ -379,7 +379,7 @@ class DaskWorker(Worker):
                 self._finish(call, None, error)
                 return
         try:
-            ok, payload, run_time, sent = _unpickled(outcome)
+            ok, payload, run_time, sent = unpickled(outcome)
         except Exception as exc:
             self._finish(call, None, unpickling_failed("the result", exc))
             return
@@ -404,7 +404,7 @@ class DaskWorker(Worker):
                 self._finish(call, None, self._holder_gone())
                 return
             try:
-                items = _unpickled(blob)
+                items = unpickled(blob)
             except Exception as exc:
                 self._finish(call, None, unpickling_failed("items of the stream", exc))
                 return
@@ -436,7 +436,7 @@ class DaskWorker(Worker):
             self._submit(
                 call,
                 key,
-                _pull_stream,
+                pull_stream,
                 (self._topic, key),
                 call.handle,
                 _batch(call),
@@ -450,7 +450,7 @@ class DaskWorker(Worker):
     def _translate(self, exc: Exception, job: Job[Any]) -> BaseException:
         """A failure of a Dask task as the caller sees it: Dask's own, since the wrapper
         returns the task's exceptions instead of raising them."""
-        distributed = _distributed()
+        distributed = distributed_module()
         if isinstance(exc, distributed.KilledWorker):
             return WorkerLostError(self.name, detail=f"the Dask worker running it died: {exc}")
         if isinstance(exc, distributed.CancelledError | OSError):
@@ -505,9 +505,9 @@ class DaskWorker(Worker):
             with contextlib.suppress(Exception):  # the client is closed: nothing to close
                 async with asyncio.timeout(RELEASE_WAIT):
                     if await self._outcomes.holds(call.address):
-                        _distributed().fire_and_forget(
+                        distributed_module().fire_and_forget(
                             client.submit(
-                                _close_stream,
+                                close_stream,
                                 call.handle,
                                 key=f"close-{call.handle}",
                                 pure=False,
@@ -574,7 +574,7 @@ def check_target(client_or_address: Any) -> None:
     address or an asynchronous ``distributed.Client``: ``ImportError`` with the fix when
     Dask is missing, ``TypeError`` for anything else, ``ValueError`` for a synchronous
     client (it would block the event loop). Checked where the target is given."""
-    if not isinstance(client_or_address, str | _distributed().Client):
+    if not isinstance(client_or_address, str | distributed_module().Client):
         raise TypeError(
             "DaskWorker takes a distributed.Client or a scheduler address such as "
             f"'tcp://127.0.0.1:8786' (of a LocalCluster: its .scheduler_address), "

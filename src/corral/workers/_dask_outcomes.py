@@ -39,7 +39,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from .._errors import RemoteTraceback, SerializationError
-from ._dask_remote import _NO_ITEMS, Batch, Pickled, _unpickled
+from ._dask_remote import NO_ITEMS, Batch, Pickled, unpickled
 
 if TYPE_CHECKING:
     from .._job import Job
@@ -240,7 +240,7 @@ class Outcomes:
                     batch = waiter.result()
                     return batch
                 if not await self.holds(call.address):
-                    return _NO_ITEMS, True, None, 0.0, 0, None
+                    return NO_ITEMS, True, None, 0.0, 0, None
         finally:
             waiter.cancel()
 
@@ -252,7 +252,7 @@ class Outcomes:
 def load_error(payload: Pickled) -> BaseException:
     """The task's exception, its traceback in the Dask worker as its cause."""
     try:
-        exc, tb, _ = _unpickled(payload)
+        exc, tb, _ = unpickled(payload)
     except Exception as decode_exc:
         return unpickling_failed("the exception", decode_exc)
     exc.__cause__ = RemoteTraceback(tb)

@@ -9,12 +9,12 @@ keeps between batches and the soft limit of the call running in each of its thre
 
 The tasks, each run in a thread of a Dask worker::
 
-    _run_call(fn, args, where, announce, soft_limit)  fn(*args) -> its outcome, pickled
-    _open_stream(fn, args, where, n)                  fn(*args), kept as a stream -> a Batch
-    _pull_stream(where, handle, n)                    the stream's next Batch (pinned there)
-    _close_stream(handle)                             close its generator (``finally`` runs)
+    run_call(fn, args, where, announce, soft_limit)  fn(*args) -> its outcome, pickled
+    open_stream(fn, args, where, n)                  fn(*args), kept as a stream -> a Batch
+    pull_stream(where, handle, n)                    the stream's next Batch (pinned there)
+    close_stream(handle)                             close its generator (``finally`` runs)
 
-The reports of fn, and the small outcome of a ``_run_call`` ahead of its end, go as events
+The reports of fn, and the small outcome of a ``run_call`` ahead of its end, go as events
 of the parent worker's topic (``where``: the topic and the task's key). No task raises the
 exception of fn: it returns it pickled, with its traceback, so Dask never retries or wraps it.
 """
@@ -32,12 +32,10 @@ from collections.abc import Callable
 from typing import Any
 
 from .._errors import SerializationError, SoftTimeLimitExceeded
-from .._interrupt import raise_in
+from .._interrupt import SoftLimitInterrupt, raise_in, soft_limits
 from .._report import set_reporter
 from .._streaming import BATCH_SECONDS, LiveIterator, open_iterator
 from .._wire import describe, dumps, dumps_error, dumps_report
-from ._thread import _running as _soft
-from ._thread import _SoftLimitInterrupt as _SoftLimit
 
 # A call's outcome that pickles into at most this many bytes also travels as an event of
 # the worker's topic, ahead of the task's end on the same streams, which saves fetching it
@@ -49,7 +47,7 @@ PUSH_MAX = 2048
 _INSTALL = "DaskWorker needs dask.distributed: pip install 'corral[dask]'"
 
 
-def _distributed() -> Any:
+def distributed_module() -> Any:
     """The ``distributed`` module, imported on first use; ``ImportError`` with the fix."""
     try:
         return importlib.import_module("distributed")
@@ -66,10 +64,10 @@ class _Running:
         self.running = True
 
     def interrupt(self) -> None:
-        """Raise ``_SoftLimit`` in the call, if it still runs (the timer's thread)."""
+        """Raise ``SoftLimitInterrupt`` in the call, if it still runs (the timer's thread)."""
         with self.lock:
             if self.running:
-                raise_in(self.ident, _SoftLimit)
+                raise_in(self.ident, SoftLimitInterrupt)
 
     def end(self) -> None:
         """The call returned: withdraw an interrupt not yet raised; none comes later."""
@@ -93,7 +91,7 @@ class _Reporter:
 
     def event(self, kind: str, *body: Any) -> None:
         if self._worker is None:
-            self._worker = _distributed().get_worker()
+            self._worker = distributed_module().get_worker()
         self._worker.log_event(self.topic, (self.key, kind, *body))
 
 
@@ -122,7 +120,7 @@ def _call(
     try:
         try:
             if soft_limit:
-                _soft.soft_time_limit = soft_limit
+                soft_limits.soft_time_limit = soft_limit
                 running = _Running()
                 timer = threading.Timer(soft_limit, running.interrupt)
                 timer.daemon = True
@@ -137,9 +135,9 @@ def _call(
             if timer is not None and running is not None:
                 timer.cancel()
                 running.end()
-    except _SoftLimit as exc:  # it landed just after the call, before end(): its outcome
+    except SoftLimitInterrupt as exc:  # it landed just after the call, before end(): its outcome
         value, error = None, exc
-    if isinstance(error, _SoftLimit):
+    if isinstance(error, SoftLimitInterrupt):
         soft = SoftTimeLimitExceeded(soft_limit or 0.0)
         soft.__context__ = error.__context__
         error = soft.with_traceback(error.__traceback__)
@@ -158,12 +156,12 @@ def _pickled(obj: Any) -> Pickled:
     return encoded.data, list(encoded.buffers)
 
 
-def _unpickled(blob: Pickled) -> Any:
+def unpickled(blob: Pickled) -> Any:
     data, buffers = blob
     return pickle.loads(data, buffers=buffers)
 
 
-def _run_call(
+def run_call(
     fn: Callable[..., Any],
     args: tuple[Any, ...],
     where: tuple[str, str],
@@ -204,7 +202,7 @@ _streams: dict[str, tuple[LiveIterator[str], threading.Lock]] = {}
 # A batch: (pickled items, ended, pickled error or None, run_time, reports sent, worker
 # address); the address is None when the stream is not known there (its worker died).
 Batch = tuple[Pickled, bool, Pickled | None, float, int, str | None]
-_NO_ITEMS: Pickled = (pickle.dumps([], 5), [])
+NO_ITEMS: Pickled = (pickle.dumps([], 5), [])
 
 
 def _take(live: LiveIterator[str], lock: threading.Lock, n: int, reporter: _Reporter) -> Batch:
@@ -223,7 +221,7 @@ def _take(live: LiveIterator[str], lock: threading.Lock, n: int, reporter: _Repo
         try:
             blob = _pickled(items)
         except Exception as exc:
-            blob = _NO_ITEMS
+            blob = NO_ITEMS
             error = SerializationError(
                 f"an item of the stream ({describe(items[0])})",
                 "in the worker",
@@ -233,10 +231,10 @@ def _take(live: LiveIterator[str], lock: threading.Lock, n: int, reporter: _Repo
             live.discard()
     if ended or failure is not None:
         _streams.pop(live.job, None)
-    return blob, ended, failure, run_time, reporter.sent, _distributed().get_worker().address
+    return blob, ended, failure, run_time, reporter.sent, distributed_module().get_worker().address
 
 
-def _open_stream(
+def open_stream(
     fn: Callable[..., Any], args: tuple[Any, ...], where: tuple[str, str], n: int
 ) -> Batch:
     """Call fn, keep the iterator it returns under its task's key, take its first batch."""
@@ -245,29 +243,29 @@ def _open_stream(
     start = time.perf_counter()
     value, error = context.run(_call, fn, args, None)
     run_time = time.perf_counter() - start
-    address = _distributed().get_worker().address
+    address = distributed_module().get_worker().address
     if error is None:
         try:
             iterator = open_iterator(fn, value)
         except TypeError as exc:
             error = exc
     if error is not None:
-        return _NO_ITEMS, True, _error(error, run_time), run_time, reporter.sent, address
+        return NO_ITEMS, True, _error(error, run_time), run_time, reporter.sent, address
     held = _streams[key] = (LiveIterator(key, iterator, 0), threading.Lock())
     items, ended, failure, more, sent, _ = context.run(_take, *held, n, reporter)
     return items, ended, failure, run_time + more, sent, address
 
 
-def _pull_stream(where: tuple[str, str], handle: str, n: int) -> Batch:
+def pull_stream(where: tuple[str, str], handle: str, n: int) -> Batch:
     """The next batch of the stream kept under handle; no address if it is not here."""
     held = _streams.get(handle)
     if held is None:
-        return _NO_ITEMS, True, None, 0.0, 0, None
+        return NO_ITEMS, True, None, 0.0, 0, None
     reporter, context = _reporting(where)
     return context.run(_take, *held, n, reporter)
 
 
-def _close_stream(key: str) -> None:
+def close_stream(key: str) -> None:
     """Close the stream kept under key (its generator's ``finally`` runs), if it is here."""
     held = _streams.pop(key, None)
     if held is not None:

@@ -63,7 +63,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .._errors import SoftTimeLimitExceeded, WorkerLostError, WorkerStartupError
-from .._interrupt import raise_in
+from .._interrupt import SoftLimitInterrupt, raise_in, soft_limits
 from .._job import JobState
 from .._report import set_reporter
 from .._streaming import Batch, LiveIterator, Turns, open_iterator
@@ -71,21 +71,6 @@ from ._base import CANCEL_GRACE, Worker, WorkerHost, WorkerState, check_initiali
 
 if TYPE_CHECKING:
     from .._job import Job
-
-_running = threading.local()  # in a worker thread: soft_time_limit of the call running now
-
-
-class _SoftLimitInterrupt(SoftTimeLimitExceeded):
-    """``SoftTimeLimitExceeded`` as an asynchronous exception: that path raises a class,
-    instantiated without arguments in the target thread, so the limit is read from there.
-    The caller gets a plain ``SoftTimeLimitExceeded`` (see ``_translate``)."""
-
-    def __init__(self) -> None:
-        super().__init__(getattr(_running, "soft_time_limit", 0.0))
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (SoftTimeLimitExceeded, (self.limit,), self.__dict__)
-
 
 _INTERRUPTS = (asyncio.CancelledError, SoftTimeLimitExceeded)
 
@@ -259,7 +244,7 @@ class ThreadWorker(Worker):
             task.get_loop().call_soon_threadsafe(task.cancel)
         elif not self._coroutine_fn:  # a coroutine function's task is cancelled at birth
             raise_in(
-                self._ident, asyncio.CancelledError if kind == "cancel" else _SoftLimitInterrupt
+                self._ident, asyncio.CancelledError if kind == "cancel" else SoftLimitInterrupt
             )
 
     def _still_running(self, job: Job[Any], grace: float) -> None:
@@ -437,7 +422,7 @@ class ThreadWorker(Worker):
                         self._post(_Event(_DONE, job, None, asyncio.CancelledError()))
                         continue
                     stream = None
-                    _running.soft_time_limit = job.soft_time_limit or 0.0
+                    soft_limits.soft_time_limit = job.soft_time_limit or 0.0
                     self._post(_Event(_STARTED, job))
                     break
                 if self._closing:
@@ -537,11 +522,11 @@ class ThreadWorker(Worker):
 
     def _translate(self, job: Job[Any], error: BaseException | None) -> BaseException | None:
         """A soft limit's interrupt (or its task's cancellation) as the caller sees it."""
-        if isinstance(error, _SoftLimitInterrupt) or (
+        if isinstance(error, SoftLimitInterrupt) or (
             isinstance(error, asyncio.CancelledError) and self._why == "soft"
         ):
             soft = SoftTimeLimitExceeded(job.soft_time_limit or 0.0)
-            if isinstance(error, _SoftLimitInterrupt):
+            if isinstance(error, SoftLimitInterrupt):
                 soft.__context__ = error.__context__
                 return soft.with_traceback(error.__traceback__)
             soft.__cause__ = error
