@@ -486,3 +486,13 @@ def test_without_dask_import_corral_works_and_dask_worker_says_how_to_install() 
     assert "ImportError: DaskWorker needs dask.distributed: pip install 'corral[dask]'" in (
         done.stdout
     )
+
+
+def test_a_synchronous_client_is_refused_at_construction(cluster: LocalCluster) -> None:
+    """A synchronous client cannot serve a queue on an event loop: ``ValueError`` when the
+    DaskWorker is made (as ``Pool(cluster=client)`` says), not a start-up failure later."""
+    with (
+        Client(cluster.scheduler_address) as client,
+        pytest.raises(ValueError, match=r"asynchronous=True on the event loop.*address"),
+    ):
+        DaskWorker(client)

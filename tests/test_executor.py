@@ -826,3 +826,13 @@ def test_shutdown_cancel_futures_cancels_calls_sent_ahead_too(tmp_path: Path) ->
     assert all(isinstance(f.result(), int) for f in ran)
     executor.shutdown(wait=True)
     assert len(list(tmp_path.glob("started-*"))) == 2  # the cancelled ones never began
+
+
+def test_map_refuses_a_bool_chunksize() -> None:
+    """``chunksize=True`` is a slip, not a chunk of one: refused at the call, as a bool is
+    for every count (it was taken as 1)."""
+    with (
+        _executor(1) as executor,
+        pytest.raises(ValueError, match="chunksize must be a positive int, not True"),
+    ):
+        executor.map(tasks.square, range(3), chunksize=True)

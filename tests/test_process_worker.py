@@ -322,3 +322,11 @@ async def test_failed_start_holds_no_resources() -> None:
     assert str(info.value.__cause__) == "bad config"
     assert not worker.alive
     assert _fds() == fds_before
+
+
+@pytest.mark.parametrize("bad", [0, -1.5, True, "1"])
+def test_a_bad_startup_timeout_is_refused_at_construction(bad: Any) -> None:
+    """``startup_timeout`` is a positive number of seconds, as every time option is: a bool
+    (taken as 1 s) or a string (a TypeError from a comparison) is refused by name."""
+    with pytest.raises(ValueError, match="startup_timeout must be a positive number of seconds"):
+        ProcessWorker(startup_timeout=bad)
