@@ -11,6 +11,8 @@ import pytest
 
 from corral import Job, JobState, _job
 from corral._dispatcher import Dispatcher
+from corral._job import take_retry
+from corral._stream import ItemStream
 from tests import tasks
 
 
@@ -204,3 +206,23 @@ def test_a_job_is_not_made_by_hand() -> None:
     ``TypeError`` saying where jobs come from (its internals are no public constructor)."""
     with pytest.raises(TypeError, match=r"made by a queue's submit\(\)"):
         Job()
+
+
+async def test_the_retry_rule_spends_retries_and_spares_broadcasts_and_running_streams() -> None:
+    """``take_retry``, the one rule every kind of worker loss goes by: a job with retries
+    left runs again and spends one; a broadcast (pinned to the lost worker) and a stream
+    whose items have begun to arrive never do, retries or not."""
+    job = new_job(Owner(), retries=2)
+    assert take_retry(job) and take_retry(job)
+    assert job.retries == 0
+    assert not take_retry(job)
+    broadcast = new_job(Owner(), retries=1)
+    broadcast.worker = object()
+    assert not take_retry(broadcast)
+    assert broadcast.retries == 1
+    stream = new_job(Owner(), retries=1)
+    stream.stream = ItemStream(4)
+    assert take_retry(stream)  # nothing arrived yet: it may start over elsewhere
+    stream.retries = 1
+    stream.stream.released = True
+    assert not take_retry(stream)

@@ -262,6 +262,19 @@ def settle(job: Job[T], value: T | None, error: BaseException | None) -> None:
         future.set_exception(error)
 
 
+def take_retry(job: Job[Any]) -> bool:
+    """Whether job, whose worker was lost while it ran, runs again (spending one of its
+    retries): while it has retries left, unless it was a broadcast (pinned to the worker
+    that is gone) or a stream whose items have begun to arrive (they cannot be taken back).
+    """
+    if job.retries <= 0 or job.worker is not None:
+        return False
+    if job.stream is not None and job.stream.released:
+        return False
+    job.retries -= 1
+    return True
+
+
 def add_report(job: Job[Any], obj: Any) -> None:
     """The running job called ``corral.report(obj)``: keep it for its readers."""
     if not job.done():

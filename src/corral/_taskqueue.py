@@ -35,7 +35,7 @@ from ._errors import (
     WorkerLostError,
     WorkerStartupError,
 )
-from ._job import Job, JobState, add_report, move, new_job, settle
+from ._job import Job, JobState, add_report, move, new_job, settle, take_retry
 from ._mapping import MapIterator, Queue, imap_items, map_list
 from ._roster import Roster, Standing, WorkerRecord
 from ._sources import GiveUp, WorkerSource
@@ -622,10 +622,7 @@ class TaskQueue:
             self._in_flight.pop(job, None)
             if job.state is JobState.CANCELLED or job.done():
                 continue
-            if job.worker is not None or (job.stream is not None and job.stream.released):
-                settle(job, None, error)  # a broadcast, or a stream already under way
-            elif job.retries > 0:
-                job.retries -= 1
+            if take_retry(job):
                 move(job, JobState.PENDING)
                 assignments.extend(self._dispatcher.requeue(job))
             else:

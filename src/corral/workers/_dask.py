@@ -86,7 +86,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._checks import check_count
 from .._errors import SerializationError, WorkerLostError, WorkerStartupError
-from .._job import JobState
+from .._job import JobState, take_retry
 from .._streaming import BATCH_ITEMS
 from .._wire import _call_error, describe
 from ._base import CANCEL_GRACE, Worker, WorkerHost, WorkerState
@@ -372,8 +372,7 @@ class DaskWorker(Worker):
                 break
             except Exception as exc:
                 error = self._translate(exc, job)
-                if isinstance(error, WorkerLostError) and job.retries > 0 and self._connected():
-                    job.retries -= 1
+                if isinstance(error, WorkerLostError) and self._connected() and take_retry(job):
                     self._first_task(call)
                     continue
                 self._finish(call, None, error)
