@@ -9,21 +9,18 @@ import multiprocessing
 import time
 from collections.abc import Callable, Iterator
 
-import psutil
 import pytest
 import uvloop
 
-from tests.processes import describe_fds, open_fds
+from tests import processes
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,
     "uvloop": uvloop.new_event_loop,
 }
 
+
 # Long-lived helpers multiprocessing and corral start once per session; they are not leaks.
-_HELPERS = ("forkserver", "resource_tracker", "corral-undertaker")
-
-
 @pytest.hookimpl(tryfirst=True)
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if inspect.iscoroutinefunction(metafunc.function):
@@ -58,18 +55,6 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "loops(*names): run an async test only on these loops")
 
 
-def _children() -> set[int]:
-    found = set()
-    for child in psutil.Process().children(recursive=True):
-        try:
-            cmdline = " ".join(child.cmdline())
-        except psutil.Error:
-            continue
-        if not any(helper in cmdline for helper in _HELPERS):
-            found.add(child.pid)
-    return found
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _warm_up() -> None:
     """Start the session-long helpers (multiprocessing's forkserver and resource tracker,
@@ -93,16 +78,6 @@ def _warm_up() -> None:
 
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
-    """Fail a test that leaves a child process or an fd open (allowing a few seconds for
-    children to be reaped on a slow machine)."""
-    children_before, fds_before = _children(), open_fds()
-    yield
-    deadline = time.monotonic() + 10
-    while True:
-        leaked_children = _children() - children_before
-        leaked_fds = open_fds() - fds_before
-        if not (leaked_children or leaked_fds) or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert not leaked_children, f"child processes left behind: {sorted(leaked_children)}"
-    assert not leaked_fds, f"fds left open: {describe_fds(leaked_fds)}"
+    """Fail a test that leaves a child process or an fd open (``tests.processes.no_leaks``)."""
+    with processes.no_leaks():
+        yield

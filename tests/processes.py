@@ -1,10 +1,20 @@
-"""Facts about processes for the tests: whether one has ended, which fds this one holds."""
+"""Facts about processes for the tests: whether one has ended, which fds and children this
+one holds, and the suite's leak check."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
+import sys
+import time
+from collections.abc import Iterator
 
 import psutil
+
+# Session-long helper processes, not a test's: multiprocessing's forkserver and resource
+# tracker, corral's undertaker.
+HELPERS = ("forkserver", "resource_tracker", "corral-undertaker")
 
 
 def open_fds() -> set[int]:
@@ -36,3 +46,63 @@ def dead(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+def children() -> set[int]:
+    """This process's descendants, less the session-long helpers."""
+    found = set()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            cmdline = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if not any(helper in cmdline for helper in HELPERS):
+            found.add(child.pid)
+    return found
+
+
+def connections_to_children() -> set[int]:
+    """The fds of this process that are TCP connections to one of its child processes, or
+    that a server in this process accepted (a Dask scheduler's pooled connection to a
+    worker whose other end has gone, closing, no longer names a child). A client's own end,
+    connecting to a server, is neither: a client left open is still counted."""
+    ports: set[int] = set()
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            ports.update(conn.laddr.port for conn in child.net_connections(kind="tcp"))
+    connections = psutil.Process().net_connections(kind="tcp")
+    listening = {conn.laddr.port for conn in connections if conn.status == psutil.CONN_LISTEN}
+    return {
+        conn.fd
+        for conn in connections
+        if (conn.raddr and conn.raddr.port in ports)
+        or (conn.status != psutil.CONN_LISTEN and conn.laddr and conn.laddr.port in listening)
+    }
+
+
+@contextlib.contextmanager
+def no_leaks() -> Iterator[None]:
+    """Fail the block if it leaves a child process or an fd open (allowing a few seconds
+    for children to be reaped on a slow machine).
+
+    Once Dask is loaded, less the TCP connections between a cluster's scheduler in this
+    process and its worker processes: Dask keeps them pooled for reuse, opening more when a
+    test is busier than any before it, and closes them with the cluster. And while it waits
+    it collects garbage: a socket Dask closed as the test's loop ended is let go only when
+    its transport is collected (a client still referenced is not, and stays counted)."""
+    children_before, fds_before = children(), open_fds()
+    yield
+    deadline = time.monotonic() + 10
+    while True:
+        clustered = "distributed" in sys.modules
+        leaked_children = children() - children_before
+        leaked_fds = open_fds() - fds_before
+        if clustered and leaked_fds:
+            leaked_fds -= connections_to_children()
+        if not (leaked_children or leaked_fds) or time.monotonic() > deadline:
+            break
+        if clustered:
+            gc.collect()
+        time.sleep(0.05)
+    assert not leaked_children, f"child processes left behind: {sorted(leaked_children)}"
+    assert not leaked_fds, f"fds left open: {describe_fds(leaked_fds)}"

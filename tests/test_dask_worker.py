@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import itertools
 import os
 import random
@@ -27,8 +26,6 @@ from distributed import Client, LocalCluster, get_worker
 
 import corral
 from corral.workers import DaskWorker
-from tests.conftest import _children
-from tests.processes import describe_fds, open_fds
 from tests.waits import bounded, wait_until
 
 BOUND = 60.0
@@ -149,51 +146,6 @@ def cluster() -> Iterator[LocalCluster]:
         # The workers import this module (for the tasks) before the first test runs.
         client.gather([client.submit(add, i, 1, pure=False) for i in range(8)])
         yield local
-
-
-@pytest.fixture(autouse=True)
-def no_leaks() -> Iterator[None]:
-    """The suite's leak check (``tests.conftest.no_leaks``: no child process and no fd
-    left by the test), less the TCP connections to the cluster's worker processes: the
-    module's cluster has its scheduler in this process, and Dask keeps the connections
-    between scheduler and workers pooled for reuse, opening more when a test is busier
-    than any before it. They are Dask's, closed with the cluster. A client or DaskWorker
-    left open still fails the test: its connection to the scheduler stays counted.
-
-    While it waits it collects garbage: a socket Dask closed as the test's loop ended (a
-    comm's close still scheduled when the loop stopped) is let go only when its transport
-    is collected; a client still referenced is not collected, and stays counted."""
-    children_before, fds_before = _children(), open_fds()
-    yield
-    deadline = time.monotonic() + 10
-    while True:
-        leaked_children = _children() - children_before
-        leaked_fds = open_fds() - fds_before - _connections_to_children()
-        if not (leaked_children or leaked_fds) or time.monotonic() > deadline:
-            break
-        gc.collect()
-        time.sleep(0.05)
-    assert not leaked_children, f"child processes left behind: {sorted(leaked_children)}"
-    assert not leaked_fds, f"fds left open: {describe_fds(leaked_fds)}"
-
-
-def _connections_to_children() -> set[int]:
-    """The fds of this process that are TCP connections to one of its child processes, or
-    that the scheduler in this process accepted (a worker's pooled connection whose other
-    end has gone, closing, no longer names a child). A client's own end, connecting to the
-    scheduler, is neither: a client left open is still counted."""
-    ports: set[int] = set()
-    for child in psutil.Process().children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            ports.update(conn.laddr.port for conn in child.net_connections(kind="tcp"))
-    connections = psutil.Process().net_connections(kind="tcp")
-    listening = {conn.laddr.port for conn in connections if conn.status == psutil.CONN_LISTEN}
-    return {
-        conn.fd
-        for conn in connections
-        if (conn.raddr and conn.raddr.port in ports)
-        or (conn.status != psutil.CONN_LISTEN and conn.laddr and conn.laddr.port in listening)
-    }
 
 
 def _gpu_workers(dask_scheduler: Any) -> list[str]:

@@ -25,7 +25,6 @@ import functools
 import gc
 import itertools
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -38,10 +37,8 @@ import pytest
 import corral
 from corral import Job, JobState
 from corral.workers import DaskWorker, LocalWorker, ProcessWorker, ThreadWorker, Worker
-from tests import tasks, waits
-from tests.conftest import _children
+from tests import processes, tasks, waits
 from tests.hosts import BOUND, Host, send, started
-from tests.processes import describe_fds, open_fds
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -384,28 +381,10 @@ def kind(request: pytest.FixtureRequest, tmp_path: Path) -> Kind:
 
 @pytest.fixture(autouse=True)
 def no_leaks(kind: Kind) -> Iterator[None]:
-    """The suite's leak check (``tests.conftest.no_leaks``), after the kind is made (so
-    the module's cluster is counted before). Once the cluster runs, less the scheduler's
-    pooled connections to its worker processes, which come and go through every test
-    (Dask's own, closed with the cluster: see ``tests.test_dask_worker.no_leaks``)."""
-    children_before, fds_before = _children(), open_fds()
-    yield
-    deadline = time.monotonic() + 10
-    while True:
-        leaked_children = _children() - children_before
-        leaked_fds = open_fds() - fds_before
-        clustered = "distributed" in sys.modules
-        if clustered:
-            from tests.test_dask_worker import _connections_to_children
-
-            leaked_fds -= _connections_to_children()
-        if not (leaked_children or leaked_fds) or time.monotonic() > deadline:
-            break
-        if clustered:
-            gc.collect()  # a socket Dask closed as the loop ended goes with its transport
-        time.sleep(0.05)
-    assert not leaked_children, f"child processes left behind: {sorted(leaked_children)}"
-    assert not leaked_fds, f"fds left open: {describe_fds(leaked_fds)}"
+    """The suite's leak check (``tests.processes.no_leaks``), after the kind is made, so
+    that the module's cluster is counted before."""
+    with processes.no_leaks():
+        yield
 
 
 # -- helpers ---------------------------------------------------------------------------
