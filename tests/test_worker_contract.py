@@ -299,10 +299,6 @@ def process_kind(start_method: str) -> Kind:
             "call, a coroutine's too: a coroutine that handles CancelledError does not see it",
             "free_unstarted_at_once": "a cancelled job already in the child's pipe is "
             "skipped when the child comes to it: job_done comes after the busy job's",
-            "construct_half": "defect: a ProcessWorker whose construction raised (series "
-            "given as a string) raises AttributeError in __del__ (no 'state')",
-            "dead_answers": "defect: may_have_started on a dead ProcessWorker reads its "
-            "released shared page (ValueError: released memoryview)",
         },
         key_only=start_method == "spawn",
         pid=lambda worker: worker.pid,

@@ -123,6 +123,7 @@ class Worker(abc.ABC):
     kind = "worker"
 
     def __init__(self, *, series: Iterable[str] | None = None, name: str | None = None) -> None:
+        self.state = WorkerState.NEW  # first: a worker refused here is still one to collect
         if isinstance(series, str):
             raise TypeError(
                 f"series must be a list of names, not the string {series!r}: "
@@ -130,7 +131,6 @@ class Worker(abc.ABC):
             )
         self.series: frozenset[str] | None = None if series is None else frozenset(series)
         self._name = name
-        self.state = WorkerState.NEW
         self.tasks_sent = 0  # jobs handed to it
         self.tasks_done = 0  # jobs it finished
         self.busy_time = 0.0  # seconds spent running jobs (the host adds each run time)

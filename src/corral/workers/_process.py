@@ -611,6 +611,7 @@ class ProcessWorker(Worker):
                 os.close(fd)
         if self._page is not None:
             self._page.close()
+            self._page = None  # dead, it answers may_have_started: yes, it may have
         for region in self._regions or ():
             region.close()
         process = self._process
