@@ -18,14 +18,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corral import SerializationError, _functions, _wire
+from corral import RemoteTraceback, SerializationError, _functions, _wire
 from corral._functions import HELD_MAX, Functions
 from corral._wire import (
     ACK_WANTED,
     CALL,
+    DROPPED,
     ERROR,
     FUNCTION,
     HEADER,
+    INIT_FAILED,
     KIND_MASK,
     OUT_OF_BAND,
     OUT_OF_BAND_MIN,
@@ -37,9 +39,14 @@ from corral._wire import (
     dumps,
     dumps_call,
     dumps_error,
+    dumps_result,
+    dumps_setup,
     frame,
     framed,
     loads,
+    loads_call,
+    loads_outcome,
+    loads_setup,
     out_of_band,
     shared_frame,
 )
@@ -402,7 +409,7 @@ class Receiver:
             if f.kind & KIND_MASK == FUNCTION:
                 self.functions.define(f.job, f.body)
             else:
-                call = loads(f.kind, f.body)
+                call = loads_call(f.kind, f.body)
         assert call is not None
         return self.functions.load(call[0]), call[1], len(data)
 
@@ -440,7 +447,7 @@ def test_dumps_call_of_an_importable_function_goes_by_reference() -> None:
     """A module-level function travels as its name, so the pickle stays small."""
     payload = dumps_call(tasks.add, (1, 2))
     assert b"tests.tasks" in payload.data
-    reference, args = loads(0, payload.data)
+    reference, args, _soft, _credit = loads_call(0, payload.data)
     assert Functions().load(reference) is tasks.add
     assert args == (1, 2)
 
@@ -459,7 +466,7 @@ def test_a_call_asking_for_its_ack_says_so_in_the_header(big: bool) -> None:
     assert decoded.kind & ACK_WANTED
     assert decoded.kind & KIND_MASK == CALL
     assert decode_one(CALL, 7, plain).kind & ACK_WANTED == 0
-    assert loads(decoded.kind, decoded.body)[1:] == (args, 2.0, 0)
+    assert loads_call(decoded.kind, decoded.body)[1:] == (args, 2.0, 0)
 
 
 def test_large_bytes_go_out_of_band_at_the_threshold() -> None:
@@ -470,7 +477,7 @@ def test_large_bytes_go_out_of_band_at_the_threshold() -> None:
     assert len(payload.buffers) == 1
     assert len(payload.data) < 1000
     decoded = decode_one(CALL, 1, payload)
-    _fn, args = loads(decoded.kind, decoded.body)
+    _fn, args, _soft, _credit = loads_call(decoded.kind, decoded.body)
     assert type(args[0]) is bytes
     assert args == (big, b"small")
     just_below = big[:-1]
@@ -531,7 +538,7 @@ def test_unpicklable_partial_is_described_by_its_type() -> None:
 def test_argument_defined_locally_is_not_an_error() -> None:
     """A lambda as an argument is not an error: the call falls back to cloudpickle."""
     payload = dumps_call(tasks.identity, (lambda: 42,))
-    _fn, (arg,) = loads(0, payload.data)
+    _fn, (arg,), _soft, _credit = loads_call(0, payload.data)
     assert arg() == 42
 
 
@@ -547,16 +554,19 @@ def raised(exc: BaseException) -> BaseException:
 
 
 def unpickle_error(payload: Encoded) -> tuple[BaseException, str]:
-    """Decode an ERROR frame as the parent does."""
+    """Decode an ERROR frame as the parent does: the exception and the worker's traceback
+    text, which comes as its cause."""
     decoded = decode_one(ERROR, 1, payload)
-    exc, tb, _run_time = loads(decoded.kind, decoded.body)
-    return exc, tb
+    value, exc, _run_time = loads_outcome(decoded.kind, decoded.body)
+    assert value is None and exc is not None
+    assert isinstance(exc.__cause__, RemoteTraceback)
+    return exc, exc.__cause__.tb
 
 
 def test_error_carries_the_run_time() -> None:
     """How long the call ran before raising travels with the error, for stats."""
     decoded = decode_one(ERROR, 1, dumps_error(raised(ValueError("x")), 0.25))
-    assert loads(decoded.kind, decoded.body)[2] == 0.25
+    assert loads_outcome(decoded.kind, decoded.body)[2] == 0.25
 
 
 def test_error_carries_exception_and_traceback() -> None:
@@ -632,6 +642,167 @@ def test_corral_errors_cross_the_wire_as_themselves() -> None:
     assert (exc.what, exc.where, exc.reason) == (original.what, original.where, original.reason)
 
 
+# -- the messages: what each encoder makes, its decoder reads ------------------------------
+
+# Values a call or a result may carry: nested containers of plain objects, and large
+# ``bytes`` or ``bytearray`` objects, which travel out of band.
+_plain = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text()
+_large = st.integers(0, 3).flatmap(
+    lambda n: st.sampled_from([bytes([n]) * (OUT_OF_BAND_MIN + n), bytearray(OUT_OF_BAND_MIN)])
+)
+values = st.recursive(
+    _plain | st.binary(max_size=64),
+    lambda inner: st.lists(inner, max_size=4) | st.tuples(inner, inner),
+    max_leaves=8,
+)
+
+
+@BOUNDED
+@given(
+    fn=st.sampled_from([tasks.add, tasks.identity]),
+    args=st.lists(values | _large, max_size=4).map(tuple),
+    soft_time_limit=st.none() | st.floats(0.001, 1e6),
+    credit=st.integers(0, 2**31),
+    ack=st.booleans(),
+)
+def test_a_call_reads_back_as_it_was_made(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    soft_time_limit: float | None,
+    credit: int,
+    ack: bool,
+) -> None:
+    """Framed and decoded as the pipe carries it, any call reads back, through
+    ``loads_call``, as the function, arguments (each of its own type), soft limit and
+    credit ``dumps_call`` was given, always in the same four places; the ACK request rides
+    in the header."""
+    payload = dumps_call(fn, args, soft_time_limit=soft_time_limit, ack=ack, credit=credit)
+    decoded = decode_one(CALL, 3, payload)
+    assert decoded.kind & KIND_MASK == CALL
+    assert bool(decoded.kind & ACK_WANTED) is ack
+    reference, sent, soft, more = loads_call(decoded.kind, decoded.body)
+    assert Functions().load(reference) is fn
+    assert sent == args
+    assert [type(arg) for arg in sent] == [type(arg) for arg in args]
+    assert (soft, more) == (soft_time_limit, credit)
+
+
+@BOUNDED
+@given(value=values | _large, run_time=st.floats(0, 1e6))
+def test_a_result_reads_back_as_it_was_made(value: Any, run_time: float) -> None:
+    """``dumps_result``'s RESULT reads back, through ``loads_outcome``, as the value (of
+    its own type; a large one out of band), no error, and the run time."""
+    payload = dumps_result(value, run_time)
+    assert payload.copied is (type(value) in (bytes, bytearray) and len(value) >= OUT_OF_BAND_MIN)
+    decoded = decode_one(RESULT, 5, payload)
+    got, error, got_run_time = loads_outcome(decoded.kind, decoded.body)
+    assert error is None
+    assert got == value
+    assert type(got) is type(value)
+    assert got_run_time == run_time
+
+
+@BOUNDED
+@given(
+    cls=st.sampled_from([ValueError, KeyError, RuntimeError, ZeroDivisionError]),
+    args=st.lists(values, min_size=2, max_size=3).map(tuple),
+    run_time=st.none() | st.floats(0, 1e6),
+    kind=st.sampled_from([ERROR, INIT_FAILED]),
+)
+def test_an_error_reads_back_with_the_workers_traceback_as_its_cause(
+    cls: type[BaseException], args: tuple[Any, ...], run_time: float | None, kind: int
+) -> None:
+    """``dumps_error``'s ERROR (or INIT_FAILED) reads back, through ``loads_outcome``, as
+    no value, the exception (its type and arguments) with the worker's traceback text as
+    its ``RemoteTraceback`` cause, and the run time."""
+    original = raised(cls(*args))
+    decoded = decode_one(kind, 5, dumps_error(original, run_time))
+    value, exc, got_run_time = loads_outcome(decoded.kind, decoded.body)
+    assert value is None
+    assert type(exc) is cls
+    assert exc.args == original.args
+    assert isinstance(exc.__cause__, RemoteTraceback)
+    assert exc.__cause__.tb == "".join(traceback.format_exception(original))
+    assert got_run_time == run_time
+
+
+def test_an_error_that_came_outside_a_frame_reads_back_alike() -> None:
+    """A Dask task sends ``dumps_error``'s pickle and its out-of-band buffers as they are,
+    not framed: given as the body and ``buffers``, they read back as from a frame, and the
+    Dask worker's ``load_error`` is that same decoding."""
+    from corral.workers._dask_outcomes import load_error
+
+    data = b"q" * OUT_OF_BAND_MIN
+    original = raised(ValueError(out_of_band(data)))
+    payload = dumps_error(original, 0.5)
+    assert payload.buffers  # the bytes went out of band
+    buffers = [bytes(b) for b in payload.buffers]
+    value, exc, run_time = loads_outcome(ERROR, payload.data, buffers=buffers)
+    framed_exc, framed_tb = unpickle_error(payload)
+    assert (value, run_time) == (None, 0.5)
+    for got in (exc, load_error((payload.data, buffers))):
+        assert type(got) is ValueError
+        assert got.args == framed_exc.args == (data,)
+        assert isinstance(got.__cause__, RemoteTraceback)
+        assert got.__cause__.tb == framed_tb
+
+
+def _explode(exc: BaseException) -> None:
+    """Raise exc: the target of ``_Explodes.__reduce__``, run by the unpickler."""
+    raise exc
+
+
+class _Explodes:
+    """Pickles fine; unpickling it raises the exception it holds."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_explode, (self.exc,))
+
+
+@pytest.mark.parametrize(
+    ("kind", "what"),
+    [(RESULT, "the result"), (ERROR, "the exception"), (INIT_FAILED, "the exception")],
+)
+@pytest.mark.parametrize("failure", [ValueError("no"), SystemExit(3), KeyboardInterrupt()])
+def test_an_outcome_that_will_not_unpickle_is_its_calls_error(
+    kind: int, what: str, failure: BaseException
+) -> None:
+    """``loads_outcome`` never raises: an outcome whose unpickling raises, even
+    ``SystemExit`` or ``KeyboardInterrupt`` (which would stop the parent's event loop),
+    decodes to that call's ``SerializationError``, naming what failed, the unpickler's
+    error as its cause."""
+    message = (_Explodes(failure), 0.1) if kind == RESULT else (_Explodes(failure), "tb", 0.1)
+    decoded = decode_one(kind, 1, dumps(message))
+    value, error, run_time = loads_outcome(decoded.kind, decoded.body)
+    assert (value, run_time) == (None, None)
+    assert isinstance(error, SerializationError)
+    assert (error.what, error.where) == (what, "in the parent")
+    assert type(error.__cause__) is type(failure)
+
+
+def test_an_outcome_dropped_for_want_of_memory_is_its_calls_error() -> None:
+    """A body the decoder had no memory for arrives DROPPED (its length for a body): the
+    outcome is that call's ``SerializationError``, ``MemoryError`` its cause."""
+    value, error, _ = loads_outcome(RESULT | DROPPED, (10**12).to_bytes(8, "little"))
+    assert value is None
+    assert isinstance(error, SerializationError)
+    assert isinstance(error.__cause__, MemoryError)
+    assert "1,000,000,000,000 bytes" in str(error.__cause__)
+
+
+def test_the_setup_reads_back_as_it_was_made() -> None:
+    """``dumps_setup``'s bytes give ``loads_setup`` the initializer and its arguments; an
+    initializer a worker could not import (a lambda) goes by value."""
+    initializer, initargs = loads_setup(dumps_setup(tasks.identity, (1, "a")))
+    assert initializer is tasks.identity
+    assert initargs == (1, "a")
+    initializer, initargs = loads_setup(dumps_setup(lambda x: x + 1, (2,)))
+    assert initializer(*initargs) == 3
+
+
 def test_shared_frame_reads_its_buffers_from_the_region() -> None:
     """A SHARED frame carries only the table and the pickle; the buffers are read from the
     sender's region, and the value comes back whole and of its own type."""
@@ -662,13 +833,13 @@ def test_module_functions_travel_as_cached_references() -> None:
     and the worker side resolves each reference once into the same function."""
     first = dumps_call(tasks.add, (1, 2))
     second = dumps_call(tasks.add, (3, 4))
-    reference, args = loads(0, first.data)
+    reference, args, _soft, _credit = loads_call(0, first.data)
     assert type(reference) is bytes
     assert args == (1, 2)
-    assert loads(0, second.data)[0] is not None
+    assert loads_call(0, second.data)[0] is not None
     known = Functions()
     assert known.load(reference) is tasks.add
-    assert known.load(loads(0, second.data)[0]) is tasks.add
+    assert known.load(loads_call(0, second.data)[0]) is tasks.add
     assert len(known) == 1
 
 
@@ -677,7 +848,7 @@ def test_bound_methods_are_pickled_whole_with_every_call() -> None:
     neither a reference nor a definition, and each call carries it whole."""
     items: list[int] = []
     payload = dumps_call(items.append, (1,))
-    fn_sent, _ = loads(0, payload.data)
+    fn_sent = loads_call(0, payload.data)[0]
     assert payload.definition is None
     assert type(fn_sent) not in (bytes, tuple)
 

@@ -72,10 +72,12 @@ from ._wire import (
     dumps,
     dumps_error,
     dumps_report,
+    dumps_result,
     frame,
     framed,
     loads,
-    out_of_band,
+    loads_call,
+    loads_setup,
 )
 
 if TYPE_CHECKING:
@@ -184,12 +186,10 @@ def _let_go_of_the_forkserver() -> None:
 
 
 def _unpack_setup(setup: bytes | tuple[Any, tuple[Any, ...]]) -> tuple[Any, tuple[Any, ...]]:
-    """The initializer and its arguments: pickled by corral (a frame), or carried as they
-    are by multiprocessing (they hold objects only inheritance may hand over)."""
+    """The initializer and its arguments: pickled by corral (``dumps_setup``), or carried as
+    they are by multiprocessing (they hold objects only inheritance may hand over)."""
     if isinstance(setup, bytes):
-        (setup_frame,) = FrameDecoder().feed(setup)
-        initializer, initargs = loads(setup_frame.kind, setup_frame.body)
-        return initializer, initargs
+        return loads_setup(setup)
     return setup
 
 
@@ -372,7 +372,7 @@ class _Worker:
             live.discard()
             self._send(frame(ERROR, job, dumps_error(failure, live.run_time)))
         elif ended:
-            self._send(frame(RESULT, job, dumps((None, live.run_time))))
+            self._send(frame(RESULT, job, dumps_result(None, live.run_time)))
 
     def _close_stream(self, job: int) -> None:
         """The consumer left: close the generator (its ``finally`` runs) and end the job."""
@@ -391,9 +391,7 @@ class _Worker:
             self._send(frame(ACK, job))
         self._running = job  # a cancel interrupts it (SIGUSR1), unpickling or running
         try:
-            call = loads(f.kind, f.body, self._args_region.view)
-            reference, args = call[0], call[1]
-            soft_limit, credit = call[2:] if len(call) > 2 else (None, 0)
+            reference, args, soft_limit, credit = loads_call(f.kind, f.body, self._args_region.view)
             fn = self._functions.load(reference)
             if f.kind & SHARED:
                 self._words[ARGS_TAKEN] += 1  # copied out: the parent may reuse the region
@@ -408,7 +406,7 @@ class _Worker:
             )
             self._send(frame(ERROR, job, dumps_error(error)))
             return
-        del f, call
+        del f
         self._words[STARTED] = job  # the acknowledgement
         # Checked after the acknowledgement, never only before: the parent marks a job
         # cancelled and then reads the acknowledgement, so either the mark is seen here or
@@ -445,8 +443,7 @@ class _Worker:
             return
         del args
         try:
-            sent = out_of_band(value)
-            payload = dumps((sent, run_time), wrapped=sent is not value)
+            payload = dumps_result(value, run_time)
         except BaseException as exc:
             error = SerializationError(
                 f"the result of {describe(fn)} ({describe(value)})",

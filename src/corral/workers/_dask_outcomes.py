@@ -38,8 +38,11 @@ import pickle
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from .._errors import RemoteTraceback, SerializationError
-from ._dask_remote import NO_ITEMS, Batch, Pickled, unpickled
+from .._wire import ERROR, loads_outcome
+
+# Until workers._dask imports it from _wire, where it now lives.
+from .._wire import unpickling_failed as unpickling_failed  # noqa: PLC0414
+from ._dask_remote import NO_ITEMS, Batch, Pickled
 
 if TYPE_CHECKING:
     from .._job import Job
@@ -250,20 +253,9 @@ class Outcomes:
 
 
 def load_error(payload: Pickled) -> BaseException:
-    """The task's exception, its traceback in the Dask worker as its cause."""
-    try:
-        exc, tb, _ = unpickled(payload)
-    except Exception as decode_exc:
-        return unpickling_failed("the exception", decode_exc)
-    exc.__cause__ = RemoteTraceback(tb)
-    assert isinstance(exc, BaseException)
-    return exc
-
-
-def unpickling_failed(what: str, exc: Exception) -> SerializationError:
-    """What the caller gets when what a task sent back will not unpickle here."""
-    error = SerializationError(
-        what, "in the parent", f"unpickling failed: {type(exc).__name__}: {exc}"
-    )
-    error.__cause__ = exc
+    """The task's exception, its traceback in the Dask worker as its cause: the ERROR
+    message ``dumps_error`` made there, decoded as a process worker's is."""
+    data, buffers = payload
+    _, error, _ = loads_outcome(ERROR, data, buffers=buffers)
+    assert error is not None
     return error

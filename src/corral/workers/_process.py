@@ -34,7 +34,7 @@ import psutil
 from .. import _child, _forkserver
 from .. import _undertaker as undertaker
 from .._checks import check_seconds
-from .._errors import RemoteTraceback, SerializationError, WorkerLostError, WorkerStartupError
+from .._errors import SerializationError, WorkerLostError, WorkerStartupError
 from .._job import JobState
 from .._shared import ARGS_TAKEN, RESULTS_TAKEN, SharedPage, SharedRegion
 from .._wire import (
@@ -55,6 +55,8 @@ from .._wire import (
     frame,
     framed,
     loads,
+    loads_outcome,
+    unpickling_failed,
 )
 from ._base import CANCEL_GRACE, Worker, WorkerHost, WorkerState, check_initializer
 from ._pipes import LoopReader, LoopWriter, enlarge, open_fds
@@ -64,7 +66,7 @@ if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
 
     from .._job import Job
-    from .._wire import Frame
+    from .._wire import Frame, Outcome
 
 # A worker that has not said UP by then is killed: generous, since a spawned interpreter
 # importing a large application on a loaded machine can take seconds.
@@ -459,7 +461,10 @@ class ProcessWorker(Worker):
                 self.tasks_done += 1
                 if self._overdue and (overdue := self._overdue.pop(job_id, None)):
                     overdue.cancel()
-                value, error = self._decode_outcome(k, kind, body, job)
+                if kind & SHARED:
+                    value, error, job.run_time = self._shared_outcome(kind, body)
+                else:
+                    value, error, job.run_time = loads_outcome(kind, body)
                 host.job_done(self, job, value, error)
             elif k in (ITEMS, REPORT):
                 entry = sent.get(job_id)
@@ -468,9 +473,9 @@ class ProcessWorker(Worker):
                 job = entry[0]
                 try:
                     obj = loads(kind, body)
-                except BaseException as decode_exc:  # see _decode_outcome
+                except BaseException as decode_exc:  # see loads_outcome
                     what = "items of the stream" if k == ITEMS else "a report"
-                    self._abandon(job, _unpickling_failed(what, decode_exc))
+                    self._abandon(job, unpickling_failed(what, decode_exc))
                     continue
                 if k == ITEMS:
                     host.job_items(self, job, obj)
@@ -484,8 +489,7 @@ class ProcessWorker(Worker):
                 if self._up is not None and not self._up.done():
                     self._up.set_result(loads(kind, body))
             elif k == INIT_FAILED:
-                exc, tb, _ = loads(kind, body)
-                exc.__cause__ = RemoteTraceback(tb)
+                _, exc, _ = loads_outcome(kind, body)
                 if self._up is not None and not self._up.done():
                     error = WorkerStartupError(
                         1, f"the initializer raised {type(exc).__name__}: {exc}"
@@ -493,30 +497,13 @@ class ProcessWorker(Worker):
                     error.__cause__ = exc
                     self._up.set_exception(error)
 
-    def _decode_outcome(
-        self, k: int, kind: int, body: bytes | bytearray | memoryview, job: Job[Any]
-    ) -> tuple[Any, BaseException | None]:
-        try:
-            if k == RESULT:
-                if not kind & SHARED:
-                    value, job.run_time = loads(kind, body)
-                    return value, None
-                assert self._regions is not None and self._page is not None
-                try:
-                    value, job.run_time = loads(kind, body, self._regions[1].view)
-                finally:
-                    self._page.words[RESULTS_TAKEN] += 1  # copied out, or given up: it is free
-                return value, None
-            exc, tb, job.run_time = loads(kind, body)
-        # Whatever unpickling raises is this call's failure, not the loop's: MemoryError (no
-        # room for the body: the decoder skipped it, the worker is fine), or SystemExit and
-        # KeyboardInterrupt raised by a __reduce__ target, which would otherwise stop the
-        # event loop and with it every other call.
-        except BaseException as decode_exc:
-            what = "the result" if k == RESULT else "the exception"
-            return None, _unpickling_failed(what, decode_exc)
-        exc.__cause__ = RemoteTraceback(tb)
-        return None, exc
+    def _shared_outcome(self, kind: int, body: bytes | bytearray | memoryview) -> Outcome:
+        """An outcome whose buffers lie in the results region; once they are copied out
+        (or given up), the region is free for the child's next large result."""
+        assert self._regions is not None and self._page is not None
+        outcome = loads_outcome(kind, body, self._regions[1].view)
+        self._page.words[RESULTS_TAKEN] += 1
+        return outcome
 
     def _abandon(self, job: Job[Any], error: BaseException) -> None:
         """Fail job now, though its worker still runs it: stop it there (a stream is closed,
@@ -758,16 +745,6 @@ def _reap(process: BaseProcess) -> None:
     process.kill()
     process.join()
     process.close()
-
-
-def _unpickling_failed(what: str, exc: BaseException) -> SerializationError:
-    """The error of a call whose outcome (what) the parent could not unpickle; exc is the
-    cause."""
-    error = SerializationError(
-        what, "in the parent", f"unpickling failed: {type(exc).__name__}: {exc}"
-    )
-    error.__cause__ = exc
-    return error
 
 
 # A job the child held, not cancelled and not yet started: RUNNING once it was taken up
