@@ -226,3 +226,43 @@ async def test_the_retry_rule_spends_retries_and_spares_broadcasts_and_running_s
     stream.retries = 1
     stream.stream.released = True
     assert not take_retry(stream)
+
+
+async def test_asyncio_takes_a_job_as_a_future() -> None:
+    """``asyncio.isfuture(job)``: gather, wait, shield and wait_for take jobs as they are
+    (no task wrapped around each); callbacks get the job, can be removed, and cancelling a
+    gather cancels its jobs, whose cancellation it reports as asyncio does."""
+    owner = Owner()
+    first, second = new_job(owner, 1), new_job(owner, 2)
+    assert asyncio.isfuture(first)
+    assert asyncio.ensure_future(first) is first
+    seen: list[Any] = []
+    first.add_done_callback(seen.append)
+    first.add_done_callback(print)
+    assert first.remove_done_callback(print) == 1
+    gathered = asyncio.gather(first, second)
+    first.future.set_result(3)
+    second.future.set_result(4)
+    assert await gathered == [3, 4]
+    assert seen == [first]
+    done, _ = await asyncio.wait([new_done(owner, 5)], timeout=60)
+    assert [job.result() for job in done] == [5]
+    assert await asyncio.wait_for(asyncio.shield(new_done(owner, 6)), 60) == 6
+    third, fourth = new_job(owner, 3), new_job(owner, 4)
+    outer = asyncio.gather(third, fourth)
+    outer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await outer
+    assert third.cancelled() and fourth.cancelled()
+    assert owner.cancelled == [third, fourth]
+    fifth = new_job(owner, 5)
+    failing = asyncio.gather(fifth)
+    fifth.cancel("why")
+    with pytest.raises(asyncio.CancelledError, match="why"):
+        await failing
+
+
+def new_done(owner: Any, value: int) -> Job[Any]:
+    job = new_job(owner, value)
+    job.future.set_result(value)
+    return job
