@@ -24,7 +24,6 @@ from tests.test_dask_worker import (
     add,
     address,
     fail_with,
-    no_leaks,  # noqa: F401 (autouse: the leak check, less Dask's pooled connections)
     started_at,
     stuck_until,
 )
