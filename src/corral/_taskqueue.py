@@ -706,7 +706,8 @@ class TaskQueue:
         except (WorkerStartupError, WorkerLostError) as exc:
             record = self._roster.remove(worker)
             await worker.kill()
-            self._startup_failed(worker, exc, owned=record is not None and record.owned)
+            if record is not None:  # else the queue gave it up meanwhile (a pool shrunk)
+                self._startup_failed(worker, exc, owned=record.owned)
             return
         except BaseException:
             self._roster.remove(worker)
@@ -954,10 +955,9 @@ class TaskQueue:
     async def _stop_workers(self, *, kill: bool) -> None:
         if self._connecting is not None:
             self._connecting.cancel()  # drained (or terminating): nothing needs the cluster
+        # Starting workers keep their records: their start fails, and is handled, there.
         starting = self._roster.starting()
         workers = self._roster.started()
-        for worker in starting:
-            self._roster.remove(worker)
         for worker in workers:
             self._forget(worker)
         await asyncio.gather(
