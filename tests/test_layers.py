@@ -22,13 +22,6 @@ import corral
 
 SOURCE = Path(corral.__file__).parent
 
-# Private names still taken across modules when this check came, each to go by a change
-# of the modules' owners (and then from this list): any other reach fails.
-# (importer, owner, name)
-REACHES_LEFT = {
-    ("corral.workers._dask", "corral._wire", "_call_error"),
-}
-
 
 class Use(NamedTuple):
     """One name a module takes from another corral module."""
@@ -200,8 +193,8 @@ def test_no_import_circle() -> None:
 
 def test_no_module_takes_another_modules_private_names() -> None:
     """No module takes a private name of another, by ``from .x import _name`` or as
-    ``x._name``, but for those listed as still to go."""
-    new = sorted(private_reaches() - REACHES_LEFT)
+    ``x._name``."""
+    new = sorted(private_reaches())
     assert not new, f"private names taken from another module: {new}"
 
 

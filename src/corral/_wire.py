@@ -320,7 +320,7 @@ def dumps_call(
     except KeyboardInterrupt:
         raise  # the user's Ctrl-C, not the call's fault
     except BaseException as exc:  # a __reduce__ may raise anything, SystemExit included
-        raise _call_error(fn, args, exc) from exc
+        raise call_error(fn, args, exc) from exc
     if not ack and made is None:
         return encoded
     # The worker must see the request before it unpickles anything: it goes in the header.
@@ -357,7 +357,7 @@ def dumps_report(obj: Any) -> Encoded:
         ) from exc
 
 
-def _call_error(
+def call_error(
     fn: Callable[..., Any], args: Sequence[Any], exc: BaseException
 ) -> SerializationError:
     """Find which part of a call would not pickle, to name it in the error."""

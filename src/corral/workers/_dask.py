@@ -88,9 +88,9 @@ from .._checks import check_count
 from .._errors import SerializationError, WorkerLostError, WorkerStartupError
 from .._job import JobState, take_retry
 from .._streaming import BATCH_ITEMS
-from .._wire import _call_error, describe
+from .._wire import call_error, describe, unpickling_failed
 from ._base import CANCEL_GRACE, Worker, WorkerHost, WorkerState
-from ._dask_outcomes import Call, Outcomes, load_error, unpickling_failed
+from ._dask_outcomes import Call, Outcomes, load_error
 from ._dask_remote import (
     Batch,
     close_stream,
@@ -347,7 +347,7 @@ class DaskWorker(Worker):
             if self._client_closed():  # a stream's next pull, a job held back: not the call
                 self._lose_client()
                 raise WorkerLostError(self.name, detail=LOST_SCHEDULER) from exc
-            raise _call_error(job.fn, job.args, exc) from exc
+            raise call_error(job.fn, job.args, exc) from exc
         self._outcomes.expect(call, key)
 
     async def _drive(self, call: Call) -> None:

@@ -41,7 +41,6 @@ from typing import TYPE_CHECKING, Any
 from .._wire import ERROR, loads_outcome
 
 # Until workers._dask imports it from _wire, where it now lives.
-from .._wire import unpickling_failed as unpickling_failed  # noqa: PLC0414
 from ._dask_remote import NO_ITEMS, Batch, Pickled
 
 if TYPE_CHECKING:

@@ -52,6 +52,7 @@ from .._wire import (
     UP,
     FrameDecoder,
     dumps,
+    dumps_setup,
     frame,
     framed,
     loads,
@@ -161,9 +162,7 @@ def _setup(initializer: Any, initargs: tuple[Any, ...]) -> bytes | tuple[Any, tu
     multiprocessing to carry across as it does for ``multiprocessing.Pool``.
     """
     try:
-        # main=0: what the worker's __main__ lacks (a main-block initializer) goes by value.
-        setup = dumps((initializer, initargs), main=0)
-        return b"".join(frame(CALL, 0, setup))  # the child decodes it
+        return dumps_setup(initializer, initargs)  # the child decodes it (loads_setup)
     except RuntimeError:  # "... should only be shared between processes through inheritance"
         return (initializer, initargs)
     except Exception as exc:
