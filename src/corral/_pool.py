@@ -52,7 +52,8 @@ class Pool(TaskQueue):
             coroutine functions).
         start_method: ``"forkserver"`` (the default where it exists), ``"spawn"`` or
             ``"fork"``. fork is fastest to start but unsafe with threads in the parent.
-        strategy, prefetch: see ``TaskQueue``.
+        strategy, prefetch: see ``TaskQueue``; the default is ``"auto"``, or ``"fair"``
+            with ``cluster``.
         initializer, initargs: run ``initializer(*initargs)`` in each worker before it takes
             jobs. If it raises, the pool gives up after a few tries and calls fail with
             ``WorkerStartupError``.
@@ -71,8 +72,8 @@ class Pool(TaskQueue):
             starts (within ``startup_timeout``; else calls fail with
             ``WorkerStartupError``) and disconnects from when it closes. The workers are
             ``DaskWorker``s sharing that one client, and ``kind`` is ``"dask"``. Under
-            ``strategy="fair"`` each keeps one task on the cluster, so corral orders every
-            job. ``kind``, ``start_method``, ``initializer``/``initargs``,
+            ``strategy="fair"``, its default, each keeps one task on the cluster, so corral
+            orders every job. ``kind``, ``start_method``, ``initializer``/``initargs``,
             ``max_tasks_per_child`` and ``max_memory_per_child`` do not apply (for state
             in the Dask workers use ``broadcast`` or Dask's worker plugins). Needs
             ``pip install 'corral[dask]'``.
@@ -88,7 +89,7 @@ class Pool(TaskQueue):
         *,
         kind: Kind = "process",
         start_method: str | None = None,
-        strategy: Strategy = "fair",
+        strategy: Strategy | None = None,
         prefetch: int = 4,
         initializer: Any = None,
         initargs: tuple[Any, ...] = (),
@@ -112,6 +113,8 @@ class Pool(TaskQueue):
             time_limit=time_limit,
             startup_timeout=startup_timeout,
         )
+        if strategy is None:  # a cluster's round trip is long: corral orders every job there
+            strategy = "fair" if cluster is not None else "auto"
         super().__init__(strategy=strategy, prefetch=prefetch)
         self._keep(source)
         self.kind: str = source.kind

@@ -76,17 +76,19 @@ class TaskQueue:
     """A priority queue of calls served by the workers attached to it.
 
     Args:
-        strategy: ``"fair"`` hands a job only to an idle worker; ``"prefetch"`` keeps up to
-            ``prefetch`` jobs in flight per worker, which saves a round trip per job when
-            jobs are short and similar; ``"auto"`` decides per worker after each job:
-            one at a time after a job of 2 ms or more, else as many as keep about 2 ms of
-            work queued (at most ``prefetch``). Under prefetch and auto a job queued in a
-            worker behind a call that turns out long waits for that call.
+        strategy: ``"auto"`` (the default) decides per worker after each job: one at a
+            time after a job of 2 ms or more, else as many as keep about 2 ms of work
+            queued (at most ``prefetch``), which saves short calls a round trip each
+            (about 1.5x the calls per second of ``"fair"`` on no-ops: BENCHMARKS.md);
+            ``"fair"`` hands a job only to an idle worker; ``"prefetch"`` keeps up to
+            ``prefetch`` jobs in flight per worker. Under auto and prefetch a job queued in
+            a worker behind a call that turns out long waits for that call, even while
+            another worker is idle: ``"fair"`` never lets it.
         prefetch: jobs in flight per worker under ``"prefetch"``; the most under
             ``"auto"``.
     """
 
-    def __init__(self, *, strategy: Strategy = "fair", prefetch: int = 4) -> None:
+    def __init__(self, *, strategy: Strategy = "auto", prefetch: int = 4) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, not {strategy!r}")
         check_count("prefetch", prefetch)

@@ -429,9 +429,9 @@ class Executor(concurrent.futures.Executor):
     makes cancelling an ``await loop.run_in_executor(executor, ...)`` stop its job.
     Futures are ``ExecutorFuture``; see there for how cancellation works.
 
-    Unlike ``Pool``, whose default is ``strategy="fair"``, the executor's default is
-    ``strategy="auto", prefetch=16``: a worker whose last call ran for under about 2 ms
-    is sent up to 16 calls ahead, one whose last call ran longer only one at a time.
+    The executor's default is ``strategy="auto"`` as the pool's, with ``prefetch=16``
+    (the pool's is 4): a worker whose last call ran for under about 2 ms is sent up to
+    16 calls ahead, one whose last call ran longer only one at a time.
     Each round trip through the executor costs a hand-over between the caller's thread
     and the bridge's, which prefetching shares among many short calls (about 2x the
     throughput of no-ops). The price: a call queued in a worker behind one that turns out
