@@ -11,7 +11,7 @@ import pytest
 
 from corral import Job, JobState, _job
 from corral._dispatcher import Dispatcher
-from corral._job import take_retry
+from corral._job import JobCoroutine, take_retry
 from corral._stream import ItemStream
 from tests import tasks
 
@@ -262,7 +262,33 @@ async def test_asyncio_takes_a_job_as_a_future() -> None:
         await failing
 
 
-def new_done(owner: Any, value: int) -> Job[Any]:
-    job = new_job(owner, value)
+def new_done(owner: Any, value: int, **options: Any) -> Job[Any]:
+    job = new_job(owner, value, **options)
     job.future.set_result(value)
     return job
+
+
+async def test_the_job_of_run_is_a_coroutine_to_asyncio_too() -> None:
+    """``asyncio.create_task`` and a ``TaskGroup`` take run's job as a coroutine (where
+    ``pool.run(...)`` went when it was one): the task ends with the job's value, and
+    cancelling the task cancels the job. A job of ``submit`` is no coroutine (so
+    ``asyncio.wait`` takes it)."""
+    owner = Owner()
+    assert not asyncio.iscoroutine(new_job(owner, 9))
+    job = new_job(owner, 1, kind=JobCoroutine)
+    assert asyncio.iscoroutine(job)
+    task = asyncio.create_task(job)
+    await asyncio.sleep(0)
+    job.future.set_result(7)
+    assert await task == 7
+    async with asyncio.TaskGroup() as group:
+        grouped = group.create_task(new_done(owner, 8, kind=JobCoroutine))
+    assert grouped.result() == 8
+    waiting = new_job(owner, 2, kind=JobCoroutine)
+    cancelled = asyncio.create_task(waiting)
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert waiting.cancelled()
+    assert owner.cancelled == [waiting]

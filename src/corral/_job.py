@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import enum
-from collections.abc import AsyncIterator, Callable, Generator
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from ._stream import ItemStream, Reports
@@ -232,6 +232,35 @@ class Job(Generic[T]):
         self.payload = None
 
 
+class JobCoroutine(Job[T], Coroutine[Any, Any, T]):
+    """The job ``run`` returns: a ``Job`` that asyncio also takes as a coroutine, so that
+    ``pool.run(...)`` goes wherever a coroutine went (``create_task``, a ``TaskGroup``),
+    while ``gather`` and ``wait_for`` take it as the future it is (no task per call). Like
+    a coroutine, and unlike a job of ``submit``, ``asyncio.wait`` refuses it."""
+
+    __slots__ = ("_driver",)
+
+    _driver: Generator[Any, None, T] | None  # what a task made of the job steps
+
+    def send(self, value: Any) -> Any:
+        driver = self._driver
+        if driver is None:
+            driver = self._driver = self.future.__await__()
+        return driver.send(value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        driver = self._driver
+        if driver is None:
+            driver = self._driver = self.future.__await__()
+        if val is None and tb is None:
+            return driver.throw(typ)
+        return driver.throw(typ, val, tb)  # the old three-argument form
+
+    def close(self) -> None:
+        if self._driver is not None:
+            self._driver.close()
+
+
 class _Relay:
     """A job's done-callback: calls fn with the job (not its future), and equals fn, so
     that ``remove_done_callback(fn)`` finds it."""
@@ -263,10 +292,11 @@ def new_job(
     retries: int = 0,
     time_limit: float | None = None,
     soft_time_limit: float | None = None,
+    kind: type[Job[Any]] = Job,
 ) -> Job[T]:
     """A new PENDING job of owner's (the queue's): the one way a job is made, so the public
-    ``Job`` is the handle only."""
-    job: Job[T] = object.__new__(Job)
+    ``Job`` is the handle only. kind: ``Job``, or ``JobCoroutine`` for ``run``."""
+    job: Job[T] = object.__new__(kind)
     job._owner = owner
     job.id = job_id
     job.fn = fn
@@ -287,6 +317,8 @@ def new_job(
     job.run_time = None
     job.stream = None
     job._reports = None
+    if kind is JobCoroutine:
+        job._driver = None  # type: ignore[attr-defined]
     return job
 
 

@@ -35,7 +35,7 @@ from ._errors import (
     WorkerLostError,
     WorkerStartupError,
 )
-from ._job import Job, JobState, add_report, move, new_job, settle, take_retry
+from ._job import Job, JobCoroutine, JobState, add_report, move, new_job, settle, take_retry
 from ._mapping import MapIterator, Queue, imap_items, map_list
 from ._roster import Roster, Standing, WorkerRecord
 from ._sources import GiveUp, WorkerSource
@@ -278,7 +278,7 @@ class TaskQueue:
         )
         return StreamIterator(job)
 
-    async def run(
+    def run(
         self,
         fn: Callable[[Unpack[Ts]], T],
         /,
@@ -288,18 +288,25 @@ class TaskQueue:
         retries: int = 0,
         time_limit: float | None = None,
         soft_time_limit: float | None = None,
-    ) -> T:
-        """Run fn(*args) in a worker and return its value (or raise its exception)."""
-        job = self.submit(
+    ) -> JobCoroutine[T]:
+        """Run fn(*args) in a worker: ``await pool.run(fn, x)`` gives its value (or raises
+        its exception).
+
+        The call is queued at once, as by ``submit``, and what this returns is its job,
+        which asyncio takes as a coroutine (``create_task``, a ``TaskGroup``) or as a
+        future (``gather``, ``wait_for``): gathering many calls costs no task per call.
+        Bad arguments raise here, at the call.
+        """
+        return self._submit(  # type: ignore[return-value]  # made as a JobCoroutine
             fn,
-            *args,
+            args,
             priority=priority,
             series=series,
             retries=retries,
             time_limit=time_limit,
             soft_time_limit=soft_time_limit,
+            kind=JobCoroutine,
         )
-        return await job
 
     async def map(
         self,
@@ -454,6 +461,7 @@ class TaskQueue:
         time_limit: float | None,
         soft_time_limit: float | None,
         stream: ItemStream | None = None,
+        kind: type[Job[Any]] = Job,
     ) -> Job[T]:
         loop = self._check_call(series, retries)
         if not callable(fn):
@@ -471,6 +479,7 @@ class TaskQueue:
             retries=retries,
             time_limit=time_limit,
             soft_time_limit=soft_time_limit,
+            kind=kind,
         )
         job.stream = stream
         source = self._source
