@@ -1,15 +1,22 @@
 """One measurement of one library, run in a fresh process by ``benchmarks.peers``.
 
-``python -m benchmarks._measure LIB MEASUREMENT [--quick] [--loop uvloop]`` prints one JSON
-line: ``{"metrics": {...}, "notes": [...], "start_method": ..., "version": ...}``. A fresh
-process per measurement keeps one library's leftovers (threads, forkservers, warm caches,
-a broken pool) from touching the next measurement.
+``python benchmarks/_script.py LIB MEASUREMENT [--functions main|module] [--quick]
+[--loop uvloop]`` prints one JSON line: ``{"metrics": {...}, "notes": [...],
+"start_method": ..., "version": ...}``. A fresh process per measurement keeps one
+library's leftovers (threads, forkservers, warm caches, a broken pool) from touching the
+next measurement.
+
+The measurements of ``VARIED`` call the functions of ``_tasks.CALLS`` from where
+``--functions`` says: the script's own ``__main__`` (``_script``), as most programs define
+their tasks, or the importable ``_tasks``. Every task makes its result (a new int, new
+bytes, a new array), so no library can answer with something it cached.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import random
@@ -21,10 +28,13 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from . import _tasks
-from ._libs import WORKERS, Adapter, Outcome, adapter
+from ._adapter import WORKERS, Adapter, Outcome
+from ._floor import PipeFloor
+from ._libs import adapter
 from ._revisions import import_corral_from
 
 MiB = 1 << 20
@@ -42,6 +52,8 @@ class Sizes:
     payload_mib: int = 64
     payload_tries: int = 3
     sleep_tasks: int = 200
+    busy_tasks: int = 200
+    busy_seconds: float = 0.1
     death_timeout: float = 3.0
     time_limit: float = 0.2
     limit_runs: int = 5
@@ -58,6 +70,7 @@ QUICK = Sizes(
     payload_mib=16,
     payload_tries=2,
     sleep_tasks=20,
+    busy_tasks=20,
     death_timeout=1.0,
     limit_runs=3,
     replace_runs=3,
@@ -70,88 +83,183 @@ def _ms(ns: int) -> float:
     return ns / 1e6
 
 
-async def latency(lib: Adapter, sizes: Sizes) -> Result:
-    """Sequential awaited (or blocking) no-op calls, each timed on its own.
+# Latency samples alternate between the library and the pipe floor in blocks this long,
+# so a slow spell of the machine falls on both: short enough to interleave finely, long
+# enough that each side stays warm within its block.
+FLOOR_BLOCK = 20
+
+
+async def latency(lib: Adapter, sizes: Sizes, tasks: ModuleType) -> Result:
+    """Sequential awaited (or blocking) calls of ``add_one``, each timed on its own, and
+    beside them the raw pipe floor (``_floor``) in the same process, block by block.
 
     Warm-up and sampling stop early after a time budget (keeping at least 100 samples) so
     that a library that answers in milliseconds does not stretch the run.
     """
     clock = time.perf_counter_ns
-    await lib.start()
-    deadline = clock() + int(sizes.latency_budget * 1e9 / 4)
-    for _ in range(sizes.latency_warmup):
-        await lib.call(_tasks.noop)
-        if clock() > deadline:
-            break
-    samples: list[int] = []
-    deadline = clock() + int(sizes.latency_budget * 1e9)
-    for _ in range(sizes.latency_calls):
-        t0 = clock()
-        await lib.call(_tasks.noop)
-        t1 = clock()
-        samples.append(t1 - t0)
-        if t1 > deadline and len(samples) >= 100:
-            break
-    samples.sort()
-    p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))]
+    floor = PipeFloor()  # forked before the pool exists: no threads to fork yet
+    try:
+        await lib.start()
+        deadline = clock() + int(sizes.latency_budget * 1e9 / 4)
+        for i in range(sizes.latency_warmup):
+            await lib.call(tasks.add_one, i)
+            floor.call(tasks.add_one, i)
+            if clock() > deadline:
+                break
+        samples: list[int] = []
+        floor_samples: list[int] = []
+        deadline = clock() + int(sizes.latency_budget * 1e9)
+        while len(samples) < sizes.latency_calls:
+            for i in range(len(samples), len(samples) + FLOOR_BLOCK):
+                t0 = clock()
+                y = await lib.call(tasks.add_one, i)
+                samples.append(clock() - t0)
+                assert y == i + 1, "a wrong result"
+            for i in range(FLOOR_BLOCK):
+                t0 = clock()
+                floor.call(tasks.add_one, i)
+                floor_samples.append(clock() - t0)
+            if clock() > deadline and len(samples) >= 100:
+                break
+    finally:
+        floor.close()
     return {
         "median_us": statistics.median(samples) / 1e3,
-        "p99_us": p99 / 1e3,
+        "p99_us": _p99(samples) / 1e3,
         "calls": len(samples),
+        "floor_median_us": statistics.median(floor_samples) / 1e3,
+        "floor_p99_us": _p99(floor_samples) / 1e3,
     }
 
 
-async def submit(lib: Adapter, sizes: Sizes) -> Result:
-    """Submit many no-ops one by one, then wait for them all: per-call overhead in bulk."""
+def _p99(samples: list[int]) -> int:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+async def submit(lib: Adapter, sizes: Sizes, tasks: ModuleType) -> Result:
+    """Submit many tiny calls one by one, then wait for them all: per-call overhead in bulk.
+
+    Written the library's usual way (``call_many``: corral's ``submit`` then a gather of
+    the jobs, ``apply_async``, ``submit``, ...), and, where the library also has a call
+    that is a coroutine (corral: ``asyncio.gather(*(pool.run(...)))``), that way too.
+    """
     await lib.start()
-    await lib.call_many(_tasks.noop, [()] * 20)
     n = sizes.submit_calls
-    t0 = time.perf_counter()
-    results = await lib.call_many(_tasks.noop, [(i,) for i in range(n)])
-    elapsed = time.perf_counter() - t0
-    assert results == list(range(n)), "results out of order or missing"
-    return {"calls_per_s": n / elapsed}
+    arglists = [(i,) for i in range(n)]
+    expected = [i + 1 for i in range(n)]
+    shapes = {"calls_per_s": lib.call_many}
+    if lib.runs_coroutines:
+        shapes["run_calls_per_s"] = lib.run_many
+    for many in shapes.values():
+        await many(tasks.add_one, arglists[:20])  # warm-up
+    metrics: Result = {}
+    for key, many in shapes.items():
+        t0 = time.perf_counter()
+        results = await many(tasks.add_one, arglists)
+        elapsed = time.perf_counter() - t0
+        assert results == expected, "results out of order or missing"
+        metrics[key] = n / elapsed
+    return metrics
 
 
-async def map_(lib: Adapter, sizes: Sizes) -> Result:
-    """The library's own map over many no-ops, chunked the library's default way."""
+async def map_(lib: Adapter, sizes: Sizes, tasks: ModuleType) -> Result:
+    """The library's own map over many tiny calls, chunked the library's default way."""
     await lib.start()
-    await lib.map(_tasks.noop, list(range(100)))  # not call(): mpire's map fails after apply
+    await lib.map(tasks.add_one, list(range(100)))  # not call(): mpire's map fails after apply
     n = sizes.map_items
     items = list(range(n))
     t0 = time.perf_counter()
-    results = await lib.map(_tasks.noop, items)
+    results = await lib.map(tasks.add_one, items)
     elapsed = time.perf_counter() - t0
-    assert results == items, "results out of order or missing"
+    assert results == [x + 1 for x in items], "results out of order or missing"
     return {"calls_per_s": n / elapsed}
 
 
-async def payload(lib: Adapter, sizes: Sizes) -> Result:
-    """Move one large bytes object as the argument, then as the result; best of a few.
+async def imap(lib: Adapter, sizes: Sizes, tasks: ModuleType) -> Result:
+    """The library's own imap over many tiny calls, default chunking, every result consumed
+    as it comes: in input order, then as they finish (``imap_unordered``)."""
+    await lib.start()
+    await lib.map(tasks.add_one, list(range(100)))
+    n = sizes.map_items
+    items = list(range(n))
+    expected = [x + 1 for x in items]
+    metrics: Result = {}
+    notes: list[str] = []
+    for key, ordered in (("ordered_per_s", True), ("unordered_per_s", False)):
+        t0 = time.perf_counter()
+        try:
+            results = await lib.imap(tasks.add_one, items, ordered=ordered)
+        except Exception as exc:  # one way failing (mpire's unordered) leaves the other's
+            metrics[f"{key}_why"] = "fails"
+            way = "imap" if ordered else "unordered imap"
+            notes.append(f"{way} raised {type(exc).__name__}: {exc}")
+            continue
+        elapsed = time.perf_counter() - t0
+        assert (results if ordered else sorted(results)) == expected, "results wrong or missing"
+        metrics[key] = n / elapsed
+    return {"metrics": metrics, "notes": notes}
 
-    The result is made and cached in each worker beforehand (calls that sleep 50 ms, so
-    both workers get one), so only its transfer is timed.
+
+async def payload(lib: Adapter, sizes: Sizes, tasks: ModuleType) -> Result:
+    """Move one large object as the argument, then as the result; best of a few. Bytes,
+    then a float64 NumPy array of the same size (where numpy is installed).
+
+    Each argument is made afresh before its call, outside the timing; each result is made
+    by the task (``make_bytes``, ``make_array``), inside it: filling 64 MiB is part of what
+    every library's call then costs, as it is in a program.
     """
     nbytes = sizes.payload_mib * MiB
+    notes: list[str] = []
+    kinds: list[tuple[str, Any, Any]] = [("", _tasks.make_bytes, tasks.make_bytes)]
+    if importlib.util.find_spec("numpy") is None:
+        notes.append("numpy is not installed: no ndarray rows")
+    else:
+        kinds.append(("array_", _tasks.make_array, tasks.make_array))
     await lib.start()
-    await lib.call(_tasks.size_of, b"warm")
-    data = _tasks.blob(nbytes)  # made here too, outside the timed calls
-    await lib.call_many(_tasks.sleep_then_blob, [(0.05, nbytes)] * (2 * WORKERS))
+    await lib.call(tasks.size_of, b"warm")
+    for _, _, make in kinds:
+        # Slow enough that every worker gets one: each imports numpy (to unpickle an array
+        # argument too) and warms its allocator before the timed calls.
+        await lib.call_many(make, [(nbytes,)] * (2 * WORKERS))
+    metrics: Result = {}
+    for prefix, make_here, make_there in kinds:
+        best_arg = best_result = float("inf")
+        for _ in range(sizes.payload_tries):
+            data = make_here(nbytes)
+            t0 = time.perf_counter()
+            size = await lib.call(tasks.size_of, data)
+            best_arg = min(best_arg, time.perf_counter() - t0)
+            assert size == nbytes
+            del data
+            t0 = time.perf_counter()
+            result = await lib.call(make_there, nbytes)
+            best_result = min(best_result, time.perf_counter() - t0)
+            assert memoryview(result).nbytes == nbytes
+            del result
+        metrics[f"{prefix}arg_mib_s"] = sizes.payload_mib / best_arg
+        metrics[f"{prefix}result_mib_s"] = sizes.payload_mib / best_result
+    return {"metrics": metrics, "notes": notes}
 
-    best_arg = best_result = float("inf")
-    for _ in range(sizes.payload_tries):
-        t0 = time.perf_counter()
-        size = await lib.call(_tasks.size_of, data)
-        best_arg = min(best_arg, time.perf_counter() - t0)
-        assert size == nbytes
-        t0 = time.perf_counter()
-        result = await lib.call(_tasks.blob, nbytes)
-        best_result = min(best_result, time.perf_counter() - t0)
-        assert len(result) == nbytes
-        del result
+
+async def overhead(lib: Adapter, sizes: Sizes, tasks: ModuleType) -> Result:
+    """CPU-bound tasks of 100 ms (``busy``), submitted one by one: the worker time lost per
+    task, ``(workers x wall time - CPU time spent in the tasks) / tasks``.
+
+    Zero for a pool that keeps every worker busy from the first task to the last; every
+    gap between a worker's tasks, and every cycle the parent takes from the workers (2 of
+    them on a 2-core machine), counts.
+    """
+    n = sizes.busy_tasks
+    await lib.start()
+    await lib.call_many(tasks.add_one, [(i,) for i in range(20)])
+    t0 = time.perf_counter()
+    spent = await lib.call_many(tasks.busy, [(sizes.busy_seconds,)] * n)
+    wall = time.perf_counter() - t0
     return {
-        "arg_mib_s": sizes.payload_mib / best_arg,
-        "result_mib_s": sizes.payload_mib / best_result,
+        "overhead_ms": (WORKERS * wall - sum(spent)) / n * 1e3,
+        "wall_s": wall,
+        "ideal_s": sum(spent) / WORKERS,
     }
 
 
@@ -168,7 +276,7 @@ def ideal_efficiency(durations: list[float], workers: int = WORKERS) -> float:
     return 100 * sum(durations) / (workers * max(free))
 
 
-async def efficiency(lib: Adapter, sizes: Sizes) -> Result:
+async def efficiency(lib: Adapter, sizes: Sizes, tasks: ModuleType) -> Result:
     """Uneven sleeping tasks: the share of worker time spent in tasks, not waiting for them."""
     durations = _tasks.durations(sizes.sleep_tasks)
     await lib.start()
@@ -182,7 +290,7 @@ async def efficiency(lib: Adapter, sizes: Sizes) -> Result:
     }
 
 
-async def death(lib: Adapter, sizes: Sizes) -> Result:
+async def death(lib: Adapter, sizes: Sizes, tasks: ModuleType) -> Result:
     """A task kills its worker: how soon the caller hears of it, and is served again.
 
     The task writes CLOCK_MONOTONIC into a FIFO just before ``os._exit``, which dates the
@@ -275,7 +383,7 @@ async def _served(lib: Adapter, timeout: float) -> Outcome:
     return await lib.outcome(lib.submit(_tasks.getpid), timeout)
 
 
-async def limit(lib: Adapter, sizes: Sizes) -> Result:
+async def limit(lib: Adapter, sizes: Sizes, tasks: ModuleType) -> Result:
     """A task stuck far past its hard time limit: how late its caller hears of it.
 
     ``_tasks.stall`` writes its start (CLOCK_MONOTONIC, read inside the worker) and its pid
@@ -341,7 +449,7 @@ async def limit(lib: Adapter, sizes: Sizes) -> Result:
     return {"metrics": metrics, "notes": notes}
 
 
-async def replace(lib: Adapter, sizes: Sizes) -> Result:
+async def replace(lib: Adapter, sizes: Sizes, tasks: ModuleType) -> Result:
     """A pool of ONE worker whose task kills it: how soon a new process serves a call.
 
     ``_tasks.die`` writes the time into a FIFO and calls ``os._exit(1)``. The next call
@@ -399,33 +507,40 @@ async def replace(lib: Adapter, sizes: Sizes) -> Result:
     return {"metrics": metrics, "notes": notes}
 
 
-async def startup(lib: Adapter, sizes: Sizes) -> Result:
+async def startup(lib: Adapter, sizes: Sizes, tasks: ModuleType) -> Result:
     """From constructing the pool to the first served call, in a process that never had one."""
     t0 = time.perf_counter()
     await lib.start()
-    await lib.call(_tasks.noop)
+    assert await lib.call(tasks.add_one, 1) == 2
     return {"startup_ms": (time.perf_counter() - t0) * 1e3}
 
 
-MEASUREMENTS: dict[str, Callable[[Adapter, Sizes], Awaitable[Result]]] = {
+# Each takes the adapter, the sizes, and the module whose functions of _tasks.CALLS it calls.
+MEASUREMENTS: dict[str, Callable[[Adapter, Sizes, ModuleType], Awaitable[Result]]] = {
     "latency": latency,
     "submit": submit,
     "map": map_,
+    "imap": imap,
     "payload": payload,
+    "overhead": overhead,
     "efficiency": efficiency,
     "death": death,
     "startup": startup,
     "limit": limit,
     "replace": replace,
 }
+# Measured with the functions of the script's __main__ as well as of a module (--functions):
+# the ones whose calls a user writes. The others run _tasks's own helpers (dying, stalling).
+VARIED = ("latency", "submit", "map", "imap", "payload", "overhead", "startup")
+FUNCTIONS = ("main", "module")
 # Measured only for the libraries with a per-call hard time limit (Adapter.time_limits),
 # and not part of the default run: name them with --only.
 LIMITED = ("limit", "replace")
 
 
-async def _run(lib: Adapter, name: str, sizes: Sizes, src: Path | None) -> None:
+async def _run(lib: Adapter, name: str, sizes: Sizes, tasks: ModuleType, src: Path | None) -> None:
     """Measure, print the JSON line, stop. ``src``: where a pinned corral must come from."""
-    result = await MEASUREMENTS[name](lib, sizes)
+    result = await MEASUREMENTS[name](lib, sizes, tasks)
     if "metrics" not in result:
         result = {"metrics": result, "notes": []}
     if src is not None:
@@ -448,9 +563,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("lib", type=adapter, help="a library, or corral@REV")
     parser.add_argument("measurement", choices=list(MEASUREMENTS))
+    parser.add_argument(
+        "--functions",
+        choices=FUNCTIONS,
+        default="module",
+        help="call the functions of __main__ (the script run) or of benchmarks._tasks",
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     args = parser.parse_args(argv)
+    if args.functions == "main" and args.measurement not in VARIED:
+        parser.error(f"{args.measurement} calls only functions of benchmarks._tasks")
+    tasks = _tasks if args.functions == "module" else sys.modules["__main__"]
+    missing = [name for name in _tasks.CALLS if not callable(getattr(tasks, name, None))]
+    if missing:
+        parser.error(f"__main__ lacks {', '.join(missing)}: run benchmarks/_script.py")
     lib = args.lib()
     # Before anything imports corral: nothing above does.
     src = import_corral_from(lib.revision) if lib.revision else None
@@ -458,13 +585,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.loop == "uvloop":
         import uvloop
 
-        uvloop.run(_run(lib, args.measurement, sizes, src))
+        uvloop.run(_run(lib, args.measurement, sizes, tasks, src))
     else:
-        asyncio.run(_run(lib, args.measurement, sizes, src))
+        asyncio.run(_run(lib, args.measurement, sizes, tasks, src))
     sys.stdout.flush()
     # Skip interpreter clean-up: some libraries join their workers at exit.
     os._exit(0)
-
-
-if __name__ == "__main__":
-    main()

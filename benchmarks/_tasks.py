@@ -1,8 +1,10 @@
 """The functions the benchmarks run in worker processes.
 
-They live in an importable module (not ``__main__``) so that every library pickles them by
-reference, the same few bytes for all. aiomultiprocess runs only coroutine functions, so
-each task has an ``async`` twin that does exactly the same (blocking) work.
+They live in an importable module, so that every library pickles them by reference, the
+same few bytes for all. ``_script`` defines the same calls again in the measuring process's
+``__main__``, where users define theirs (the ``__main__`` rows of the report); ``CALLS``
+names those, and both modules define each. aiomultiprocess runs only coroutine functions,
+so each task has an ``async`` twin that does exactly the same (blocking) work.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-_blobs: dict[int, bytes] = {}
+# The calls that ``_script`` defines again in ``__main__``, with their async twins.
+CALLS = ("add_one", "size_of", "make_bytes", "make_array", "busy")
 
 
 def noop(x: Any = None) -> Any:
@@ -22,27 +25,41 @@ def noop(x: Any = None) -> Any:
     return x
 
 
-def size_of(data: bytes) -> int:
-    """Take a large argument and answer with a tiny result."""
-    return len(data)
+def add_one(x: int) -> int:
+    """A tiny call whose result the task makes (a new int), as a user's function does."""
+    return x + 1
 
 
-def blob(nbytes: int) -> bytes:
-    """Answer a tiny argument with ``nbytes`` of bytes.
+def size_of(data: Any) -> int:
+    """Take a large argument (bytes, or a contiguous ndarray) and answer with its size."""
+    return memoryview(data).nbytes
 
-    The bytes are made on the first call and cached in the worker, so timed calls measure
-    moving the result, not making it.
+
+def make_bytes(nbytes: int) -> bytes:
+    """Answer a tiny argument with ``nbytes`` of bytes made by this call (never cached: a
+    library cannot reuse what it sent last time). Filling them is part of the call."""
+    return b"\xa5" * nbytes
+
+
+def make_array(nbytes: int) -> Any:
+    """Answer with a new float64 ndarray of ``nbytes``. numpy is imported here, not at the
+    top, so that a worker that runs this module anew does not pay for it."""
+    import numpy
+
+    return numpy.arange(nbytes // 8, dtype=numpy.float64)
+
+
+def busy(seconds: float) -> float:
+    """Burn ``seconds`` of this thread's CPU time; return the CPU time it took.
+
+    CPU-bound on purpose: every cycle the pool's parent spends per task is then taken from
+    the workers (2 workers on 2 cores), as users with CPU-bound work pay it, where a
+    sleeping task would leave the cores idle and hide it.
     """
-    data = _blobs.get(nbytes)
-    if data is None:
-        data = _blobs[nbytes] = random.Random(nbytes).randbytes(nbytes)
-    return data
-
-
-def sleep_then_blob(seconds: float, nbytes: int) -> None:
-    """Make and cache ``blob(nbytes)`` in this worker, slowly enough that others get a turn."""
-    blob(nbytes)
-    time.sleep(seconds)
+    start = time.thread_time()
+    while time.thread_time() - start < seconds:
+        pass
+    return time.thread_time() - start
 
 
 def sleep_for(seconds: float) -> float:
@@ -94,19 +111,29 @@ async def anoop(x: Any = None) -> Any:
     return noop(x)
 
 
-async def asize_of(data: bytes) -> int:
+async def aadd_one(x: int) -> int:
+    """``add_one`` for aiomultiprocess."""
+    return add_one(x)
+
+
+async def asize_of(data: Any) -> int:
     """``size_of`` for aiomultiprocess."""
     return size_of(data)
 
 
-async def ablob(nbytes: int) -> bytes:
-    """``blob`` for aiomultiprocess."""
-    return blob(nbytes)
+async def amake_bytes(nbytes: int) -> bytes:
+    """``make_bytes`` for aiomultiprocess."""
+    return make_bytes(nbytes)
 
 
-async def asleep_then_blob(seconds: float, nbytes: int) -> None:
-    """``sleep_then_blob`` for aiomultiprocess."""
-    sleep_then_blob(seconds, nbytes)
+async def amake_array(nbytes: int) -> Any:
+    """``make_array`` for aiomultiprocess."""
+    return make_array(nbytes)
+
+
+async def abusy(seconds: float) -> float:
+    """``busy`` for aiomultiprocess."""
+    return busy(seconds)
 
 
 async def asleep_for(seconds: float) -> float:
@@ -131,9 +158,11 @@ async def agetpid() -> int:
 
 ASYNC_TWIN: dict[Callable[..., Any], Callable[..., Any]] = {
     noop: anoop,
+    add_one: aadd_one,
     size_of: asize_of,
-    blob: ablob,
-    sleep_then_blob: asleep_then_blob,
+    make_bytes: amake_bytes,
+    make_array: amake_array,
+    busy: abusy,
     sleep_for: asleep_for,
     die: adie,
     stall: astall,
