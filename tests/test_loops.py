@@ -207,3 +207,24 @@ def test_a_pool_is_refused_outside_a_loop_before_it_has_one() -> None:
 
     with asyncio.Runner() as runner:
         runner.run(use())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_run_from_another_thread_through_run_coroutine_threadsafe(loop: str) -> None:
+    """The README's way from another thread: ``pool.run(f, x)`` made where no loop runs is
+    a coroutine that queues the call once it runs on the pool's loop
+    (``asyncio.run_coroutine_threadsafe``), and gives its value."""
+
+    async def main() -> None:
+        async with corral.Pool(1, kind="thread") as pool:
+            own = asyncio.get_running_loop()
+
+            def from_thread() -> int:
+                call = pool.run(tasks.add, 2, 3)
+                result: int = asyncio.run_coroutine_threadsafe(call, own).result(BOUND)
+                return result
+
+            assert await bounded(asyncio.to_thread(from_thread)) == 5
+
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+        runner.run(main())

@@ -22,7 +22,7 @@ import copy
 import enum
 import functools
 import itertools
-from collections.abc import AsyncIterable, Callable, Iterable
+from collections.abc import AsyncIterable, Callable, Coroutine, Iterable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, TypeVarTuple, Unpack
 
@@ -288,15 +288,29 @@ class TaskQueue:
         retries: int = 0,
         time_limit: float | None = None,
         soft_time_limit: float | None = None,
-    ) -> JobCoroutine[T]:
+    ) -> Coroutine[Any, Any, T]:
         """Run fn(*args) in a worker: ``await pool.run(fn, x)`` gives its value (or raises
         its exception).
 
-        The call is queued at once, as by ``submit``, and what this returns is its job,
-        which asyncio takes as a coroutine (``create_task``, a ``TaskGroup``) or as a
-        future (``gather``, ``wait_for``): gathering many calls costs no task per call.
-        Bad arguments raise here, at the call.
+        Called on the queue's loop, the call is queued at once, as by ``submit``, and what
+        this returns is its job, which asyncio takes as a coroutine (``create_task``, a
+        ``TaskGroup``) or as a future (``gather``, ``wait_for``): gathering many calls
+        costs no task per call, and bad arguments raise here, at the call. Called where no
+        loop runs (another thread, for ``asyncio.run_coroutine_threadsafe``), it returns a
+        coroutine that queues the call once it runs on the queue's loop.
         """
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return self._run_later(
+                fn,
+                args,
+                priority=priority,
+                series=series,
+                retries=retries,
+                time_limit=time_limit,
+                soft_time_limit=soft_time_limit,
+            )
         return self._submit(  # type: ignore[return-value]  # made as a JobCoroutine
             fn,
             args,
@@ -307,6 +321,9 @@ class TaskQueue:
             soft_time_limit=soft_time_limit,
             kind=JobCoroutine,
         )
+
+    async def _run_later(self, fn: Callable[..., T], args: tuple[Any, ...], **options: Any) -> T:
+        return await self._submit(fn, args, **options)
 
     async def map(
         self,
