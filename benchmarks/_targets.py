@@ -117,7 +117,7 @@ def issue14(
         median = ordered[len(ordered) // 2]
         checks.limit(
             "(d) first answer of a fresh process's first pool ≤100 ms (benchmarks/startup.py,"
-            f" {len(ordered)} fresh processes, import included; best {ordered[0]:.1f} ms)",
+            f" {len(ordered)} fresh interpreters, import included; best {ordered[0]:.1f} ms)",
             median,
             100,
             "ms",
