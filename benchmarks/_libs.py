@@ -93,6 +93,22 @@ class CorralPrefetch(Corral):
     options: ClassVar[dict[str, Any]] = {"strategy": "prefetch", "prefetch": 4}
 
 
+class CorralFair(Corral):
+    """corral with ``strategy="fair"`` named, whatever the default: not run by default."""
+
+    key = "corral-fair"
+    title = "corral fair"
+    options: ClassVar[dict[str, Any]] = {"strategy": "fair"}
+
+
+class CorralAuto(Corral):
+    """corral with ``strategy="auto"``: not run by default."""
+
+    key = "corral-auto"
+    title = "corral auto"
+    options: ClassVar[dict[str, Any]] = {"strategy": "auto"}
+
+
 class ProcessPoolExecutor(AsyncAdapter):
     """The standard library's executor, awaited through ``loop.run_in_executor``.
 
@@ -392,9 +408,16 @@ ADAPTERS: dict[str, type[Adapter]] = {
         Mpire,
         Billiard,
         CorralPrefetch,
+        CorralFair,
+        CorralAuto,
     )
 }
-DEFAULT_LIBS = [key for key in ADAPTERS if key not in ("corral-prefetch", "billiard")]
+# The other strategies are for choosing corral's default (--libs corral,corral-fair,...).
+DEFAULT_LIBS = [
+    key
+    for key in ADAPTERS
+    if key not in ("corral-prefetch", "corral-fair", "corral-auto", "billiard")
+]
 
 
 def adapter(name: str) -> type[Adapter]:
