@@ -7,9 +7,18 @@ run twice.
     async with corral.Pool() as pool:
         y = await pool.run(f, x)
         ys = await pool.map(f, xs)
+
+Importing corral loads only what a worker process needs too (the errors, ``report``); the
+rest loads at its first use (``corral.Pool`` loads the pool), through ``__getattr__``. Every
+worker process imports this package, and so does the forkserver before it forks the first
+worker: each module the pool's side loaded here would delay the first answer twice.
 """
 
 from __future__ import annotations
+
+import importlib
+import sys
+import typing
 
 from ._errors import CorralError as CorralError
 from ._errors import PoolClosedError as PoolClosedError
@@ -19,15 +28,19 @@ from ._errors import SoftTimeLimitExceeded as SoftTimeLimitExceeded
 from ._errors import TimeLimitExceeded as TimeLimitExceeded
 from ._errors import WorkerLostError as WorkerLostError
 from ._errors import WorkerStartupError as WorkerStartupError
-from ._job import Job as Job
-from ._job import JobState as JobState
-from ._pool import Pool as Pool
 from ._report import report as report
-from ._stats import QueueStats as QueueStats
-from ._stream import StreamIterator as StreamIterator
-from ._taskqueue import TaskQueue as TaskQueue
-from ._tracker import Tracker as Tracker
-from .executor import Executor as Executor
+
+if typing.TYPE_CHECKING:  # loaded at first use: see _LAZY
+    from . import executor as executor
+    from . import workers as workers
+    from ._job import Job as Job
+    from ._job import JobState as JobState
+    from ._pool import Pool as Pool
+    from ._stats import QueueStats as QueueStats
+    from ._stream import StreamIterator as StreamIterator
+    from ._taskqueue import TaskQueue as TaskQueue
+    from ._tracker import Tracker as Tracker
+    from .executor import Executor as Executor
 
 __version__ = "0.1.0"  # the one place it is written; pyproject.toml reads it from here
 
@@ -51,8 +64,55 @@ __all__ = [
     "report",
 ]
 
+# The public names loaded at first use, and their modules.
+_LAZY = {
+    "Executor": "corral.executor",
+    "Job": "corral._job",
+    "JobState": "corral._job",
+    "Pool": "corral._pool",
+    "QueueStats": "corral._stats",
+    "StreamIterator": "corral._stream",
+    "TaskQueue": "corral._taskqueue",
+    "Tracker": "corral._tracker",
+}
+
+# The public submodules that ``import corral`` alone made reachable before it loaded lazily.
+_SUBMODULES = ("executor", "workers")
+
+
+def _publish(name: str, obj: object) -> None:
+    """Bind obj here as name, answering to ``corral`` (tracebacks, reprs and pickles say
+    ``corral.WorkerLostError``, never ``corral._errors.WorkerLostError``)."""
+    if getattr(obj, "__module__", "").startswith("corral."):
+        obj.__module__ = "corral"
+    globals()[name] = obj
+
+
+def _load(name: str) -> object:
+    """Load a public name at its first use, and publish with it every other one whose
+    module is loaded by now, so an object the pool hands out (a ``Job``) answers to
+    ``corral`` as soon as the program has touched the pool."""
+    if name in _SUBMODULES:
+        return importlib.import_module(f"corral.{name}")
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'corral' has no attribute {name!r}")
+    importlib.import_module(module)
+    for other, where in _LAZY.items():
+        if other not in globals() and where in sys.modules:
+            _publish(other, getattr(sys.modules[where], other))
+    return globals()[name]
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+if not typing.TYPE_CHECKING:  # a type checker reads the imports above, and flags a typo
+    __getattr__ = _load  # PEP 562: called for a name not (yet) bound here
+
+
 for _name in __all__:
-    _obj = globals()[_name]
-    if getattr(_obj, "__module__", "").startswith("corral."):
-        _obj.__module__ = "corral"
-del _name, _obj
+    if _name in globals():
+        _publish(_name, globals()[_name])
+del _name

@@ -14,6 +14,7 @@ and for every other caller, ``os.fork`` is what it was.
 from __future__ import annotations
 
 import errno
+import importlib
 import multiprocessing.forkserver
 import os
 import sys
@@ -52,3 +53,7 @@ def _in_the_server() -> bool:
 
 if _in_the_server():
     os.fork = _fork_or_abort_the_request
+    # What multiprocessing's start-up in each worker imports after the fork (running the
+    # main module again, unpickling the process object), imported once here instead.
+    for _module in ("multiprocessing.popen_forkserver", "pkgutil"):
+        importlib.import_module(_module)

@@ -21,12 +21,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._checks import check_count, check_seconds
-from ._cluster import ClusterLink
 from ._errors import CorralError, WorkerLostError, WorkerStartupError
 from ._wire import dumps_call
-from .workers._local import LocalWorker
 from .workers._process import STARTUP_TIMEOUT, ProcessWorker, unguarded_main
-from .workers._thread import ThreadWorker
 
 if TYPE_CHECKING:
     from ._job import Job
@@ -205,6 +202,10 @@ class ThreadSource(WorkerSource):
         self.new_worker()  # validates the initializer here, at the call
 
     def new_worker(self) -> Worker:
+        # The other kinds of worker load with their first source: a pool of processes
+        # never pays for them (nor for Dask's side, below).
+        from .workers._thread import ThreadWorker  # noqa: PLC0415
+
         initializer, initargs = self._initializer
         return ThreadWorker(initializer=initializer, initargs=initargs)
 
@@ -215,6 +216,8 @@ class LocalSource(ThreadSource):
     kind = "local"
 
     def new_worker(self) -> Worker:
+        from .workers._local import LocalWorker  # noqa: PLC0415
+
         initializer, initargs = self._initializer
         return LocalWorker(initializer=initializer, initargs=initargs)
 
@@ -230,6 +233,8 @@ class ClusterSource(WorkerSource):
         super().__init__(size or 0, **limits)
         check_seconds("startup_timeout", self.startup_timeout)
         self.sized = size is not None
+        from ._cluster import ClusterLink  # noqa: PLC0415
+
         self.link = ClusterLink(cluster)  # made here, so a bad cluster raises at the call
 
     def new_worker(self) -> Worker:

@@ -18,8 +18,6 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
-import psutil
-
 if TYPE_CHECKING:
     from .workers._base import Worker
 
@@ -166,6 +164,9 @@ def worker_stats(worker: Worker, state: str, in_flight: int, now: float) -> Work
 
 def parent_rss() -> int:
     """This process's resident memory in bytes."""
+    # psutil loads at the first stats() (some milliseconds), not with every pool.
+    import psutil  # noqa: PLC0415
+
     return int(psutil.Process(os.getpid()).memory_info().rss)
 
 

@@ -36,7 +36,6 @@ from ._errors import (
     WorkerStartupError,
 )
 from ._job import Job, JobCoroutine, JobState, add_report, move, new_job, settle, take_retry
-from ._mapping import MapIterator, Queue, imap_items, map_list
 from ._roster import Roster, Standing, WorkerRecord
 from ._sources import GiveUp, WorkerSource
 from ._stats import Percentiles, QueueStats, Timings, parent_rss, worker_stats
@@ -44,6 +43,7 @@ from ._stream import WINDOW, ItemStream, StreamIterator
 from ._wire import describe
 
 if TYPE_CHECKING:
+    from ._mapping import MapIterator, Queue
     from .workers._base import Worker
 
 T = TypeVar("T")
@@ -347,6 +347,8 @@ class TaskQueue:
         self._bind_loop("map")  # before sizing, which may start a pool's workers
         options = {"priority": priority, "series": series, "retries": retries}
         await self._until_sized()
+        from ._mapping import map_list  # noqa: PLC0415  # see _as_queue
+
         return await map_list(
             self._as_queue(), fn, iterable, chunksize=chunksize, options=options, progress=progress
         )
@@ -376,6 +378,8 @@ class TaskQueue:
         """
         self._check_call(series, retries, "imap")  # here, not at the first item
         options = {"priority": priority, "series": series, "retries": retries}
+        from ._mapping import imap_items  # noqa: PLC0415  # see _as_queue
+
         return imap_items(
             self._as_queue(),
             fn,
@@ -545,6 +549,10 @@ class TaskQueue:
 
     def _as_queue(self) -> Queue:
         """What map and imap use of this queue."""
+        # _mapping loads with the first map or imap, not with every queue: a program that
+        # only runs calls never pays for it.
+        from ._mapping import Queue  # noqa: PLC0415
+
         return Queue(self.submit, self._worker_count, self._bind_loop)
 
     def _worker_count(self) -> int:

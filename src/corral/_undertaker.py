@@ -13,9 +13,9 @@ holds a pipe from the program and the list of those groups::
 
 The kernel closes the pipe when the program dies, even by SIGKILL, so nothing has to run
 in the dying program. The undertaker is a fresh interpreter that imports nothing of
-corral (started once, at the first worker; a few milliseconds) in a session of its own,
-so a Ctrl-C meant for the program does not reach it. A process that leaves its worker's
-group (``setsid``, a daemon) is out of reach, as it means to be.
+corral (started once, as the first worker starts; a few milliseconds) in a session of its
+own, so a Ctrl-C meant for the program does not reach it. A process that leaves its
+worker's group (``setsid``, a daemon) is out of reach, as it means to be.
 """
 
 from __future__ import annotations
@@ -50,6 +50,15 @@ MARKER = "corral-undertaker"
 
 _lock = threading.Lock()
 _fd = -1  # the program's end of the pipe (-1: no undertaker yet, or it is gone)
+
+
+def prepare() -> None:
+    """Start the undertaker now unless it runs, before the first worker exists: the
+    process worker calls it while the forkserver boots, which the parent waits for anyway,
+    instead of between two workers' starts. ``watch`` starts it otherwise."""
+    with _lock:
+        if _fd < 0:
+            _start()  # one that could not start is tried again by watch()
 
 
 def watch(pgid: int) -> None:

@@ -29,8 +29,6 @@ import weakref
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
-import psutil
-
 from .. import _child, _forkserver
 from .. import _undertaker as undertaker
 from .._checks import check_seconds
@@ -316,6 +314,14 @@ class ProcessWorker(Worker):
             _check_fd_room(in_w)
             held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             try:
+                if self.start_method == "forkserver":
+                    # A forkserver not yet running boots for tens of milliseconds (a fresh
+                    # interpreter importing the preloads), which start() waits out; started
+                    # first, it boots while the undertaker starts (also born with SIGINT
+                    # blocked, as the forkserver must be: its preloading would not survive
+                    # a Ctrl-C).
+                    multiprocessing.forkserver.ensure_running()
+                undertaker.prepare()  # before the first fork: no worker waits for it after
                 process.start()
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, held)
@@ -430,6 +436,8 @@ class ProcessWorker(Worker):
         pid = self.pid
         if pid is None or not self.alive:
             return None
+        import psutil  # noqa: PLC0415  # see _kill_tree
+
         try:
             return int(psutil.Process(pid).memory_info().rss)
         except psutil.Error:
@@ -680,6 +688,10 @@ def _kill_tree(pid: int) -> None:
         os.kill(pid, signal.SIGSTOP)
     except ProcessLookupError:
         return
+    # psutil loads at its first use (some milliseconds, once), not before every program's
+    # first worker: most programs never kill one.
+    import psutil  # noqa: PLC0415
+
     frozen: dict[int, psutil.Process] = {}
     for _ in range(TREE_PASSES):  # until no new process turns up among the stopped ones
         try:
