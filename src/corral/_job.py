@@ -31,24 +31,28 @@ class JobState(enum.Enum):
     DONE = "done"  # finished with a value or an exception
     CANCELLED = "cancelled"
 
+    successors: tuple[JobState, ...]  # the states it may go to (see ``move``)
+
 
 # Where a job may go from each state. Only the queue moves a job (workers report what
 # happened; the queue decides what it means), through ``move``, which refuses any other
 # step: one would be a bug in corral, and is better loud than a job stuck or run twice.
-_NEXT: dict[JobState, frozenset[JobState]] = {
-    JobState.PENDING: frozenset({JobState.SENT, JobState.DONE, JobState.CANCELLED}),
-    JobState.SENT: frozenset(
-        {JobState.RUNNING, JobState.PENDING, JobState.DONE, JobState.CANCELLED}
-    ),
-    JobState.RUNNING: frozenset({JobState.PENDING, JobState.DONE, JobState.CANCELLED}),
-    JobState.DONE: frozenset(),
-    JobState.CANCELLED: frozenset(),
+# Kept on each state as a tuple: a lookup by identity, where a dict or a set of states
+# would hash the enum in Python several times per call.
+_NEXT: dict[JobState, tuple[JobState, ...]] = {
+    JobState.PENDING: (JobState.SENT, JobState.DONE, JobState.CANCELLED),
+    JobState.SENT: (JobState.RUNNING, JobState.PENDING, JobState.DONE, JobState.CANCELLED),
+    JobState.RUNNING: (JobState.PENDING, JobState.DONE, JobState.CANCELLED),
+    JobState.DONE: (),
+    JobState.CANCELLED: (),
 }
+for _state, _successors in _NEXT.items():
+    _state.successors = _successors
 
 
 def move(job: Job[Any], state: JobState) -> None:
     """Move job to state; ``RuntimeError`` for a step its life cycle does not have."""
-    if state not in _NEXT[job.state]:
+    if state not in job.state.successors:
         raise RuntimeError(f"{job!r} cannot go from {job.state.value} to {state.value}")
     job.state = state
 
@@ -220,7 +224,7 @@ class Job(Generic[T]):
         raise asyncio.InvalidStateError(f"{self!r} was not cancelled")
 
     def _withdraw(self) -> None:
-        if _NEXT[self.state]:  # neither done nor cancelled
+        if self.state.successors:  # neither done nor cancelled
             move(self, JobState.CANCELLED)
             self._owner.cancel_job(self)
 
@@ -325,7 +329,7 @@ def new_job(
 def settle(job: Job[T], value: T | None, error: BaseException | None) -> None:
     """End job with its value or error (a cancelled job stays cancelled). The queue's one
     way to finish a job (a second end, a result after a time limit's, is dropped)."""
-    if not _NEXT[job.state]:  # done or cancelled already
+    if not job.state.successors:  # done or cancelled already
         return
     job._finish()
     future = job.future
