@@ -94,17 +94,20 @@ def _load(name: str) -> object:
     ``corral`` as soon as the program has touched the pool."""
     if name in _SUBMODULES:
         return importlib.import_module(f"corral.{name}")
-    module = _LAZY.get(name)
-    if module is None:
+    where = _LAZY.get(name)
+    if where is None:
         raise AttributeError(f"module 'corral' has no attribute {name!r}")
-    importlib.import_module(module)
-    for other, where in _LAZY.items():
-        if other not in globals() and where in sys.modules:
-            _publish(other, getattr(sys.modules[where], other))
-    return globals()[name]
+    obj = getattr(importlib.import_module(where), name)
+    _publish(name, obj)
+    for other, home in _LAZY.items():
+        module = sys.modules.get(home)  # None, or perhaps still being imported by a thread
+        if other not in globals() and hasattr(module, other):
+            _publish(other, getattr(module, other))
+    return obj
 
 
 def __dir__() -> list[str]:
+    """Every name here, those not loaded yet included."""
     return sorted({*globals(), *__all__})
 
 

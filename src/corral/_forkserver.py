@@ -9,6 +9,9 @@ asks it to preload this module), it wraps ``os.fork``: a fork that fails there c
 fds the server received for that child, so the pool's read of the pid meets EOF and only
 that start fails, and reaches the loop as ECONNABORTED, which it survives. Anywhere else,
 and for every other caller, ``os.fork`` is what it was.
+
+In the forkserver it also imports what multiprocessing's start-up of each worker would
+import after the fork, so that no worker spends its first milliseconds on it.
 """
 
 from __future__ import annotations

@@ -40,18 +40,20 @@ def _publish(name: str, obj: type) -> None:
 def _load(name: str) -> type:
     """Load a worker kind at its first use, and publish with it every other one whose
     module is loaded by now."""
-    module = _LAZY.get(name)
-    if module is None:
+    where = _LAZY.get(name)
+    if where is None:
         raise AttributeError(f"module 'corral.workers' has no attribute {name!r}")
-    importlib.import_module(module)
-    for other, where in _LAZY.items():
-        if other not in globals() and where in sys.modules:
-            _publish(other, getattr(sys.modules[where], other))
-    cls: type = globals()[name]
+    cls: type = getattr(importlib.import_module(where), name)
+    _publish(name, cls)
+    for other, home in _LAZY.items():
+        module = sys.modules.get(home)  # None, or perhaps still being imported by a thread
+        if other not in globals() and hasattr(module, other):
+            _publish(other, getattr(module, other))
     return cls
 
 
 def __dir__() -> list[str]:
+    """Every name here, those not loaded yet included."""
     return sorted({*globals(), *__all__})
 
 
