@@ -90,7 +90,7 @@ class Pool(TaskQueue):
         kind: Kind = "process",
         start_method: str | None = None,
         strategy: Strategy | None = None,
-        prefetch: int = 4,
+        prefetch: int | None = None,
         initializer: Any = None,
         initargs: tuple[Any, ...] = (),
         max_tasks_per_child: int | None = None,

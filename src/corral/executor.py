@@ -430,7 +430,7 @@ class Executor(concurrent.futures.Executor):
     Futures are ``ExecutorFuture``; see there for how cancellation works.
 
     The executor's default is ``strategy="auto"`` as the pool's, with ``prefetch=16``
-    (the pool's is 4): a worker whose last call ran for under about 2 ms is sent up to
+    (the pool's is 32): a worker whose last call ran for under about 2 ms is sent up to
     16 calls ahead, one whose last call ran longer only one at a time.
     Each round trip through the executor costs a hand-over between the caller's thread
     and the bridge's, which prefetching shares among many short calls (about 2x the
