@@ -192,7 +192,7 @@ def test_bench_runs_and_prints_the_table(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "| ProcessPoolExecutor |" in done.stdout
-    assert "median latency" in done.stdout
+    assert "round trip of add_one, median" in done.stdout
 
 
 def test_unwritable_output_fails_before_rendering(tmp_path: Path) -> None:

@@ -15,10 +15,11 @@ import corral.workers
 
 def public_names(module: types.ModuleType) -> list[str]:
     """Names a user sees in module: not private, not a submodule, not a ``__future__``
-    directive."""
+    directive. Names loaded lazily (PEP 562) count as if loaded."""
+    values = {name: getattr(module, name) for name in dir(module)}
     return sorted(
         name
-        for name, value in vars(module).items()
+        for name, value in values.items()
         if not name.startswith("_")
         and not isinstance(value, types.ModuleType)
         and type(value).__module__ != "__future__"
