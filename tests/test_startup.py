@@ -26,8 +26,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # What no process of a program of process pools needs to import: the other kinds of
 # worker, Dask, the executor, the Tracker, psutil (only a kill, stats and memory limits
-# use it) and the command line's libraries.
+# use it), cloudpickle (only what pickle refuses: a lambda, a closure) and the command
+# line's libraries.
 NOT_FOR_A_PROCESS_POOL = {
+    "cloudpickle",
     "corral._cluster",
     "corral._tracker",
     "corral.cli",

@@ -21,6 +21,7 @@ first out) and tells the worker what to forget, so both tables stay in step.
 from __future__ import annotations
 
 import ast
+import functools
 import io
 import itertools
 import operator
@@ -31,8 +32,6 @@ import types
 import weakref
 from collections import OrderedDict
 from typing import Any, NamedTuple
-
-import cloudpickle
 
 # Plain functions and builtins whose pickle is their name are pickled once and kept by
 # function: most programs call a handful of functions millions of times. Bounded: a
@@ -229,28 +228,36 @@ def _module_level(fn: Any) -> bool:
     return owner is None or isinstance(owner, types.ModuleType)
 
 
-class MainPickler(cloudpickle.Pickler):  # type: ignore[misc]  # untyped
-    """cloudpickle, except that what a worker's ``__main__`` holds goes by name.
-
-    cloudpickle copies every ``__main__`` function and class; a copy is not the worker's
-    own, so ``isinstance`` fails against it and multiprocessing refuses to pickle it.
-    """
-
-    def reducer_override(self, obj: Any) -> Any:
-        if (
-            (type(obj) is types.FunctionType or isinstance(obj, type))
-            and getattr(obj, "__module__", None) == "__main__"
-            and main_reference_ok(obj)
-        ):
-            return NotImplemented  # pickle's own: by name
-        return super().reducer_override(obj)
-
-
 def by_value(obj: Any, buffer_callback: Any = None) -> bytes:
-    """obj pickled with ``MainPickler`` (protocol 5)."""
+    """obj pickled with cloudpickle (protocol 5), except that what a worker's ``__main__``
+    holds goes by name (``main_pickler``)."""
     file = io.BytesIO()
-    MainPickler(file, 5, buffer_callback=buffer_callback).dump(obj)
+    main_pickler()(file, 5, buffer_callback=buffer_callback).dump(obj)
     return file.getvalue()
+
+
+@functools.cache
+def main_pickler() -> type[Any]:
+    """The pickler of ``by_value``, made at its first use: cloudpickle is the fallback for
+    what pickle refuses, and a program (or worker) that never needs it does not import it
+    (milliseconds on every worker's start)."""
+    import cloudpickle  # noqa: PLC0415
+
+    class MainPickler(cloudpickle.Pickler):  # type: ignore[misc]  # untyped
+        """cloudpickle copies every ``__main__`` function and class; a copy is not the
+        worker's own, so ``isinstance`` fails against it and multiprocessing refuses to
+        pickle it: here those the worker can import go by name."""
+
+        def reducer_override(self, obj: Any) -> Any:
+            if (
+                (type(obj) is types.FunctionType or isinstance(obj, type))
+                and getattr(obj, "__module__", None) == "__main__"
+                and main_reference_ok(obj)
+            ):
+                return NotImplemented  # pickle's own: by name
+            return super().reducer_override(obj)
+
+    return MainPickler
 
 
 # -- by definition ------------------------------------------------------------------------

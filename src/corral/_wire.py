@@ -146,7 +146,7 @@ def dumps(obj: Any, wrapped: int = 0, main: int = -1) -> Encoded:
 
     ``main`` >= 0: how often the pickle may name ``__main__`` by itself; naming it more,
     it is pickled again, so that only what a worker's ``__main__`` holds goes by name
-    (``_functions.MainPickler``): a class defined in a script's main block must go by
+    (``_functions.main_pickler``): a class defined in a script's main block must go by
     value, or the worker could not unpickle its instances.
 
     ``wrapped`` counts the ``out_of_band`` wrappers in obj; each gives exactly one buffer,
