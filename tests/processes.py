@@ -81,28 +81,48 @@ def connections_to_children() -> set[int]:
 
 
 @contextlib.contextmanager
-def no_leaks() -> Iterator[None]:
-    """Fail the block if it leaves a child process or an fd open (allowing a few seconds
-    for children to be reaped on a slow machine).
+def no_leaks(wait: float = 10) -> Iterator[None]:
+    """Fail the block if it leaves a child process or an fd open (allowing wait seconds
+    for children to be reaped and fds closed on a slow machine).
 
     Once Dask is loaded, less the TCP connections between a cluster's scheduler in this
     process and its worker processes: Dask keeps them pooled for reuse, opening more when a
     test is busier than any before it, and closes them with the cluster. And while it waits
     it collects garbage: a socket Dask closed as the test's loop ended is let go only when
-    its transport is collected (a client still referenced is not, and stays counted)."""
+    its transport is collected (a client still referenced is not, and stays counted).
+
+    An fd counts as left open when it names the same file or socket at two looks in a
+    row: one that names another each time, or is gone, was opened and closed again
+    meanwhile (a cluster's connections for its heartbeats), not left behind."""
     children_before, fds_before = children(), open_fds()
     yield
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + wait
+    previous: dict[int, str] = {}
+    steady: set[int] = set()
     while True:
         clustered = "distributed" in sys.modules
         leaked_children = children() - children_before
         leaked_fds = open_fds() - fds_before
         if clustered and leaked_fds:
             leaked_fds -= connections_to_children()
-        if not (leaked_children or leaked_fds) or time.monotonic() > deadline:
+        leaked = _targets(leaked_fds)
+        steady = {fd for fd, what in leaked.items() if previous.get(fd) == what}
+        if not leaked_children and (not leaked or (previous and not steady)):
             break
+        if time.monotonic() > deadline:
+            break
+        previous = leaked or previous
         if clustered:
             gc.collect()
         time.sleep(0.05)
     assert not leaked_children, f"child processes left behind: {sorted(leaked_children)}"
-    assert not leaked_fds, f"fds left open: {describe_fds(leaked_fds)}"
+    assert not steady, f"fds left open: {describe_fds(steady)}"
+
+
+def _targets(fds: set[int]) -> dict[int, str]:
+    """What each of fds names now (its /proc link); those closed meanwhile are left out."""
+    targets = {}
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            targets[fd] = os.readlink(f"/proc/self/fd/{fd}")
+    return targets
