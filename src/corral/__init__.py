@@ -16,8 +16,6 @@ worker: each module the pool's side loaded here would delay the first answer twi
 
 from __future__ import annotations
 
-import importlib
-import sys
 import typing
 
 from ._errors import CorralError as CorralError
@@ -28,6 +26,7 @@ from ._errors import SoftTimeLimitExceeded as SoftTimeLimitExceeded
 from ._errors import TimeLimitExceeded as TimeLimitExceeded
 from ._errors import WorkerLostError as WorkerLostError
 from ._errors import WorkerStartupError as WorkerStartupError
+from ._lazy import LazyNames as _LazyNames
 from ._report import report as report
 
 if typing.TYPE_CHECKING:  # loaded at first use: see _LAZY
@@ -80,42 +79,15 @@ _LAZY = {
 _SUBMODULES = ("executor", "workers")
 
 
-def _publish(name: str, obj: object) -> None:
-    """Bind obj here as name, answering to ``corral`` (tracebacks, reprs and pickles say
-    ``corral.WorkerLostError``, never ``corral._errors.WorkerLostError``)."""
-    if getattr(obj, "__module__", "").startswith("corral."):
-        obj.__module__ = "corral"
-    globals()[name] = obj
-
-
-def _load(name: str) -> object:
-    """Load a public name at its first use, and publish with it every other one whose
-    module is loaded by now, so an object the pool hands out (a ``Job``) answers to
-    ``corral`` as soon as the program has touched the pool."""
-    if name in _SUBMODULES:
-        return importlib.import_module(f"corral.{name}")
-    where = _LAZY.get(name)
-    if where is None:
-        raise AttributeError(f"module 'corral' has no attribute {name!r}")
-    obj = getattr(importlib.import_module(where), name)
-    _publish(name, obj)
-    for other, home in _LAZY.items():
-        module = sys.modules.get(home)  # None, or perhaps still being imported by a thread
-        if other not in globals() and hasattr(module, other):
-            _publish(other, getattr(module, other))
-    return obj
+_names = _LazyNames(globals(), _LAZY, _SUBMODULES)
 
 
 def __dir__() -> list[str]:
     """Every name here, those not loaded yet included."""
-    return sorted({*globals(), *__all__})
+    return _names.dir()
 
 
 if not typing.TYPE_CHECKING:  # a type checker reads the imports above, and flags a typo
-    __getattr__ = _load  # PEP 562: called for a name not (yet) bound here
+    __getattr__ = _names.load  # PEP 562: called for a name not (yet) bound here
 
-
-for _name in __all__:
-    if _name in globals():
-        _publish(_name, globals()[_name])
-del _name
+_names.publish_loaded()

@@ -7,10 +7,9 @@ pays for the thread, loop and Dask workers.
 
 from __future__ import annotations
 
-import importlib
-import sys
 import typing
 
+from .._lazy import LazyNames as _LazyNames
 from ._base import Worker as Worker
 from ._base import WorkerHost as WorkerHost
 from ._process import ProcessWorker as ProcessWorker
@@ -30,38 +29,15 @@ _LAZY = {
 }
 
 
-def _publish(name: str, obj: type) -> None:
-    """Bind obj here as name, answering to ``corral.workers`` rather than its private
-    module."""
-    obj.__module__ = "corral.workers"
-    globals()[name] = obj
-
-
-def _load(name: str) -> type:
-    """Load a worker kind at its first use, and publish with it every other one whose
-    module is loaded by now."""
-    where = _LAZY.get(name)
-    if where is None:
-        raise AttributeError(f"module 'corral.workers' has no attribute {name!r}")
-    cls: type = getattr(importlib.import_module(where), name)
-    _publish(name, cls)
-    for other, home in _LAZY.items():
-        module = sys.modules.get(home)  # None, or perhaps still being imported by a thread
-        if other not in globals() and hasattr(module, other):
-            _publish(other, getattr(module, other))
-    return cls
+_names = _LazyNames(globals(), _LAZY)
 
 
 def __dir__() -> list[str]:
     """Every name here, those not loaded yet included."""
-    return sorted({*globals(), *__all__})
+    return _names.dir()
 
 
 if not typing.TYPE_CHECKING:  # a type checker reads the imports above, and flags a typo
-    __getattr__ = _load  # PEP 562: called for a name not (yet) bound here
+    __getattr__ = _names.load  # PEP 562: called for a name not (yet) bound here
 
-
-for _name in __all__:
-    if _name in globals():
-        _publish(_name, globals()[_name])
-del _name
+_names.publish_loaded()
