@@ -18,6 +18,7 @@ the calls, when they cannot start.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import enum
 import functools
@@ -775,7 +776,16 @@ class TaskQueue:
         )
         if self._source is not None:
             self._source.restarts.succeeded()
-        if self._ready is not None:
+        self._wake_ready()
+
+    def _wake_ready(self) -> None:
+        """Wake whoever waits for the source's workers to serve (``start``, ``resize``)."""
+        if self._ready is None:
+            return
+        # asyncio.run's SIGINT handler cancels the main task from the signal handler, which
+        # can run between Event.set's check of a waiter and its set_result: that waiter (the
+        # interrupted start) is cancelled then, and nobody is left to wake.
+        with contextlib.suppress(asyncio.InvalidStateError):
             self._ready.set()
 
     async def _replay(self, worker: Worker) -> None:
@@ -823,8 +833,7 @@ class TaskQueue:
         """No worker will start: fail the waiting calls (and later ones) with broken."""
         self._broken = broken
         self._fail_pending(broken)
-        if self._ready is not None:
-            self._ready.set()
+        self._wake_ready()
         self._check_drained()
 
     def _replace(self) -> None:
