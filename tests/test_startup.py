@@ -90,7 +90,13 @@ def test_import_corral_loads_only_what_a_worker_needs() -> None:
             "print(json.dumps(sorted(set(sys.modules) - before)))\n",
         )
     )
-    assert set(loaded) <= {"__future__", "corral", "corral._errors", "corral._lazy", "corral._report"}
+    assert set(loaded) <= {
+        "__future__",
+        "corral",
+        "corral._errors",
+        "corral._lazy",
+        "corral._report",
+    }
 
 
 SCRIPT = """
