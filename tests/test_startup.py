@@ -14,13 +14,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
 from tests.processes import dead
+from tests.waits import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -221,10 +221,7 @@ def test_an_undertaker_started_early_is_the_one_that_watches() -> None:
         assert len(undertakers_of(program.pid)) == 1
         os.kill(program.pid, signal.SIGKILL)
         program.wait(timeout=30)
-        deadline = time.monotonic() + 10
-        while not dead(watched) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert dead(watched), "the watched group outlived the program"
+        wait_until(lambda: dead(watched), timeout=10)  # else the group outlived the program
     finally:
         if program.poll() is None:
             program.kill()
