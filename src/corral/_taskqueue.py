@@ -830,7 +830,10 @@ class TaskQueue:
             self._add_worker()
 
     def _give_up(self, broken: WorkerStartupError) -> None:
-        """No worker will start: fail the waiting calls (and later ones) with broken."""
+        """No worker will start: fail the waiting calls (and later ones) with broken. The
+        first verdict stands: workers failing as the queue terminates do not replace it."""
+        if self._broken is not None:
+            return
         self._broken = broken
         self._fail_pending(broken)
         self._wake_ready()

@@ -245,7 +245,10 @@ class ProcessWorker(Worker):
                 1, f"could not start a process: {type(exc).__name__}: {exc}"
             ) from exc
         try:
-            await asyncio.wait_for(asyncio.shield(self._up), self.startup_timeout)
+            # asyncio.timeout, not wait_for: a start cancelled just as the worker failed
+            # raises CancelledError, not the failure chained to a CancelledError
+            async with asyncio.timeout(self.startup_timeout):
+                await asyncio.shield(self._up)
         except TimeoutError:
             await self.kill()
             raise WorkerStartupError(
