@@ -66,6 +66,11 @@ def runs_itself():
     return getattr(sys.modules["__main__"], "runs_itself", None) is runs_itself
 
 
+def is_itself(x):
+    # map passes it to its chunk runner as an argument: by name too where it can go so.
+    return getattr(sys.modules["__main__"], "is_itself", None) is is_itself
+
+
 def squares_in_a_pool(n):
     with multiprocessing.get_context("fork").Pool(1) as pool:
         return pool.map(square, range(n))
@@ -112,6 +117,8 @@ async def main(method):
     async with corral.Pool(1, start_method=method) as pool:
         facts["square"] = await pool.run(square, 3)
         facts["runs_itself"] = await pool.run(runs_itself)
+        facts["map_itself"] = await pool.map(is_itself, [1, 2])
+        facts["map_points"] = await pool.map(twice_x, [Local(1), Point(2)])
         facts["is_point"] = await pool.run(is_point, Point(1))
         facts["own_class"] = await pool.run(is_own_point, Point(1))
         facts["main_block_class"] = await pool.run(twice_x, Local(4))
@@ -215,6 +222,8 @@ def test_a_scripts_functions_go_by_name_and_keep_their_identity(
     facts = run(tmp_path, how, method)
     assert facts["square"] == 9
     assert facts["runs_itself"] is True
+    assert facts["map_itself"] == [True, True]
+    assert facts["map_points"] == [2, 4]  # a main-block class's instance beside it: by value
     assert facts["is_point"] is True
     assert facts["own_class"] is True
     assert facts["main_block_class"] == 8
@@ -246,6 +255,8 @@ def test_functions_a_worker_cannot_import_go_by_value_once(
     facts = run(tmp_path, how, method)
     assert facts["square"] == 9
     assert facts["runs_itself"] is False  # a copy: nothing to import it from
+    assert facts["map_itself"] == [False, False]
+    assert facts["map_points"] == [2, 4]
     assert facts["is_point"] is True
     assert facts["main_block_class"] == 8
     assert facts["point_back"] is True

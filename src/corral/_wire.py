@@ -37,6 +37,7 @@ import struct
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from types import FunctionType
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 from ._errors import RemoteTraceback, SerializationError
@@ -134,6 +135,20 @@ def out_of_band(obj: Any) -> Any:
 
 
 _BYTES_TYPES = (bytes, bytearray)
+
+
+class _ByName:
+    """A script's function passed as an argument (``map`` passes the user's function to
+    its chunk runner), pickled as the worker resolves the called function: by its name,
+    pickled apart, so that the call's own pickle names ``__main__`` only inside it."""
+
+    __slots__ = ("named",)
+
+    def __init__(self, named: bytes) -> None:
+        self.named = named
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (pickle.loads, (self.named,))
 
 
 # How a pickle names __main__: a call whose pickle says it (beyond the function's own
@@ -304,10 +319,13 @@ def dumps_call(
     plain pickle, or through cloudpickle where they hold a lambda, a closure or what a
     worker's ``__main__`` lacks (``map`` passes the user's function as one).
     """
-    wrapped = 0
-    for arg in args:  # one cheap pass; most calls have no large bytes
-        if type(arg) in _BYTES_TYPES and len(arg) >= OUT_OF_BAND_MIN:
+    wrapped = by_name = 0
+    for arg in args:  # one cheap pass; most calls have no large bytes and no function
+        kind = type(arg)
+        if kind in _BYTES_TYPES and len(arg) >= OUT_OF_BAND_MIN:
             wrapped += 1
+        elif kind is FunctionType and arg.__module__ == "__main__":
+            by_name += 1
     sent = tuple(map(out_of_band, args)) if wrapped else args
     made = None
     try:
@@ -315,8 +333,11 @@ def dumps_call(
         if named is None:
             made = definition(fn)
         head: Any = (named or fn) if made is None else (made.token,)
+        main = named.count(_MAIN) if named else 0
+        if by_name:
+            sent, main = _main_functions_by_name(sent, main)
         call: CallMessage = (head, sent, soft_time_limit, credit)
-        encoded = dumps(call, wrapped, named.count(_MAIN) if named else 0)
+        encoded = dumps(call, wrapped, main)
     except KeyboardInterrupt:
         raise  # the user's Ctrl-C, not the call's fault
     except BaseException as exc:  # a __reduce__ may raise anything, SystemExit included
@@ -325,6 +346,20 @@ def dumps_call(
         return encoded
     # The worker must see the request before it unpickles anything: it goes in the header.
     return encoded._replace(flags=ACK_WANTED if ack else 0, definition=made)
+
+
+def _main_functions_by_name(args: tuple[Any, ...], main: int) -> tuple[tuple[Any, ...], int]:
+    """args with each script function a worker can import sent by name (``_ByName``), and
+    main raised by the ``__main__`` those names say, which ``dumps`` allows the call."""
+    sent = []
+    for arg in args:
+        named = reference(arg) if type(arg) is FunctionType else None
+        if named is not None and arg.__module__ == "__main__":
+            sent.append(_ByName(named))
+            main += named.count(_MAIN)
+        else:
+            sent.append(arg)
+    return tuple(sent), main
 
 
 # Unpickles a CALL frame's body into ``dumps_call``'s message, raising what unpickling
