@@ -5,7 +5,8 @@ into a pipe, a child blocked on that pipe reads it, unpickles it, runs it, pickl
 result and writes it back into a second pipe, on which the parent was blocked. The
 latency measurement times this beside the library's own calls, interleaved in the same
 process, so a target such as "the median round trip at most 1.3x the floor" compares
-numbers taken under the same load.
+numbers taken under the same load. ``call_on_loop`` is the same round trip awaited on the
+event loop: the floor of a pool whose parent is an asyncio program.
 
 The child is forked before any pool exists (a fork of a process with threads is unsafe)
 and runs nothing but its loop; ``close`` kills and reaps it.
@@ -13,6 +14,7 @@ and runs nothing but its loop; ``close`` kills and reaps it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pickle
 import signal
@@ -62,14 +64,37 @@ class PipeFloor:
         os.close(calls_r)
         os.close(results_w)
         self.pid = pid
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._answer: asyncio.Future[None] | None = None
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """One round trip: ``fn(*args)`` run in the child (fn goes by reference)."""
         _write_frame(self._calls, (fn, args))
         return _read_frame(self._results)
 
+    async def call_on_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """The same round trip, the parent waiting for the answer on its event loop (woken
+        by the selector, its reader registered once, as a pool's parent is) instead of
+        blocked in ``read``: the floor of any asyncio pool; its difference from ``call``
+        is the loop's own cost."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._loop = loop
+            loop.add_reader(self._results, self._readable)
+        self._answer = loop.create_future()
+        _write_frame(self._calls, (fn, args))
+        await self._answer
+        return _read_frame(self._results)
+
+    def _readable(self) -> None:
+        if self._answer is not None and not self._answer.done():
+            self._answer.set_result(None)
+
     def close(self) -> None:
         """Kill and reap the child, close the pipes. Idempotent."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._results)
+        self._loop = None
         if self.pid:
             os.kill(self.pid, signal.SIGKILL)
             os.waitpid(self.pid, 0)

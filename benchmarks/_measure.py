@@ -91,7 +91,8 @@ FLOOR_BLOCK = 20
 
 async def latency(lib: Adapter, sizes: Sizes, tasks: ModuleType) -> Result:
     """Sequential awaited (or blocking) calls of ``add_one``, each timed on its own, and
-    beside them the raw pipe floor (``_floor``) in the same process, block by block.
+    beside them the raw pipe floor (``_floor``) in the same process, block by block, both
+    blocked in ``read`` and awaited on the loop.
 
     Warm-up and sampling stop early after a time budget (keeping at least 100 samples) so
     that a library that answers in milliseconds does not stretch the run.
@@ -104,10 +105,12 @@ async def latency(lib: Adapter, sizes: Sizes, tasks: ModuleType) -> Result:
         for i in range(sizes.latency_warmup):
             await lib.call(tasks.add_one, i)
             floor.call(tasks.add_one, i)
+            await floor.call_on_loop(tasks.add_one, i)
             if clock() > deadline:
                 break
         samples: list[int] = []
         floor_samples: list[int] = []
+        loop_floor_samples: list[int] = []
         deadline = clock() + int(sizes.latency_budget * 1e9)
         while len(samples) < sizes.latency_calls:
             for i in range(len(samples), len(samples) + FLOOR_BLOCK):
@@ -119,6 +122,10 @@ async def latency(lib: Adapter, sizes: Sizes, tasks: ModuleType) -> Result:
                 t0 = clock()
                 floor.call(tasks.add_one, i)
                 floor_samples.append(clock() - t0)
+            for i in range(FLOOR_BLOCK):
+                t0 = clock()
+                await floor.call_on_loop(tasks.add_one, i)
+                loop_floor_samples.append(clock() - t0)
             if clock() > deadline and len(samples) >= 100:
                 break
     finally:
@@ -129,6 +136,7 @@ async def latency(lib: Adapter, sizes: Sizes, tasks: ModuleType) -> Result:
         "calls": len(samples),
         "floor_median_us": statistics.median(floor_samples) / 1e3,
         "floor_p99_us": _p99(floor_samples) / 1e3,
+        "loop_floor_median_us": statistics.median(loop_floor_samples) / 1e3,
     }
 
 

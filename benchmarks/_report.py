@@ -42,6 +42,13 @@ def rows(quick: bool) -> list[Row]:
     metrics = [
         ("latency", "median_us", "round trip of add_one, median (µs)", False, 0),
         ("latency", "floor_median_us", "raw pipe floor in the same runs, median (µs)", False, 0),
+        (
+            "latency",
+            "loop_floor_median_us",
+            "pipe floor awaited on the event loop, median (µs)",
+            False,
+            0,
+        ),
         ("latency", "p99_us", "round trip of add_one, p99 (µs)", False, 0),
         ("latency", "floor_p99_us", "raw pipe floor in the same runs, p99 (µs)", False, 0),
         ("submit", "calls_per_s", f"{sizes.submit_calls:,} submits + gather (calls/s)", True, 0),
