@@ -52,15 +52,19 @@ class Pool(TaskQueue):
             coroutine functions).
         start_method: ``"forkserver"`` (the default where it exists), ``"spawn"`` or
             ``"fork"``. fork is fastest to start but unsafe with threads in the parent.
-        strategy, prefetch: see ``TaskQueue``; the default is ``"auto"``, or ``"fair"``
-            with ``cluster``.
-        initializer, initargs: run ``initializer(*initargs)`` in each worker before it takes
-            jobs. If it raises, the pool gives up after a few tries and calls fail with
+        strategy: see ``TaskQueue``; the default is ``"auto"``, or ``"fair"`` with
+            ``cluster``.
+        prefetch: see ``TaskQueue``.
+        initializer: run ``initializer(*initargs)`` in each worker before it takes jobs.
+            If it raises, the pool gives up after a few tries and calls fail with
             ``WorkerStartupError``.
-        soft_time_limit, time_limit: defaults for calls that set none. Past the soft limit
-            ``SoftTimeLimitExceeded`` is raised inside the task (through SIGALRM); past the
-            hard limit the worker is killed and replaced and the call fails with
-            ``TimeLimitExceeded``. Both count from the moment the job starts.
+        initargs: the arguments of ``initializer``.
+        soft_time_limit: the default for calls that set none. Past it
+            ``SoftTimeLimitExceeded`` is raised inside the task (through SIGALRM). It
+            counts from the moment the job starts.
+        time_limit: the default for calls that set none. Past it the worker is killed and
+            replaced and the call fails with ``TimeLimitExceeded``. It counts from the
+            moment the job starts.
         startup_timeout: seconds a worker has to start before it is killed and retried.
         max_tasks_per_child: replace a worker after it has run this many jobs (1: a fresh
             process per job). It is never sent more; what it holds, it finishes.
