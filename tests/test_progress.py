@@ -1,7 +1,8 @@
 """Progress bars of ``map`` and ``imap``: none unless asked for, none on a stderr that is
 not a terminal unless ``"always"``, a bar with its total, rate and final count otherwise,
-closed on an error or an early stop, a clear ImportError when tqdm is missing, and a bar on
-a real terminal (a pseudo-terminal) with ``progress=True``.
+closed on an error or an early stop, a clear ImportError when tqdm is missing, a bar on a
+real terminal (a pseudo-terminal) with ``progress=True`` and nothing on a pipe or a file.
+The widget a notebook shows is tested in a real kernel, in test_notebook.py.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import termios
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -136,31 +137,34 @@ async def test_missing_tqdm_is_reported_at_the_call() -> None:
         assert await drain(pool.imap(tasks.square, range(3), progress=True)) == [0, 1, 4]
 
 
-def test_progress_true_draws_on_a_terminal() -> None:
-    """With stderr on a (pseudo-)terminal, ``progress=True`` draws the bars of map and
-    imap, each ending at its total."""
-    script = textwrap.dedent(
-        """
-        import asyncio
-        import corral
-        from tests import tasks
-
-        async def main():
-            async with corral.Pool(2, kind="thread") as pool:
-                await pool.map(tasks.square, range(50), chunksize=5, progress=True)
-                async for _ in pool.imap(tasks.square, range(30), progress=True):
-                    pass
-
-        asyncio.run(main())
-        """
+def run_script(script: str, **streams: Any) -> subprocess.CompletedProcess[str]:
+    """Run a Python script (dedented) in a fresh interpreter at the project's root, with
+    stdout captured and the given ``stderr``; fails the test if it fails."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        timeout=BOUND,
+        check=False,
+        **streams,
     )
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    return done
+
+
+def run_on_a_terminal(script: str) -> str:
+    """Run a Python script (dedented) with its stderr on a pseudo-terminal of 24 rows by
+    100 columns; return what it wrote there."""
     leader, follower = os.openpty()
     try:
-        # A terminal 24 rows by 100 columns (a new pty says 0 by 0: no room for a bar).
+        # A new pty says 0 by 0: no room for a bar.
         fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         with subprocess.Popen(
-            [sys.executable, "-c", script], cwd=ROOT, env=env, stderr=follower
+            [sys.executable, "-c", textwrap.dedent(script)], cwd=ROOT, env=env, stderr=follower
         ) as child:
             os.close(follower)
             follower = -1
@@ -170,9 +174,79 @@ def test_progress_true_draws_on_a_terminal() -> None:
         os.close(leader)
         if follower != -1:
             os.close(follower)
+    return output
+
+
+# map and imap with progress=True on a thread pool, then which of the modules a bar could
+# need were loaded, on stdout.
+MAP_AND_IMAP = textwrap.dedent(
+    """
+    import asyncio
+    import sys
+    import corral
+    from tests import tasks
+
+    async def main():
+        async with corral.Pool(2, kind="thread") as pool:
+            assert await pool.map(tasks.square, range(50), chunksize=5, progress=True) == [
+                x * x for x in range(50)
+            ]
+            async for _ in pool.imap(tasks.square, range(30), progress=True):
+                pass
+
+    asyncio.run(main())
+    print(sorted(name for name in ("IPython", "ipykernel", "ipywidgets", "tqdm")
+                 if name in sys.modules))
+    """
+)
+
+
+def test_progress_true_draws_on_a_terminal() -> None:
+    """With stderr on a (pseudo-)terminal, ``progress=True`` draws the bars of map and
+    imap, each ending at its total."""
+    output = run_on_a_terminal(MAP_AND_IMAP)
     assert "map square" in output
     assert "50/50" in output
     assert "imap square" in output
+    assert "30/30" in output
+
+
+@pytest.mark.parametrize("where", ["pipe", "file"])
+def test_progress_true_is_silent_on_a_pipe_and_a_file(where: str, tmp_path: Path) -> None:
+    """With stderr on a pipe or a file, ``progress=True`` writes nothing there, and the
+    choice loads nothing: neither tqdm nor IPython, ipykernel or ipywidgets (looking for a
+    notebook only reads ``sys.modules``)."""
+    if where == "pipe":
+        done = run_script(MAP_AND_IMAP, stderr=subprocess.PIPE)
+        err = done.stderr
+    else:
+        log = tmp_path / "stderr.log"
+        with log.open("w") as stderr:
+            done = run_script(MAP_AND_IMAP, stderr=stderr)
+        err = log.read_text()
+    assert err == ""
+    assert done.stdout.splitlines()[-1] == "[]"
+
+
+def test_an_ipython_shell_that_is_no_kernel_is_no_notebook() -> None:
+    """A program that imported ipykernel and runs an IPython shell without a kernel (a
+    terminal IPython, a script) is not a notebook: ``progress=True`` draws the text bar on
+    its terminal, not a widget."""
+    output = run_on_a_terminal(
+        textwrap.dedent(
+            """
+        import ipykernel.zmqshell
+        from IPython.core.interactiveshell import InteractiveShell
+        from corral import _progress
+
+        InteractiveShell.instance()  # what get_ipython() now returns: a shell, no kernel
+        assert not _progress.in_notebook()
+        """
+        )
+        + MAP_AND_IMAP
+    )
+    assert "map square" in output
+    assert "50/50" in output
     assert "30/30" in output
 
 
