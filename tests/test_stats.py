@@ -1,15 +1,17 @@
 """``stats()``: each worker's kind, pid, state, tasks, busy and idle time and memory, the
-queue's length and the timing percentiles, and the table it prints as."""
+queue's length and the timing percentiles, the table it prints as, and the HTML table a
+notebook shows (the same cells, escaped)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+from html.parser import HTMLParser
 
 import pytest
 
 import corral
-from corral._stats import Percentiles
+from corral._stats import Percentiles, QueueStats, WorkerStats
 from tests import tasks
 from tests.waits import bounded
 
@@ -96,3 +98,132 @@ def test_percentiles() -> None:
     p = Percentiles.of(float(i) for i in range(1, 101))
     assert (p.count, p.p50, p.p90, p.p99, p.max) == (100, 51.0, 91.0, 100.0, 100.0)
     assert Percentiles.of([]) == Percentiles(0, 0.0, 0.0, 0.0, 0.0)
+
+
+class _Cells(HTMLParser):
+    """The text of each paragraph and each table row of an HTML page, cells apart."""
+
+    def __init__(self) -> None:
+        super().__init__()  # convert_charrefs: the text comes unescaped
+        self.rows: list[list[str]] = []
+        self.tags: list[str] = []
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        if tag in ("p", "tr"):
+            self.rows.append([])
+        if tag in ("p", "th", "td"):
+            self._cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("p", "th", "td") and self._cell is not None:
+            self.rows[-1].append("".join(self._cell))
+            self._cell = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def html_lines(page: str) -> list[str]:
+    """An HTML stats page as lines of words: its summary, then each row of its tables."""
+    parser = _Cells()
+    parser.feed(page)
+    parser.close()
+    return [" ".join(" ".join(row).split()) for row in parser.rows]
+
+
+def text_lines(text: str) -> list[str]:
+    """A text stats table as lines of words (the blank lines between tables left out)."""
+    return [" ".join(line.split()) for line in text.splitlines() if line.strip()]
+
+
+def a_snapshot(name: str = "process-1", state: str = "idle") -> QueueStats:
+    """Stats made by hand: a process worker and a thread worker, with known numbers."""
+    timing = Percentiles(3, 0.001, 0.002, 0.003, 0.004)
+    return QueueStats(
+        workers=(
+            WorkerStats(
+                name=name,
+                kind="process",
+                pid=1234,
+                state=state,
+                series=None,
+                tasks_done=5000,
+                in_flight=0,
+                busy=1.5,
+                idle=0.25,
+                rss=30 * 2**20,
+            ),
+            WorkerStats(
+                name="thread-1",
+                kind="thread",
+                pid=None,
+                state="busy",
+                series=("a",),
+                tasks_done=7,
+                in_flight=1,
+                busy=0.0,
+                idle=2.0,
+                rss=None,
+            ),
+        ),
+        queued=4,
+        in_flight=1,
+        calls=5007,
+        failed=2,
+        wait=timing,
+        transfer=timing,
+        run=timing,
+        rss=100 * 2**20,
+    )
+
+
+def test_html_shows_the_cells_of_the_text() -> None:
+    """The HTML view has the summary as a paragraph and one table row per line of the
+    text tables, with the same words in the same order, a header row of ``th`` cells,
+    and right-aligned numbers."""
+    stats = a_snapshot()
+    page = stats._repr_html_()
+    assert html_lines(page) == text_lines(str(stats))
+    assert html_lines(page)[:3] == [
+        "2 workers, 4 queued, 1 in flight, 5,007 calls (2 failed), parent rss 100.0 MiB",
+        "worker kind pid state done busy s idle s rss MiB",
+        "process-1 process 1234 idle 5,000 1.500 0.250 30.0",
+    ]
+    assert page.count("<table>") == 2
+    assert page.count("<th ") == 8 + 5
+    assert '<td style="text-align: right">1.500</td>' in page
+
+
+def test_html_escapes_every_cell() -> None:
+    """A worker name or state holding markup is shown as text, not interpreted: no tag
+    or entity of it reaches the page unescaped, and the page still reads as the text."""
+    name = '<script>alert("x")</script> & co'
+    stats = a_snapshot(name=name, state="<b>idle</b>")
+    page = stats._repr_html_()
+    assert "<script>" not in page
+    assert "<b>" not in page
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; co" in page
+    assert html_lines(page) == text_lines(str(stats))
+    parser = _Cells()
+    parser.feed(page)
+    assert set(parser.tags) == {"div", "p", "table", "thead", "tbody", "tr", "th", "td"}
+
+
+async def test_html_of_a_live_pool_matches_its_text() -> None:
+    """A real pool's stats render as HTML with the same cells as their text."""
+    async with corral.Pool(2) as pool:
+        await bounded(pool.map(tasks.square, range(20), chunksize=1))
+        stats = pool.stats()
+    assert html_lines(stats._repr_html_()) == text_lines(str(stats))
+
+
+def test_ipython_shows_the_text_table() -> None:
+    """IPython's plain-text view of the stats (a terminal IPython, a notebook's text/plain)
+    is the table ``str()`` gives, not the dataclass's long repr."""
+    from IPython.lib.pretty import pretty
+
+    stats = a_snapshot()
+    assert pretty(stats) == str(stats)

@@ -13,13 +13,17 @@ three::
 from __future__ import annotations
 
 import dataclasses
+import html
 import os
 from collections import deque
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .workers._base import Worker
+
+# A table's cells: its header and its rows, as the text and HTML views show them.
+Table = tuple[Sequence[str], Sequence[Sequence[str]]]
 
 # Timings of this many recent calls are kept for the percentiles: enough for a stable p99,
 # bounded so a long-running queue's memory does not grow.
@@ -96,7 +100,8 @@ class WorkerStats:
 
 @dataclasses.dataclass(frozen=True)
 class QueueStats:
-    """A snapshot of a queue or pool: ``print(pool.stats())`` shows it as a table."""
+    """A snapshot of a queue or pool: ``print(pool.stats())`` shows it as a table, and a
+    notebook shows it as an HTML table when it is a cell's value."""
 
     workers: tuple[WorkerStats, ...]
     queued: int
@@ -109,11 +114,41 @@ class QueueStats:
     rss: int  # the parent process's resident memory
 
     def __str__(self) -> str:
-        lines = [
+        lines = [self._summary(), ""]
+        workers, timing = self._tables()
+        lines += _text_table(*workers)
+        lines.append("")
+        lines += _text_table(*timing)
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        """The same summary and tables as ``str()``, as HTML: what a notebook shows when a
+        cell's value is the stats. Every cell is escaped (a worker's name is anyone's)."""
+        workers, timing = self._tables()
+        return "\n".join(
+            [
+                '<div class="corral-stats">',
+                f"<p>{html.escape(self._summary())}</p>",
+                _html_table(*workers),
+                _html_table(*timing),
+                "</div>",
+            ]
+        )
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """IPython's plain-text view (a terminal IPython, a notebook's text/plain): the
+        table, not the dataclass's repr."""
+        printer.text(str(self))
+
+    def _summary(self) -> str:
+        return (
             f"{len(self.workers)} workers, {self.queued} queued, {self.in_flight} in flight, "
-            f"{self.calls:,} calls ({self.failed:,} failed), parent rss {_mib(self.rss)} MiB",
-            "",
-        ]
+            f"{self.calls:,} calls ({self.failed:,} failed), parent rss {_mib(self.rss)} MiB"
+        )
+
+    def _tables(self) -> tuple[Table, Table]:
+        """The cells of the workers' table and of the timings', each (header, rows): the
+        text and the HTML views are drawn from these, so they cannot disagree."""
         header = ("worker", "kind", "pid", "state", "done", "busy s", "idle s", "rss MiB")
         rows = [
             (
@@ -128,21 +163,16 @@ class QueueStats:
             )
             for w in self.workers
         ]
-        lines += _table(header, rows)
-        lines.append("")
         timing = ("ms (last calls)", "p50", "p90", "p99", "max")
-        lines += _table(
-            timing,
-            [
-                (name, *(f"{v * 1000:.3f}" for v in (p.p50, p.p90, p.p99, p.max)))
-                for name, p in (
-                    ("queue wait", self.wait),
-                    ("transfer", self.transfer),
-                    ("run", self.run),
-                )
-            ],
-        )
-        return "\n".join(lines)
+        timing_rows = [
+            (name, *(f"{v * 1000:.3f}" for v in (p.p50, p.p90, p.p99, p.max)))
+            for name, p in (
+                ("queue wait", self.wait),
+                ("transfer", self.transfer),
+                ("run", self.run),
+            )
+        ]
+        return (header, rows), (timing, timing_rows)
 
 
 def worker_stats(worker: Worker, state: str, in_flight: int, now: float) -> WorkerStats:
@@ -174,7 +204,7 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f}"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
 
     def line(cells: Sequence[str]) -> str:
@@ -184,3 +214,28 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
         )
 
     return [line(header), *(line(r) for r in rows)]
+
+
+def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A table aligned as the text one: names left, numbers right."""
+
+    def line(tag: str, cells: Sequence[str]) -> str:
+        first, *rest = (html.escape(c) for c in cells)
+        return "".join(
+            [
+                f'<tr><{tag} style="text-align: left">{first}</{tag}>',
+                *(f'<{tag} style="text-align: right">{c}</{tag}>' for c in rest),
+                "</tr>",
+            ]
+        )
+
+    return "\n".join(
+        [
+            "<table>",
+            f"<thead>{line('th', header)}</thead>",
+            "<tbody>",
+            *(line("td", r) for r in rows),
+            "</tbody>",
+            "</table>",
+        ]
+    )
