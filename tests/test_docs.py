@@ -152,11 +152,12 @@ def test_output_blocks_follow_examples() -> None:
 def test_example_runs(example: Example, tmp_path: Path) -> None:
     """The block, saved as a script and run by a fresh interpreter in an empty directory,
     exits 0 with no traceback or warning on stderr, prints its Output block exactly, and
-    passes the check its marker names."""
+    passes the check its marker names. Warnings are shown (``-W default``), so an example
+    that leaves a pool or a file unclosed (a ``ResourceWarning``) fails."""
     script = tmp_path / "example.py"
     script.write_text(example.block.code)
     done = subprocess.run(
-        [sys.executable, str(script)],
+        [sys.executable, "-W", "default", str(script)],
         cwd=tmp_path,
         capture_output=True,
         text=True,
