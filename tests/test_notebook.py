@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import json
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -74,23 +75,27 @@ async def run_notebook(
     notebook = nbformat.v4.new_notebook(
         cells=[nbformat.v4.new_code_cell(textwrap.dedent(cell).strip()) for cell in cells]
     )
-    # The async manager, not the sync one: its sync wrappers run a loop on a thread of
-    # their own that outlives the test (jupyter_core's run_sync).
-    manager = AsyncKernelManager(
-        kernel_name=KERNEL_NAME,
-        kernel_spec_manager=kernels,
-        transport="ipc",
-        ip=str(folder / "kernel-ipc"),
-    )
-    client = NotebookClient(
-        notebook,
-        km=manager,
-        timeout=KERNEL_BOUND,
-        startup_timeout=KERNEL_BOUND,
-        resources={"metadata": {"path": str(folder)}},
-    )
-    # cleanup_kc: shut the kernel down at the end, as nbclient does for a manager it made.
-    await client.async_execute(cleanup_kc=True)
+    # The kernel's sockets in a short folder of their own: a Unix socket's path may not
+    # pass 107 bytes, which a deep pytest tmp_path can.
+    with tempfile.TemporaryDirectory(prefix="corral-nb-") as sockets:
+        # The async manager, not the sync one: its sync wrappers run a loop on a thread of
+        # their own that outlives the test (jupyter_core's run_sync).
+        manager = AsyncKernelManager(
+            kernel_name=KERNEL_NAME,
+            kernel_spec_manager=kernels,
+            transport="ipc",
+            ip=str(Path(sockets) / "kernel"),
+        )
+        client = NotebookClient(
+            notebook,
+            km=manager,
+            timeout=KERNEL_BOUND,
+            startup_timeout=KERNEL_BOUND,
+            resources={"metadata": {"path": str(folder)}},
+        )
+        # cleanup_kc: shut the kernel down at the end, as nbclient does with a manager of
+        # its own making.
+        await client.async_execute(cleanup_kc=True)
     return notebook
 
 
@@ -126,7 +131,7 @@ def bar_of(cell: nbformat.NotebookNode, notebook: nbformat.NotebookNode) -> dict
 
 @pytest.fixture
 def notebook_folder(tmp_path: Path) -> Path:
-    """The kernel's working folder (and where its sockets live)."""
+    """The kernel's working folder."""
     folder = tmp_path / "notebook"
     folder.mkdir()
     return folder
