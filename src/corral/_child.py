@@ -162,6 +162,24 @@ _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 # The signal by which the parent interrupts a cancelled job (SIGALRM is the soft limit's).
 INTERRUPT = signal.SIGUSR1
 
+# The exception a soft time limit raises in this process's tasks: SoftTimeLimitExceeded, or
+# the subclass a facade names with ``raise_at_soft_limits``.
+_soft_limit_error: type[SoftTimeLimitExceeded] = SoftTimeLimitExceeded
+
+
+def raise_at_soft_limits(error: type[SoftTimeLimitExceeded]) -> None:
+    """In this worker process, have soft time limits raise ``error(limit)`` in the task.
+
+    For a facade whose tasks catch another library's exception: ``corral.celery``'s
+    subclass also derives from Celery's ``SoftTimeLimitExceeded``, which Celery tasks catch.
+    Call it from the pool's initializer.
+    """
+    global _soft_limit_error
+    if not issubclass(error, SoftTimeLimitExceeded):
+        raise TypeError(f"error must subclass corral.SoftTimeLimitExceeded, not {error!r}")
+    _soft_limit_error = error
+
+
 # Where an interrupt is armed rather than raised (Python 3.13), how soon its follow-up
 # checks that it landed: the delay a task waiting in a call into C sees before it is ended.
 FOLLOW_UP = 0.02
@@ -251,7 +269,7 @@ class _Worker:
             return
         limit, self._soft_limit = self._soft_limit, 0.0
         if limit:
-            self._raise(SoftTimeLimitExceeded(limit), frame)
+            self._raise(_soft_limit_error(limit), frame)
 
     def _raise(self, exc: BaseException, frame: FrameType | None) -> None:
         """Raise exc in the task, from a signal handler that interrupted frame.
