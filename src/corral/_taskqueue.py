@@ -384,8 +384,9 @@ class TaskQueue:
         is kept in flight; small calls are grouped into chunks automatically unless
         ``chunksize`` is given. Breaking out of the loop cancels the jobs in flight. The
         first exception raised by a call is raised here. ``progress=True`` shows a
-        progress bar with rate and ETA when stderr is a terminal; ``"always"`` shows it
-        anyway.
+        progress bar with rate and ETA where someone is watching: a widget in a Jupyter
+        notebook, text when stderr is a terminal, nothing on a file or pipe; ``"always"``
+        shows it anyway.
         """
         self._check_call(series, retries, "imap")  # here, not at the first item
         options = {"priority": priority, "series": series, "retries": retries}
