@@ -173,6 +173,23 @@ def test_example_runs(example: Example, tmp_path: Path) -> None:
             check(done.stdout.splitlines())
 
 
+def test_reference_covers_public_names() -> None:
+    """Every public name of corral and corral.workers has its entry in the API reference
+    (a ``::: corral.Name`` directive on some page), so a new name cannot go undocumented."""
+    import corral
+    import corral.workers
+
+    directives = {
+        line.removeprefix(":::").strip()
+        for path in PAGES
+        for line in path.read_text().splitlines()
+        if line.startswith(":::")
+    }
+    public = [f"corral.{name}" for name in corral.__all__]
+    public += [f"corral.workers.{name}" for name in corral.workers.__all__]
+    assert [name for name in public if name not in directives] == []
+
+
 @pytest.mark.timeout(300)
 def test_site_builds_strict(tmp_path: Path) -> None:
     """``mkdocs build --strict`` passes: every page is in the nav, every link, anchor,
