@@ -1,5 +1,6 @@
 """The README and the documentation site: every ```python block runs as written, prints
-what its Output block shows, and the site builds under ``mkdocs build --strict``.
+what its Output block shows, the API reference covers every public name, and the site
+builds under ``mkdocs build --strict``.
 
 A ```python block is a whole script, run as a user would run it: saved to a file and run
 by a fresh interpreter, in an empty directory. A fragment that cannot run alone is written
