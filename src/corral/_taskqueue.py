@@ -12,7 +12,8 @@ limit kills the worker; a new worker starts, replays the broadcasts, then serves
 A queue serves with the workers attached to it. Given a worker source (``Pool`` is a
 queue with one, see ``_sources``) it also keeps the source's workers alive: starts them,
 replaces the lost, recycles them at their quota or memory limit, and gives up, failing
-the calls, when they cannot start.
+the calls, when they cannot start. Each of these events is logged (``_log``) where it is
+decided here; a call that succeeds logs nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from collections.abc import AsyncIterable, Callable, Coroutine, Iterable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, TypeVarTuple, Unpack
 
+from . import _log as log
 from ._checks import check_count, check_seconds
 from ._dispatcher import Dispatcher
 from ._errors import (
@@ -193,7 +195,7 @@ class TaskQueue:
             assert self._source is not None
             self._source.size -= 1  # the pool shrinks by the one taken from it
         self._check_servable()
-        await worker.stop()
+        await self._stop_worker(worker)
 
     async def close(self) -> None:
         """Run every queued and running job to its end, then stop the workers. Idempotent.
@@ -593,7 +595,7 @@ class TaskQueue:
                     # Retired at its quota's last send, not its last result, so that under
                     # prefetch a worker is never sent more than its quota.
                     if self._quota is not None and self._dispatcher.quota_left(worker) == 0:
-                        self._retire(worker)
+                        self._recycle(worker, "max_tasks_per_child", self._quota)
             assignments = refused
 
     # -- what the workers report (the Host callbacks of workers._base) ---------------------
@@ -659,6 +661,8 @@ class TaskQueue:
     ) -> None:
         """Worker callback: it died. Unstarted jobs go back to the front, in their order;
         started ones fail with error, or run again while they have retries left."""
+        if self._state is not QueueState.CLOSED:  # terminate's kills are no loss to report
+            log.worker_lost(worker, error, started, unstarted)
         record = self._roster.get(worker)
         if record is not None and record.standing is Standing.STARTING:
             record = None  # its start fails: that is handled where it was started
@@ -727,6 +731,7 @@ class TaskQueue:
             return
         assert job.time_limit is not None
         settle(job, None, TimeLimitExceeded(job.time_limit))
+        log.killed_at_time_limit(worker, job, job.time_limit)
         worker.cancel(job, grace=0)
 
     def _disarm(self, job: Job[Any]) -> None:
@@ -772,6 +777,7 @@ class TaskQueue:
             return
         worker.ready_at = perf_counter()
         self._roster.serve(worker)
+        log.worker_started(worker)
         self._dispatch(
             self._dispatcher.add_worker(worker, self._capacity, worker.series, self._quota)
         )
@@ -803,6 +809,7 @@ class TaskQueue:
             except (WorkerLostError, WorkerStartupError, asyncio.CancelledError):
                 raise
             except BaseException as exc:
+                log.replay_failed(worker, fn, exc)
                 raise WorkerStartupError(
                     1, f"replaying broadcast {describe(fn)} raised {type(exc).__name__}: {exc}"
                 ) from exc
@@ -812,6 +819,8 @@ class TaskQueue:
         raises, and the pending jobs no worker left can take fail. One the queue's source
         made is retried, at once or after a back-off, until the source gives up."""
         if not owned or self._source is None:
+            if self._state is not QueueState.CLOSED:  # else terminate killed it starting
+                log.start_failed(worker, exc, failures=1, retry_in=None)
             self._check_servable()
             if isinstance(exc, WorkerLostError):
                 raise WorkerStartupError(1, f"{worker.name} died while starting: {exc}") from exc
@@ -820,6 +829,8 @@ class TaskQueue:
         if isinstance(verdict, GiveUp):
             self._give_up(verdict.error)
         elif self._state is not QueueState.CLOSED:
+            failures = self._source.restarts.failures
+            log.start_failed(worker, exc, failures=failures, retry_in=verdict.delay)
             if verdict.delay:
                 self._spawn_task(self._retry_after(verdict.delay))
             else:
@@ -835,6 +846,8 @@ class TaskQueue:
         first verdict stands: workers failing as the queue terminates do not replace it."""
         if self._broken is not None:
             return
+        if self._state is not QueueState.CLOSED:  # terminating, nothing is left to fail
+            log.gave_up(broken)
         self._broken = broken
         self._fail_pending(broken)
         self._wake_ready()
@@ -855,6 +868,12 @@ class TaskQueue:
         self._roster.join(worker, owned=True)
         self._spawn_task(self._start_worker(worker))
 
+    def _recycle(self, worker: Worker, option: str, limit: int, rss: int | None = None) -> None:
+        """Retire a serving worker at the limit its source's option sets (logged)."""
+        if self._roster.standing(worker) is Standing.SERVING:
+            log.worker_recycled(worker, option, limit, rss)
+            self._retire(worker)
+
     def _retire(self, worker: Worker) -> None:
         """Give worker no more jobs; stop it once it has finished those it holds. An owned
         worker's replacement starts now."""
@@ -871,7 +890,7 @@ class TaskQueue:
         if self._roster.standing(worker) is Standing.SERVING:
             rss = worker.rss()
             if rss is not None and rss > limit:
-                self._retire(worker)
+                self._recycle(worker, "max_memory_per_child", limit, rss)
 
     def _stop_if_idle(self, worker: Worker) -> None:
         """Stop a retiring worker once it holds nothing: no job, and no open stream (a
@@ -882,7 +901,7 @@ class TaskQueue:
             and all(w is not worker for w in self._in_flight.values())
         ):
             self._forget(worker)
-            self._spawn_task(worker.stop())
+            self._spawn_task(self._stop_worker(worker))
 
     def _forget(self, worker: Worker, error: CorralError | None = None) -> WorkerRecord | None:
         """Take worker out of the queue; broadcasts pinned to it that it never took fail.
@@ -1020,10 +1039,15 @@ class TaskQueue:
         for worker in workers:
             self._forget(worker)
         await asyncio.gather(
-            *(w.kill() for w in starting), *(w.kill() if kill else w.stop() for w in workers)
+            *(w.kill() for w in starting), *(self._stop_worker(w, kill=kill) for w in workers)
         )
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _stop_worker(self, worker: Worker, *, kill: bool = False) -> None:
+        """Stop (or kill) a worker that served, and log its end."""
+        await (worker.kill() if kill else worker.stop())
+        log.worker_stopped(worker, killed=kill)
 
     async def _wait_drained(self) -> None:
         # One event for every caller of close(), never replaced; each waiter re-checks the

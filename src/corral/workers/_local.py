@@ -49,6 +49,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from .. import _log as log
 from .._errors import SoftTimeLimitExceeded, WorkerLostError, WorkerStartupError
 from .._job import JobState
 from .._report import set_reporter
@@ -298,6 +299,8 @@ class LocalWorker(Worker):
     def _still_running(self, job: Job[Any], grace: float) -> None:
         self._overdue = None
         if job is self._current:
+            if grace > 0:  # 0: a hard time limit, which the queue logs
+                log.killed_after_cancel(self, job, grace, "abandoning its task")
             self._give_up(f"job {job.id} was still running {grace:g} s after it was cancelled")
 
     def _done(self, job: Job[Any], value: Any, error: BaseException | None) -> None:

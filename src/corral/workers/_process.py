@@ -30,6 +30,7 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
 from .. import _child, _forkserver
+from .. import _log as log
 from .. import _undertaker as undertaker
 from .._checks import check_seconds
 from .._errors import SerializationError, WorkerLostError, WorkerStartupError
@@ -384,7 +385,7 @@ class ProcessWorker(Worker):
         if self._pid is not None and self.state is not WorkerState.DEAD:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self._pid, _child.INTERRUPT)
-        self._overdue[job.id] = self._loop.call_later(grace, self._still_running, job.id)
+        self._overdue[job.id] = self._loop.call_later(grace, self._still_running, job.id, grace)
 
     def may_have_started(self, job: Job[Any]) -> bool:
         # The child runs its jobs in the order sent and acknowledges each on the shared
@@ -393,9 +394,11 @@ class ProcessWorker(Worker):
         page = self._page
         return page is None or _began(job, page.started)
 
-    def _still_running(self, job_id: int) -> None:
+    def _still_running(self, job_id: int, grace: float) -> None:
         self._overdue.pop(job_id, None)
-        if job_id in self._sent:
+        entry = self._sent.get(job_id)
+        if entry is not None:
+            log.killed_after_cancel(self, entry[0], grace, "killing its process")
             self._sigkill()  # it ignored the interrupt (a C call, blocked signals, a catch)
 
     async def stop(self) -> None:

@@ -62,6 +62,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from .. import _log as log
 from .._errors import SoftTimeLimitExceeded, WorkerLostError, WorkerStartupError
 from .._interrupt import SoftLimitInterrupt, raise_in, soft_limits
 from .._job import JobState
@@ -250,7 +251,7 @@ class ThreadWorker(Worker):
     def _still_running(self, job: Job[Any], grace: float) -> None:
         self._overdue.pop(job, None)
         reason = f"job {job.id} was still running {grace:g} s after it was cancelled"
-        self._give_up(job, f"{reason}; its thread was abandoned")
+        self._give_up(job, f"{reason}; its thread was abandoned", grace)
 
     def _flush(self) -> None:
         with self._lock:
@@ -285,9 +286,11 @@ class ThreadWorker(Worker):
             self.tasks_done += 1
             host.job_done(self, job, event.value, event.error)
 
-    def _give_up(self, job: Job[Any] | None, reason: str) -> None:
+    def _give_up(self, job: Job[Any] | None, reason: str, grace: float = 0.0) -> None:
         """Die now, abandoning the thread: report what it held (job: only if that job is
-        still the one running). Outcomes it posted before still count, and come first."""
+        still the one running, having ignored its cancel for grace seconds; 0: a hard time
+        limit, which the queue logs). Outcomes it posted before still count, and come first.
+        """
         if self.state is WorkerState.DEAD:
             return
         with self._lock:
@@ -302,6 +305,8 @@ class ThreadWorker(Worker):
             events, self._outbox = self._outbox, []
             # Streams stay registered: the thread closes them as it exits.
             streams = [s for s in self._turns.live if s is not running]
+        if job is not None and grace > 0:  # known under the lock: job still runs
+            log.killed_after_cancel(self, job, grace, "abandoning its thread")
         self._deliver(events)  # the host may send more: they join _pending, collected next
         with self._lock:
             unstarted = list(self._pending)
