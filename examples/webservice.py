@@ -23,7 +23,8 @@ after it fail with ``BrokenProcessPool`` until the server is restarted.
 
 The task functions are plain module-level functions of this script, as users write them;
 the workers import the script (as ``__mp_main__``) to find them, which is why it starts the
-server under ``if __name__ == "__main__":``.
+server under ``if __name__ == "__main__":``. (The ``--8<--`` comments mark the excerpts
+that docs/webservice.md shows.)
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import logging
 import multiprocessing
 import os
 import signal
@@ -94,11 +96,15 @@ def crash() -> None:
 # -- the backends: one pool for the app's life -----------------------------------------------
 
 
+# --8<-- [start:pool]
 @contextlib.asynccontextmanager
 async def corral_backend(workers: int | None) -> AsyncIterator[State]:
     """A corral pool: a worker that dies costs its own call, and is replaced."""
     async with corral.Pool(workers) as pool:
         yield {"run": pool.run, "pool": pool}
+
+
+# --8<-- [end:pool]
 
 
 @contextlib.asynccontextmanager
@@ -123,11 +129,15 @@ async def ping(request: Request) -> Response:
     return PlainTextResponse("pong")
 
 
+# --8<-- [start:endpoint]
 async def fib_endpoint(request: Request) -> Response:
     n = request.path_params["n"]
     if n > MAX_FIB:
         return JSONResponse({"error": f"n must be at most {MAX_FIB}, not {n}"}, status_code=400)
     return JSONResponse({"n": n, "fib": await request.state.run(fib, n)})
+
+
+# --8<-- [end:endpoint]
 
 
 async def primes_endpoint(request: Request) -> Response:
@@ -151,10 +161,14 @@ async def stats_endpoint(request: Request) -> Response:
     return JSONResponse(dataclasses.asdict(pool.stats()))
 
 
+# --8<-- [start:crash]
 async def worker_lost(request: Request, exc: Exception) -> Response:
     """corral: this request's task killed its worker; the pool has replaced it."""
     message = f"this request's task crashed its worker process ({exc}); the pool serves on"
     return JSONResponse({"error": message}, status_code=500)
+
+
+# --8<-- [end:crash]
 
 
 async def pool_broken(request: Request, exc: Exception) -> Response:
@@ -173,11 +187,15 @@ def make_app(backend: str = "corral", workers: int | None = None) -> Starlette:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     open_backend = BACKENDS[backend]
 
+    # --8<-- [start:lifespan]
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[State]:
-        # What the lifespan yields, each request finds in `request.state`.
+        # Entered before the first request is accepted, left after the last is answered.
+        # What it yields, each request finds in `request.state`.
         async with open_backend(workers) as state:
             yield state
+
+    # --8<-- [end:lifespan]
 
     routes = [
         Route("/ping", ping),
@@ -211,6 +229,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto")
     parser.add_argument("--no-access-log", action="store_true", help="log no line per request")
     args = parser.parse_args(argv)
+    # corral's records (a worker lost, killed at a time limit, recycled) beside uvicorn's:
+    # uvicorn configures only its own loggers.
+    logging.basicConfig(format="%(levelname)s:  %(name)s: %(message)s", level=logging.INFO)
     # uvicorn shuts down gracefully on SIGINT, then raises it again so the exit status says
     # how the server ended; Ctrl-C at a terminal is how this server is meant to stop.
     with contextlib.suppress(KeyboardInterrupt):
