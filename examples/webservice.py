@@ -232,17 +232,16 @@ def main(argv: list[str] | None = None) -> None:
     # corral's records (a worker lost, killed at a time limit, recycled) beside uvicorn's:
     # uvicorn configures only its own loggers.
     logging.basicConfig(format="%(levelname)s:  %(name)s: %(message)s", level=logging.INFO)
-    # uvicorn shuts down gracefully on SIGINT, then raises it again so the exit status says
-    # how the server ended; Ctrl-C at a terminal is how this server is meant to stop.
-    with contextlib.suppress(KeyboardInterrupt):
-        uvicorn.run(
-            make_app(args.backend, args.workers),
-            host=args.host,
-            port=args.port,
-            loop=args.loop,
-            lifespan="on",
-            access_log=not args.no_access_log,
-        )
+    # Ctrl-C or SIGTERM: uvicorn stops accepting, answers the requests in flight, then
+    # leaves the lifespan, which closes the pool.
+    uvicorn.run(
+        make_app(args.backend, args.workers),
+        host=args.host,
+        port=args.port,
+        loop=args.loop,
+        lifespan="on",  # the app needs its lifespan: without the pool it cannot serve
+        access_log=not args.no_access_log,
+    )
 
 
 if __name__ == "__main__":

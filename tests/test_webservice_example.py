@@ -59,18 +59,29 @@ class Server:
 async def serve(loop_kind: str, backend: str = "corral") -> AsyncIterator[Server]:
     """Start the example with 2 workers on a free loopback port (port 0, read back from its
     log), on the loop under test; whatever is left of it when the block ends is killed."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(EXAMPLE),
-        "--port=0",
-        "--workers=2",
-        f"--loop={loop_kind}",
-        f"--backend={backend}",
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,  # its own process group: a test's Ctrl-C spares pytest
-    )
+    # A runner without job control starts this process with SIGINT ignored, and the server
+    # and every process it starts would inherit that (uvicorn installs its own handler, but
+    # a worker still starting would ignore the Ctrl-C that a terminal's would get). A
+    # handler, unlike SIG_IGN, is reset to the default across exec.
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(EXAMPLE),
+            "--port=0",
+            "--workers=2",
+            f"--loop={loop_kind}",
+            f"--backend={backend}",
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # its own process group: a test's Ctrl-C spares pytest
+        )
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
     log: list[str] = []
     started: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
