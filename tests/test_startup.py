@@ -229,3 +229,43 @@ def test_an_undertaker_started_early_is_the_one_that_watches() -> None:
         program.stdout.close()  # type: ignore[union-attr]
         if watched is not None and not dead(watched):
             os.kill(watched, signal.SIGKILL)  # the test's own leftover
+
+
+SIGNAL_MASK = """
+import asyncio, multiprocessing.forkserver as fs, signal
+import corral
+
+
+def blocked(pid):
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("SigBlk:"):
+                return bool(int(line.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+    raise AssertionError("no SigBlk line")
+
+
+async def main():
+    async with corral.Pool(1, start_method="forkserver") as pool:
+        assert await pool.run(abs, -1) == 1
+        print(blocked(fs._forkserver._forkserver_pid))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+@pytest.mark.timeout(60)
+def test_the_forkserver_is_born_with_sigint_blocked(tmp_path: Path) -> None:
+    """In a fresh program, the forkserver corral starts has SIGINT blocked, so a Ctrl-C
+    cannot kill a worker that is still starting. multiprocessing's resource tracker, which
+    the forkserver starts first, unblocked SIGINT as its start returned, and the forkserver
+    and every worker it forked were born open to it (a Ctrl-C during a worker's start-up
+    ended it with code 1, logged as a failed start)."""
+    script = tmp_path / "mask.py"
+    script.write_text(SIGNAL_MASK)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=50, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True"]

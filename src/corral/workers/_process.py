@@ -26,6 +26,7 @@ import signal
 import sys
 import types
 import weakref
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
@@ -316,6 +317,11 @@ class ProcessWorker(Worker):
             # a KeyboardInterrupt traceback from it. Here it is only held for the moment of
             # start.
             _check_fd_room(in_w)
+            if self.start_method != "fork":
+                # The forkserver and spawn start multiprocessing's resource tracker first,
+                # whose start unblocks SIGINT whatever the mask was: started before the
+                # mask is taken, it leaves the forkserver and the workers born blocked.
+                resource_tracker.ensure_running()
             held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             try:
                 if self.start_method == "forkserver":
