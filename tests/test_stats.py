@@ -70,6 +70,20 @@ async def test_failures_are_counted() -> None:
     assert (stats.calls, stats.failed) == (2, 1)
 
 
+async def test_calls_lost_with_their_worker_or_killed_at_a_limit_count_as_failed() -> None:
+    """A call whose worker died under it (WorkerLostError) and one killed at its hard time
+    limit (TimeLimitExceeded) are calls that failed, as a raising one is: no worker
+    reports how they ended, so the queue counts them where it ends them."""
+    async with corral.Pool(1) as pool:
+        with pytest.raises(corral.WorkerLostError):
+            await bounded(pool.run(tasks.exit_now, 3))
+        with pytest.raises(corral.TimeLimitExceeded):
+            await bounded(pool.run(tasks.sleep, 30, time_limit=0.2))
+        assert await bounded(pool.run(tasks.square, 3)) == 9
+        stats = pool.stats()
+    assert (stats.calls, stats.failed) == (3, 2)
+
+
 async def test_stats_print_as_a_table() -> None:
     async with corral.Pool(2) as pool:
         await bounded(pool.map(tasks.square, range(20), chunksize=1))

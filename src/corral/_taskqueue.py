@@ -678,13 +678,13 @@ class TaskQueue:
                 move(job, JobState.PENDING)
                 assignments.extend(self._dispatcher.requeue(job))
             else:
-                settle(job, None, error)
+                self._failed_in_a_worker(job, error)
         for job in reversed(unstarted):
             self._in_flight.pop(job, None)
             if job.state is JobState.CANCELLED or job.done():
                 continue
             if job.worker is not None:
-                settle(job, None, error)
+                self._failed_in_a_worker(job, error)
                 continue
             if job.deliveries >= MAX_DELIVERIES:
                 lost = WorkerLostError(
@@ -694,7 +694,7 @@ class TaskQueue:
                     f"the job killed {job.deliveries} workers before it could start; "
                     "unpickling its arguments may kill the process",
                 )
-                settle(job, None, lost)
+                self._failed_in_a_worker(job, lost)
                 continue
             move(job, JobState.PENDING)
             assignments.extend(self._dispatcher.requeue(job))
@@ -708,6 +708,13 @@ class TaskQueue:
                 self._check_servable()
         if self._drained is not None:
             self._check_drained()
+
+    def _failed_in_a_worker(self, job: Job[Any], error: BaseException) -> None:
+        """Fail a job a worker held that will not say how it ended (lost with the worker,
+        or killed at its time limit), counted in the stats as ``job_done`` counts one."""
+        self._timings.calls += 1
+        self._timings.failed += 1
+        settle(job, None, error)
 
     def cancel_job(self, job: Job[Any]) -> None:
         """Job callback: the job was cancelled. Pending: dropped. Sent: stopped in its worker."""
@@ -730,7 +737,7 @@ class TaskQueue:
         if self._in_flight.get(job) is not worker or job.done():
             return
         assert job.time_limit is not None
-        settle(job, None, TimeLimitExceeded(job.time_limit))
+        self._failed_in_a_worker(job, TimeLimitExceeded(job.time_limit))
         log.killed_at_time_limit(worker, job, job.time_limit)
         worker.cancel(job, grace=0)
 
