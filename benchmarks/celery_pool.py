@@ -202,7 +202,7 @@ def main() -> None:
     print(
         f"| corral / prefork | {corral['noop'] / prefork['noop']:.2f}x | "
         f"{corral['pause'] / prefork['pause']:.2f}x | "
-        f"{death['corral'] / death['prefork']:.2f}x |"
+        f"{death['corral'] / death['prefork']:.3f}x |"
     )
 
 

@@ -5,7 +5,8 @@
 (or ``worker_pool = "corral.celery:TaskPool"`` in the app's configuration). Celery's
 worker hands each task to the pool as a call of its tracer, with callbacks for the moment
 it starts, its outcome and its time limits; a ``corral.Pool`` of forked worker processes
-runs the calls, on an event loop of its own in one thread of the worker's main process::
+runs the calls, on an event loop of its own (uvloop's where installed) in one thread of
+the worker's main process::
 
     Celery's main thread (its hub)              corral's thread (an asyncio loop, the Pool)
 
@@ -231,7 +232,7 @@ class TaskPool(BasePool):  # type: ignore[misc]
             raise ValueError("corral.celery.TaskPool needs the Celery app (app=...)")
         _apps[self._key] = app
         startup = max(STARTUP_TIMEOUT, float(app.conf.worker_proc_alive_timeout or 0))
-        self._loop = asyncio.new_event_loop()
+        self._loop = _new_loop()
         self._thread = threading.Thread(target=self._serve, name="corral-celery", daemon=True)
         self._thread.start()
 
@@ -539,6 +540,21 @@ class TaskPool(BasePool):  # type: ignore[misc]
             }
         )
         return info
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    """The pool thread's loop: uvloop's where it is installed (``corral[uvloop]``).
+
+    The thread shares the GIL with Celery's main thread, so its Python time per task is
+    taken from Celery's: on uvloop the worker ran about 1.4x the no-op tasks per second
+    of asyncio's loop (BENCHMARKS.md, "Celery's pool").
+    """
+    try:
+        import uvloop  # noqa: PLC0415 (optional: the corral[uvloop] extra)
+    except ImportError:
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
 
 
 def _apply(fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
