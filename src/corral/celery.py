@@ -63,7 +63,6 @@ from . import _child
 from ._errors import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
 from ._pool import Pool
 from ._report import report
-from .workers._process import STARTUP_TIMEOUT
 
 logger = get_logger(__name__)
 
@@ -71,6 +70,12 @@ logger = get_logger(__name__)
 # and for ``celery inspect stats``: far above what either takes, so a pool that hangs
 # fails loudly instead of hanging the worker.
 BRIDGE_TIMEOUT = 60.0
+
+# The least time a child has to start, or Celery's ``worker_proc_alive_timeout`` (prefork's,
+# 4 s by default) when larger. A forked child is up in milliseconds; one that is stuck (it
+# was forked while Celery's main thread held a lock its set-up needs) is killed and
+# replaced after this, where corral's default for spawned interpreters is a minute.
+STARTUP_FLOOR = 10.0
 
 # The apps of this process's pools, by key: a forked child finds its pool's app here (the
 # initializer's arguments are pickled, and an unpickled app would be a copy without the
@@ -231,7 +236,7 @@ class TaskPool(BasePool):  # type: ignore[misc]
         if app is None:
             raise ValueError("corral.celery.TaskPool needs the Celery app (app=...)")
         _apps[self._key] = app
-        startup = max(STARTUP_TIMEOUT, float(app.conf.worker_proc_alive_timeout or 0))
+        startup = max(STARTUP_FLOOR, float(app.conf.worker_proc_alive_timeout or 0))
         self._loop = _new_loop()
         self._thread = threading.Thread(target=self._serve, name="corral-celery", daemon=True)
         self._thread.start()
