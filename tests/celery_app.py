@@ -1,8 +1,8 @@
 """The Celery app that tests/test_celery.py and benchmarks/celery_pool.py run workers of.
 
 Broker and result backend: the Redis server named by ``CORRAL_CELERY_REDIS`` (the tests
-start one). ``worker_pool`` is left to the command line, so the same app runs on corral's
-pool and on prefork.
+start one). ``worker_pool`` is left to the command line unless ``CORRAL_CELERY_WORKER_POOL``
+names one, so the same app runs on corral's pool and on prefork.
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=True,
 )
+
+# The other way to choose the pool: the app's configuration (no --pool on the command line).
+if os.environ.get("CORRAL_CELERY_WORKER_POOL"):
+    app.conf.worker_pool = os.environ["CORRAL_CELERY_WORKER_POOL"]
 
 logger = get_task_logger(__name__)
 

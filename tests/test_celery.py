@@ -113,24 +113,35 @@ def client(redis_url: str) -> Iterator[Celery]:
 
 
 class Worker:
-    """A ``celery worker`` process on corral's pool, consuming one queue of its own."""
+    """A ``celery worker`` process on corral's pool, consuming one queue of its own.
+
+    The pool is chosen as the command line does (``--pool custom`` with
+    ``CELERY_CUSTOM_WORKER_POOL``), or with ``configured`` as the app's configuration
+    does (``worker_pool``).
+    """
 
     def __init__(
-        self, redis_url: str, directory: Path, *options: str, env: dict[str, str] | None = None
+        self,
+        redis_url: str,
+        directory: Path,
+        *options: str,
+        env: dict[str, str] | None = None,
+        configured: bool = False,
     ) -> None:
         self.queue = f"q-{uuid.uuid4().hex[:8]}"
         self.name = f"{self.queue}@corral-tests"
         self.log = directory / f"{self.queue}.log"
-        environment = {
-            **os.environ,
-            "CORRAL_CELERY_REDIS": redis_url,
-            "CELERY_CUSTOM_WORKER_POOL": "corral.celery:TaskPool",
-            **(env or {}),
-        }
+        environment = {**os.environ, "CORRAL_CELERY_REDIS": redis_url, **(env or {})}
+        if configured:
+            environment["CORRAL_CELERY_WORKER_POOL"] = "corral.celery:TaskPool"
+            choice: tuple[str, ...] = ()
+        else:
+            environment["CELERY_CUSTOM_WORKER_POOL"] = "corral.celery:TaskPool"
+            choice = ("--pool", "custom")
         self.process = subprocess.Popen(
             [
                 *(sys.executable, "-m", "celery", "-A", "tests.celery_app", "worker"),
-                *("--pool", "custom", "-Q", self.queue, "-n", self.name, "-l", "info"),
+                *(*choice, "-Q", self.queue, "-n", self.name, "-l", "info"),
                 *("--logfile", str(self.log), "--without-gossip", "--without-mingle"),
                 *("--without-heartbeat", *options),
             ],
@@ -200,7 +211,8 @@ def worker(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 @pytest.fixture(scope="module")
 def limited(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
-    """One child, recycled after two tasks, with the worker's own time limits."""
+    """One child, recycled after two tasks, with the worker's own time limits; the pool
+    chosen in the app's configuration."""
     w = Worker(
         redis_url,
         tmp_path_factory.mktemp("limited"),
@@ -212,6 +224,7 @@ def limited(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "1",
         "--time-limit",
         "3",
+        configured=True,
     )
     yield w
     assert w.stop() == 0
@@ -323,10 +336,12 @@ def test_a_task_may_start_processes(worker: Worker, client: Celery) -> None:
 
 def test_max_tasks_per_child_and_the_workers_time_limits(limited: Worker, client: Celery) -> None:
     """``--max-tasks-per-child 2`` gives each child two tasks; ``--soft-time-limit`` and
-    ``--time-limit`` apply to tasks that set none."""
+    ``--time-limit`` apply to tasks that set none. (This worker found its pool in the app's
+    ``worker_pool``.)"""
     pids = [limited.run(client, "whoami")["pid"] for _ in range(6)]
     runs = [pids.count(pid) for pid in dict.fromkeys(pids)]
     assert max(runs) <= 2 and len(runs) >= 3, pids
+    assert limited.pool(client)["implementation"] == "corral.celery:TaskPool"
     assert limited.pool(client)["max-tasks-per-child"] == 2
     assert limited.pool(client)["timeouts"] == [1, 3]
     soft = limited.send(client, "catch_soft_limit", 30)
