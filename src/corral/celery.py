@@ -63,6 +63,7 @@ from . import _child
 from ._errors import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
 from ._pool import Pool
 from ._report import report
+from ._taskqueue import Strategy
 
 logger = get_logger(__name__)
 
@@ -201,12 +202,11 @@ class TaskPool(BasePool):  # type: ignore[misc]
         self._soft_timeout: float | None = options.get("soft_timeout") or None
         self._timeout: float | None = options.get("timeout") or None
         self._max_tasks: int | None = options.get("maxtasksperchild") or None
-        max_memory = options.get("max_memory_per_child") or None
-        self._max_memory_kib: int | None = max_memory
+        self._max_memory_kib: int | None = options.get("max_memory_per_child") or None
         # Celery's -O: "default" and "fair" are both fair in prefork; "fast"/"fcfs" queue
         # tasks in busy children, as corral's "auto" does with short ones.
         fast = options.get("sched_strategy") in ("fast", "fcfs")
-        self._strategy = "auto" if fast else "fair"
+        self._strategy: Strategy = "auto" if fast else "fair"
         self._initargs: tuple[Any, ...] = tuple(options.get("initargs") or ())
         self._key = next(_keys)
         self._size: int = self.limit or os.cpu_count() or 1
@@ -246,7 +246,7 @@ class TaskPool(BasePool):  # type: ignore[misc]
             pool = Pool(
                 self._size,
                 start_method="fork",
-                strategy=self._strategy,  # type: ignore[arg-type]
+                strategy=self._strategy,
                 initializer=_set_up_child,
                 initargs=(self._key, hostname),
                 max_tasks_per_child=self._max_tasks,
