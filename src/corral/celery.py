@@ -4,8 +4,8 @@
 
 (or ``worker_pool = "corral.celery:TaskPool"`` in the app's configuration). Celery's
 worker hands each task to the pool as a call of its tracer, with callbacks for the moment
-it starts, its outcome and its time limits; a ``corral.Pool`` of forked worker processes
-runs the calls, on an event loop of its own (uvloop's where installed) in one thread of
+it starts, its outcome and its time limits; a ``corral.Pool`` of worker processes runs
+the calls, on an event loop of its own (uvloop's where installed) in one thread of
 the worker's main process::
 
     Celery's main thread (its hub)              corral's thread (an asyncio loop, the Pool)
@@ -25,9 +25,15 @@ Celery's callbacks always run in its main thread: the pool posts them to the hub
 transport Celery drives without its event loop) they run in corral's thread, as those of
 Celery's ``threads`` pool run in its threads.
 
-Each child is forked, as prefork's are, and set up by Celery's own
-``process_initializer``: the app and its tasks as the worker loaded them,
-``worker_process_init`` sent, logging as Celery configures it. Its soft time limits raise
+Each child is forked by multiprocessing's forkserver, which imports Celery and the app once
+(found by where the worker's app object lives: ``proj.celery:app``), and set up by
+Celery's own ``process_initializer`` (the app and its tasks, ``worker_process_init`` sent,
+logging as Celery configures it). Not forked from the worker itself: its fork would come
+from the pool's thread, and a child forked from a thread other than the main one inherits
+the locks other threads held at that instant, and on Python 3.13.0 runs its signal
+handlers (the soft limit's) only when a call into C checks for them. An app no import
+reaches (made inside a function) is the exception: its children are forked from the pool's
+thread, with it. Its soft time limits raise
 Celery's ``SoftTimeLimitExceeded`` inside the task, so the task's own ``except`` catches
 it. Unlike prefork's, the children are not daemonic: a task may start processes of its own.
 """
@@ -37,9 +43,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import importlib
 import itertools
+import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -73,14 +82,14 @@ logger = get_logger(__name__)
 BRIDGE_TIMEOUT = 60.0
 
 # The least time a child has to start, or Celery's ``worker_proc_alive_timeout`` (prefork's,
-# 4 s by default) when larger. A forked child is up in milliseconds; one that is stuck (it
-# was forked while Celery's main thread held a lock its set-up needs) is killed and
+# 4 s by default) when larger. A child is up in milliseconds (the first after the
+# forkserver's boot, which imports Celery and the app); one that is stuck is killed and
 # replaced after this, where corral's default for spawned interpreters is a minute.
 STARTUP_FLOOR = 10.0
 
-# The apps of this process's pools, by key: a forked child finds its pool's app here (the
-# initializer's arguments are pickled, and an unpickled app would be a copy without the
-# tasks the worker loaded; the fork carries the app itself, as prefork's children get it).
+# The apps of this process's pools that no import reaches, by key: a child forked from the
+# pool's thread finds its pool's app here (the initializer's arguments are pickled, and an
+# unpickled app would be a copy without the tasks the worker loaded).
 _apps: dict[int, Any] = {}
 _keys = itertools.count(1)
 
@@ -104,16 +113,49 @@ _SoftLimit.__module__ = _CelerySoftLimit.__module__
 _SoftLimit.__name__ = _SoftLimit.__qualname__ = _CelerySoftLimit.__name__
 
 
-def _set_up_child(key: int, hostname: str) -> None:
-    """A child's initializer: set it up as prefork sets up its children.
+def _set_up_child(app: Any, hostname: str) -> None:
+    """Set a child up as prefork sets up its children.
 
     Celery's initializer resets SIGUSR1 (prefork's soft-limit signal), which is corral's
     interrupt here: the child's own handler is put back.
     """
     interrupt = signal.getsignal(_child.INTERRUPT)
-    process_initializer(_apps[key], hostname)
+    process_initializer(app, hostname)
     signal.signal(_child.INTERRUPT, interrupt)
     _child.raise_at_soft_limits(_SoftLimit)
+
+
+def _set_up_imported(where: str, hostname: str) -> None:
+    """A forkserver child's initializer: import the app (``"module:name"``), set it up.
+
+    The environment variable is Celery's mark of a child that did not inherit the worker's
+    state: its initializer then prepares the task tracer afresh, as under prefork's spawn.
+    """
+    os.environ["FORKED_BY_MULTIPROCESSING"] = "1"
+    module, _, name = where.partition(":")
+    _set_up_child(getattr(importlib.import_module(module), name), hostname)
+
+
+def _set_up_forked(key: int, hostname: str) -> None:
+    """A forked child's initializer: the app came with the fork."""
+    _set_up_child(_apps[key], hostname)
+
+
+def _importable(app: Any) -> str | None:
+    """Where app can be imported from in a fresh process (``"module:name"``), or None.
+
+    Looked for among the modules loaded: the app's main module first (``Celery("proj")``),
+    then any other but Celery's own (``celery._state`` holds the current app too, and a
+    fresh process would find None there) and the main script's.
+    """
+    skip = ("celery.", "kombu.", "billiard.", "corral.", "__main__", "__mp_main__")
+    names = [app.main] if app.main in sys.modules else []
+    names += [name for name in list(sys.modules) if not name.startswith(skip)]
+    for name in names:
+        for attr, value in list(vars(sys.modules[name]).items()):
+            if value is app and not attr.startswith("_"):
+                return f"{name}:{attr}"
+    return None
 
 
 def _run(target: Callable[..., Any], args: Any, kwargs: dict[str, Any]) -> Any:
@@ -209,6 +251,7 @@ class TaskPool(BasePool):  # type: ignore[misc]
         self._strategy: Strategy = "auto" if fast else "fair"
         self._initargs: tuple[Any, ...] = tuple(options.get("initargs") or ())
         self._key = next(_keys)
+        self.start_method: str | None = None  # "forkserver", or "fork": see on_start
         self._size: int = self.limit or os.cpu_count() or 1
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -235,8 +278,22 @@ class TaskPool(BasePool):  # type: ignore[misc]
             app = self._initargs[0]
         if app is None:
             raise ValueError("corral.celery.TaskPool needs the Celery app (app=...)")
-        _apps[self._key] = app
         startup = max(STARTUP_FLOOR, float(app.conf.worker_proc_alive_timeout or 0))
+        where = _importable(app)
+        setup: tuple[Any, tuple[Any, ...]]
+        if where is not None:
+            # Children forked by multiprocessing's forkserver: a process of one thread,
+            # which imports Celery and the app once, so each child starts in milliseconds.
+            method = "forkserver"
+            setup = (_set_up_imported, (where, hostname))
+            module = where.partition(":")[0]
+            multiprocessing.get_context(method).set_forkserver_preload(["__main__", module])
+        else:
+            # An app made where no import reaches it: forked from the pool's thread, with it.
+            method = "fork"
+            setup = (_set_up_forked, (self._key, hostname))
+            _apps[self._key] = app
+        self.start_method = method
         self._loop = _new_loop()
         self._thread = threading.Thread(target=self._serve, name="corral-celery", daemon=True)
         self._thread.start()
@@ -245,10 +302,10 @@ class TaskPool(BasePool):  # type: ignore[misc]
             self._resizing = asyncio.Lock()
             pool = Pool(
                 self._size,
-                start_method="fork",
+                start_method=method,
                 strategy=self._strategy,
-                initializer=_set_up_child,
-                initargs=(self._key, hostname),
+                initializer=setup[0],
+                initargs=setup[1],
                 max_tasks_per_child=self._max_tasks,
                 max_memory_per_child=(
                     None if self._max_memory_kib is None else self._max_memory_kib * 1024
@@ -534,6 +591,7 @@ class TaskPool(BasePool):  # type: ignore[misc]
             {
                 "processes": [w.pid for w in s.workers if w.pid is not None],
                 "strategy": self._strategy,
+                "start-method": self.start_method,
                 "queued": s.queued,
                 "in-flight": s.in_flight,
                 "calls": s.calls,
