@@ -143,9 +143,10 @@ def death_to_failure(app: Any, name: str) -> float:
     queue = f"home-{name}"
     result = app.send_task("tests.celery_app.pause", (30,), queue=queue)
     _wait(lambda: result.state == "STARTED", "the task to start")
-    (active,) = app.control.inspect(destination=[name], timeout=BOUND).active()[name]
+    active = app.control.inspect(destination=[name], timeout=BOUND).active()[name]
+    (running,) = [request for request in active if request["id"] == result.id]
     killed = datetime.datetime.now(datetime.UTC)
-    os.kill(int(active["worker_pid"]), signal.SIGKILL)
+    os.kill(int(running["worker_pid"]), signal.SIGKILL)
     _wait(lambda: result.state == "FAILURE", "the failure to be recorded")
     done = result.date_done
     if done.tzinfo is None:
