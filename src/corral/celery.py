@@ -76,10 +76,13 @@ from ._taskqueue import Strategy
 
 logger = get_logger(__name__)
 
-# How long the worker's main thread waits for the pool's thread to start or stop the pool,
-# and for ``celery inspect stats``: far above what either takes, so a pool that hangs
-# fails loudly instead of hanging the worker.
+# How long the worker's main thread waits for the pool's thread to stop the pool: far above
+# what it takes, so a pool that hangs fails loudly instead of hanging the worker.
 BRIDGE_TIMEOUT = 60.0
+
+# How long ``celery inspect stats`` waits for the pool's figures from its thread: the
+# worker's main thread waits meanwhile, and a reply without them beats none.
+STATS_TIMEOUT = 5.0
 
 # The least time a child has to start, or Celery's ``worker_proc_alive_timeout`` (prefork's,
 # 4 s by default) when larger. A child is up in milliseconds (the first after the
@@ -586,7 +589,11 @@ class TaskPool(BasePool):  # type: ignore[misc]
         async def stats() -> Any:
             return pool.stats()
 
-        s = self._call(stats(), BRIDGE_TIMEOUT)
+        try:
+            s = self._call(stats(), STATS_TIMEOUT)
+        except TimeoutError:  # the pool's thread is busy: Celery's thread must not wait on
+            logger.warning("corral's pool did not answer for its stats within %g s", STATS_TIMEOUT)
+            return info
         info.update(
             {
                 "processes": [w.pid for w in s.workers if w.pid is not None],
