@@ -83,6 +83,33 @@ def test_mandelbrot_writes_png_and_reports_timings(tmp_path: Path) -> None:
     assert "\x1b[" not in out  # no progress bar or colour codes when stdout is a pipe
 
 
+def test_mandelbrot_without_the_cli_extra_names_it(tmp_path: Path) -> None:
+    """rich is the `cli` extra, not a dependency of corral: where it is missing, `corral
+    mandelbrot` says which extra to install, in one line, and writes nothing; the pool
+    itself needs no rich."""
+    script = (
+        "import sys; sys.modules['rich'] = None  # as if not installed\n"
+        "from corral.cli import main\n"
+        "if __name__ == '__main__':\n"
+        f"    raise SystemExit(main(['mandelbrot', *{SMALL!r}, '--workers', '2']))\n"
+    )
+    (tmp_path / "no_rich.py").write_text(script)
+    done = subprocess.run(
+        [sys.executable, "no_rich.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        "corral mandelbrot: error: it draws its progress with rich, which the extra 'cli' "
+        "installs: pip install 'corral[cli]'"
+    ]
+    assert not (tmp_path / "mandelbrot.png").exists()
+
+
 def test_mandelbrot_defaults_to_mandelbrot_png_without_baseline(tmp_path: Path) -> None:
     """With no --output the PNG lands in the working directory as mandelbrot.png, and
     --no-baseline skips the one-worker render and says the speed-up was not measured."""

@@ -23,15 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
 import corral
 
 from . import _mandelbrot as mb
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+
+    from rich.progress import Progress
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -277,6 +276,22 @@ def _check_writable(path: Path) -> None:
 def _mandelbrot(args: argparse.Namespace) -> int:
     """``corral mandelbrot``: time a one-worker render, render on all, write the PNG."""
     _check_writable(args.output)
+    try:  # the demo draws with rich, an extra: a program that only imports corral needs none
+        from rich.console import Console  # noqa: PLC0415
+        from rich.progress import (  # noqa: PLC0415
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+    except ImportError:
+        print(
+            "corral mandelbrot: error: it draws its progress with rich, which the extra 'cli' "
+            "installs: pip install 'corral[cli]'",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
     workers = args.workers or len(os.sched_getaffinity(0))
     view = mb.View.full_set(args.width, args.height, args.max_iter)
     tiles = mb.tiles(args.width, args.height, args.tile)
