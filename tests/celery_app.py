@@ -46,6 +46,22 @@ def _mark_init(sender: object = None, **kwargs: object) -> None:
     process_init.update(pid=os.getpid(), sender=str(sender))
 
 
+# Whether the result backend was loaded when each task was called, by task id: set before
+# the tracer first touches the backend (Celery's task_prerun comes first).
+backend_at_call: dict[str, bool] = {}
+
+
+@signals.task_prerun.connect
+def _note_backend(task_id: str = "", **kwargs: object) -> None:
+    backend_at_call[task_id] = getattr(app._local, "backend", None) is not None
+
+
+@app.task(bind=True)
+def backend_loaded_at_call(self: object) -> bool:
+    """Whether the child had loaded the result backend before this task was called."""
+    return backend_at_call.pop(self.request.id)  # type: ignore[attr-defined]
+
+
 @app.task
 def noop() -> None:
     """Nothing: the benchmark's unit of overhead."""

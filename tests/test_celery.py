@@ -359,6 +359,16 @@ def test_max_tasks_per_child_and_the_workers_time_limits(limited: Worker, client
     )
 
 
+def test_children_load_the_result_backend_before_their_first_task(
+    limited: Worker, client: Celery
+) -> None:
+    """A child loads the app's result backend as it starts, as prefork's inherit it: left to
+    Celery's tracer, a child's first task imported it (redis-py, 0.1 s here, more on a busy
+    machine) inside the call, where a short soft limit fell before the task's ``try``.
+    One child, recycled after two tasks: of two tasks in a row, one is a child's first."""
+    assert [limited.run(client, "backend_loaded_at_call") for _ in range(2)] == [True, True]
+
+
 def test_autoscale_grows_and_shrinks(scaling: Worker, client: Celery) -> None:
     """``--autoscale 3,1`` starts one child, grows to three under load and shrinks back."""
     assert len(scaling.processes(client)) == 1

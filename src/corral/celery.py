@@ -124,6 +124,10 @@ def _set_up_child(app: Any, hostname: str) -> None:
     """
     interrupt = signal.getsignal(_child.INTERRUPT)
     process_initializer(app, hostname)
+    # Loaded now, as prefork's children inherit it from the worker: left to Celery's tracer,
+    # a child's first task imported it (redis-py: 0.1 s, more on a busy machine) inside the
+    # call, under the task's soft limit, which could fall there, before the task's own try.
+    app.backend  # noqa: B018 (a property that loads the backend)
     signal.signal(_child.INTERRUPT, interrupt)
     _child.raise_at_soft_limits(_SoftLimit)
 
