@@ -40,7 +40,7 @@ def _executor(workers: int = 2, **options: Any) -> corral.Executor:
 # CPython 3.13.0 runs no signal handler in a process forked from a thread other than the
 # main one while that process runs bytecode (the signal is flagged on the parent's main
 # thread state), and the executor forks from its own thread: interrupting a running call
-# there ends with its worker killed after the grace period (README: what it rests on).
+# there ends with its worker killed after the grace period (docs/calls.md: what it rests on).
 _FORK_LOSES_SIGNALS = sys.version_info[:3] == (3, 13, 0)
 
 

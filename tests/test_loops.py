@@ -211,7 +211,7 @@ def test_a_pool_is_refused_outside_a_loop_before_it_has_one() -> None:
 
 @pytest.mark.parametrize("loop", LOOPS)
 def test_run_from_another_thread_through_run_coroutine_threadsafe(loop: str) -> None:
-    """The README's way from another thread: ``pool.run(f, x)`` made where no loop runs is
+    """The guide's way from another thread: ``pool.run(f, x)`` made where no loop runs is
     a coroutine that queues the call once it runs on the pool's loop
     (``asyncio.run_coroutine_threadsafe``), and gives its value."""
 
