@@ -6,15 +6,37 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 
 # Session-long helper processes, not a test's: multiprocessing's forkserver and resource
 # tracker, corral's undertaker.
 HELPERS = ("forkserver", "resource_tracker", "corral-undertaker")
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_python(
+    *args: str, cwd: Path = ROOT, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run a fresh interpreter (this one, with corral from this checkout and the tests
+    importable) with args; what it printed, and its exit status."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def open_fds() -> set[int]:

@@ -10,11 +10,8 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -27,9 +24,9 @@ import corral
 from corral import _log as log
 from corral.workers import ProcessWorker
 from tests import tasks
+from tests.processes import ROOT, run_python
 from tests.waits import bounded, until
 
-ROOT = Path(__file__).resolve().parent.parent
 MB = 1 << 20
 
 # The facts each event's records carry, besides corral_event.
@@ -97,20 +94,6 @@ def events(caplog: pytest.LogCaptureFixture, event: str) -> list[logging.LogReco
 
 def corral_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name.partition(".")[0] == "corral"]
-
-
-def run_python(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """Run a fresh interpreter with corral from this checkout and the tests importable."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
-    return subprocess.run(
-        [sys.executable, *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 # -- the logger itself --------------------------------------------------------------------

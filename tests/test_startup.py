@@ -19,10 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.processes import dead
+from tests.processes import ROOT, dead, run_python
 from tests.waits import wait_until
-
-ROOT = Path(__file__).resolve().parent.parent
 
 # What no process of a program of process pools needs to import: the other kinds of
 # worker, Dask, the executor, the Tracker, psutil (only a kill, stats and memory limits
@@ -60,19 +58,9 @@ PARENT_SIDE = {
 }
 
 
-def run_python(*args: str, cwd: Path = ROOT) -> str:
-    """Run a fresh interpreter (this one, with corral from this checkout) with args and
-    return what it printed; fail with its stderr if it failed."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
-    done = subprocess.run(
-        [sys.executable, *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+def output_of(*args: str, cwd: Path = ROOT) -> str:
+    """What a fresh interpreter run with args printed; fails with its stderr if it failed."""
+    done = run_python(*args, cwd=cwd)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -82,7 +70,7 @@ def test_import_corral_loads_only_what_a_worker_needs() -> None:
     """``import corral`` after ``import asyncio`` loads corral's errors and ``report`` and
     nothing else: no pool, no worker kind, no third-party package."""
     loaded = json.loads(
-        run_python(
+        output_of(
             "-c",
             "import asyncio, json, sys\n"
             "before = set(sys.modules)\n"
@@ -123,7 +111,7 @@ def test_a_process_pool_loads_only_what_each_process_uses(tmp_path: Path) -> Non
     in the worker; the worker (forked by a forkserver that loaded the same) loads nothing
     of the pool's side."""
     (tmp_path / "script.py").write_text(SCRIPT)
-    loaded = json.loads(run_python("script.py", cwd=tmp_path))  # run as scripts are
+    loaded = json.loads(output_of("script.py", cwd=tmp_path))  # run as scripts are
     parent, worker = set(loaded["parent"]), set(loaded["worker"])
     assert "corral._pool" in parent and "corral._child" in worker  # what it measures ran
     assert sorted(parent & NOT_FOR_A_PROCESS_POOL) == []
@@ -139,7 +127,7 @@ def test_public_names_load_at_first_use_and_answer_to_the_public_module() -> Non
     as when everything loaded at once; a ``Job`` the pool hands out answers to ``corral``
     though the program never named ``corral.Job``; a name that does not exist says so."""
     found = json.loads(
-        run_python(
+        output_of(
             "-c",
             "import json, corral\n"
             "from tests import tasks\n"
