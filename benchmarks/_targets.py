@@ -135,6 +135,32 @@ def issue14(
     return checks.lines
 
 
+# The standing goals against one peer: (measurement, metric, peer, factor, goal, unit);
+# corral's value must be at least factor times the peer's.
+PEER_GOALS = (
+    ("submit", "calls_per_s", "ppe", 3, "individual submits ≥3x ProcessPoolExecutor", "calls/s"),
+    ("map", "calls_per_s", "mpire", 1, "map ≥ mpire", "calls/s"),
+    ("payload", "arg_mib_s", "ppe", 2, "large bytes argument ≥2x ProcessPoolExecutor", "MiB/s"),
+    ("payload", "result_mib_s", "ppe", 2, "large bytes result ≥2x ProcessPoolExecutor", "MiB/s"),
+    (
+        "payload",
+        "array_arg_mib_s",
+        "ppe",
+        2,
+        "large ndarray argument ≥2x ProcessPoolExecutor",
+        "MiB/s",
+    ),
+    (
+        "payload",
+        "array_result_mib_s",
+        "ppe",
+        2,
+        "large ndarray result ≥2x ProcessPoolExecutor",
+        "MiB/s",
+    ),
+)
+
+
 def standing(results: Results, libs: list[str], functions: Sequence[str]) -> list[str]:
     """The goals of earlier issues that issue 14 did not replace."""
     checks = Checks()
@@ -156,38 +182,15 @@ def standing(results: Results, libs: list[str], functions: Sequence[str]) -> lis
                 higher=False,
                 unit="µs",
             )
-        if f"submit:{f}" in results:
-            checks.ratio(
-                f"individual submits ≥3x ProcessPoolExecutor, {fn}",
-                value(results, f"submit:{f}", "corral", "calls_per_s"),
-                value(results, f"submit:{f}", "ppe", "calls_per_s"),
-                factor=3,
-                higher=True,
-                unit="calls/s",
-            )
-        if f"map:{f}" in results:
-            checks.ratio(
-                f"map ≥ mpire, {fn}",
-                value(results, f"map:{f}", "corral", "calls_per_s"),
-                value(results, f"map:{f}", "mpire", "calls_per_s"),
-                factor=1,
-                higher=True,
-                unit="calls/s",
-            )
-        if f"payload:{f}" in results:
-            for metric, what in (
-                ("arg_mib_s", "bytes argument"),
-                ("result_mib_s", "bytes result"),
-                ("array_arg_mib_s", "ndarray argument"),
-                ("array_result_mib_s", "ndarray result"),
-            ):
+        for measurement, metric, peer, factor, goal, unit in PEER_GOALS:
+            if f"{measurement}:{f}" in results:
                 checks.ratio(
-                    f"large {what} ≥2x ProcessPoolExecutor, {fn}",
-                    value(results, f"payload:{f}", "corral", metric),
-                    value(results, f"payload:{f}", "ppe", metric),
-                    factor=2,
+                    f"{goal}, {fn}",
+                    value(results, f"{measurement}:{f}", "corral", metric),
+                    value(results, f"{measurement}:{f}", peer, metric),
+                    factor=factor,
                     higher=True,
-                    unit="MiB/s",
+                    unit=unit,
                 )
     eff = value(results, "efficiency", "corral", "efficiency_pct")
     if eff is not None:
