@@ -154,8 +154,11 @@ async def test_loop_answers_while_every_worker_is_busy(loop_kind: str) -> None:
         async def in_flight() -> int:
             return int((await http.get("/stats")).json()["in_flight"])
 
-        while await in_flight() < 2:  # bounded by the test's timeout; /stats itself answers
-            await asyncio.sleep(0.01)
+        async def both_busy() -> None:
+            while await in_flight() < 2:
+                await asyncio.sleep(0.01)
+
+        await bounded(both_busy())
         ping = await http.get("/ping")
         assert ping.text == "pong"
         assert not any(task.done() for task in busy), "the loop waited for the workers"
