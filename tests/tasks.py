@@ -9,6 +9,15 @@ import time
 from typing import Any
 
 
+def write_atomically(path: str, text: str) -> None:
+    """Write a small file whole: a test that waits for it to exist never reads it half
+    written (``Path.write_text`` creates the file empty, then writes)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def add(a: int, b: int) -> int:
     return a + b
 

@@ -62,26 +62,19 @@ def mul(x: int, y: int) -> int:
     return x * y
 
 
-def _write(path: str, text: str) -> None:
-    """Write a small file atomically: a reader never sees it half written."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def mark_then_wait(started: str, gate: str, cleaned: str = "") -> int:
     """Write this worker's pid to started, wait until gate exists (30 s at most), and
     write the pid to cleaned on the way out, whatever ends the call; return the pid."""
     pid = str(os.getpid())
     try:
-        _write(started, pid)  # in the try: a cancel that comes once started exists runs finally
+        # in the try: a cancel that comes once started exists runs the finally
+        tasks.write_atomically(started, pid)
         deadline = time.monotonic() + BOUND
         while not os.path.exists(gate) and time.monotonic() < deadline:
             time.sleep(0.005)
     finally:
         if cleaned:
-            _write(cleaned, pid)
+            tasks.write_atomically(cleaned, pid)
     return os.getpid()
 
 

@@ -138,7 +138,7 @@ def busy_recording_cleanup(seconds: float, started: str, cleaned: str) -> None:
         while time.monotonic() < deadline:
             pass
     finally:
-        Path(cleaned).write_text(str(os.getpid()))
+        tasks.write_atomically(cleaned, str(os.getpid()))
 
 
 async def test_a_soft_limit_lands_inside_a_busy_task() -> None:
