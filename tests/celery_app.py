@@ -46,6 +46,20 @@ def _mark_init(sender: object = None, **kwargs: object) -> None:
     process_init.update(pid=os.getpid(), sender=str(sender))
 
 
+# Where each child notes its worker_process_shutdown signal ("pid exitcode" lines), if set.
+SHUTDOWNS = os.environ.get("CORRAL_CELERY_SHUTDOWNS")
+
+
+@signals.worker_process_shutdown.connect
+def _mark_shutdown(pid: int = 0, exitcode: int = 0, **kwargs: object) -> None:
+    if SHUTDOWNS:
+        fd = os.open(SHUTDOWNS, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        try:
+            os.write(fd, f"{pid} {exitcode}\n".encode())
+        finally:
+            os.close(fd)
+
+
 # Whether the result backend was loaded when each task was called, by task id: set before
 # the tracer first touches the backend (Celery's task_prerun comes first).
 backend_at_call: dict[str, bool] = {}

@@ -132,7 +132,8 @@ class Worker:
         self.queue = f"q-{uuid.uuid4().hex[:8]}"
         self.name = f"{self.queue}@corral-tests"
         self.log = directory / f"{self.queue}.log"
-        environment = {**os.environ, "CORRAL_CELERY_REDIS": redis_url, **(env or {})}
+        self.env = env or {}
+        environment = {**os.environ, "CORRAL_CELERY_REDIS": redis_url, **self.env}
         if configured:
             environment["CORRAL_CELERY_WORKER_POOL"] = "corral.celery:TaskPool"
             choice: tuple[str, ...] = ()
@@ -162,6 +163,13 @@ class Worker:
     def text(self) -> str:
         """The worker's log so far."""
         return self.log.read_text() if self.log.exists() else ""
+
+    def shutdowns(self) -> list[tuple[int, int]]:
+        """The (pid, exitcode) of each worker_process_shutdown signal the children sent, where
+        the worker was started with ``CORRAL_CELERY_SHUTDOWNS`` naming a file."""
+        path = Path(self.env["CORRAL_CELERY_SHUTDOWNS"])
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [(int(pid), int(code)) for pid, code in (line.split() for line in lines)]
 
     def logged(self, fragment: str) -> bool:
         return fragment in self.text()
@@ -214,9 +222,10 @@ def worker(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 def limited(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
     """One child, recycled after two tasks, with the worker's own time limits; the pool
     chosen in the app's configuration."""
+    directory = tmp_path_factory.mktemp("limited")
     w = Worker(
         redis_url,
-        tmp_path_factory.mktemp("limited"),
+        directory,
         "-c",
         "1",
         "--max-tasks-per-child",
@@ -225,6 +234,7 @@ def limited(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "1",
         "--time-limit",
         "3",
+        env={"CORRAL_CELERY_SHUTDOWNS": str(directory / "shutdowns")},
         configured=True,
     )
     yield w
@@ -344,6 +354,9 @@ def test_max_tasks_per_child_and_the_workers_time_limits(limited: Worker, client
     pids = [limited.run(client, "whoami")["pid"] for _ in range(6)]
     runs = [pids.count(pid) for pid in dict.fromkeys(pids)]
     assert max(runs) <= 2 and len(runs) >= 3, pids
+    # each recycled child sent worker_process_shutdown as it left, as prefork's do
+    recycled = {pid for pid in pids if pids.count(pid) == 2}
+    wait_until(lambda: recycled <= {pid for pid, _ in limited.shutdowns()})
     assert limited.pool(client)["implementation"] == "corral.celery:TaskPool"
     assert limited.pool(client)["max-tasks-per-child"] == 2
     assert limited.pool(client)["timeouts"] == [1, 3]
@@ -390,7 +403,8 @@ def test_max_memory_per_child(scaling: Worker, client: Celery) -> None:
 def test_shutdown(how: str, redis_url: str, client: Celery, tmp_path: Path) -> None:
     """SIGTERM (warm shutdown) lets the running task finish; SIGQUIT (cold) does not wait
     for it, and leaves no child behind either way."""
-    w = Worker(redis_url, tmp_path, "-c", "1")
+    shutdowns = {"CORRAL_CELERY_SHUTDOWNS": str(tmp_path / "shutdowns")}
+    w = Worker(redis_url, tmp_path, "-c", "1", env=shutdowns)
     try:
         (child,) = w.processes(client)
         result = w.send(client, "pause", 2 if how == "warm" else 60)
@@ -403,6 +417,8 @@ def test_shutdown(how: str, redis_url: str, client: Celery, tmp_path: Path) -> N
             assert code == 0
             assert result.get(timeout=BOUND) == 2
             assert took >= 1
+            # the child left by itself: worker_process_shutdown was sent, as by prefork's
+            assert w.shutdowns() == [(child, 0)]
         else:
             assert took < 30
             # Celery's cold shutdown marks the task it cancels for retry, as under prefork

@@ -46,6 +46,7 @@ import functools
 import importlib
 import itertools
 import multiprocessing
+import multiprocessing.util
 import os
 import signal
 import sys
@@ -63,7 +64,7 @@ try:
     from billiard.exceptions import TimeLimitExceeded as _CeleryTimeLimit
     from billiard.exceptions import WorkerLostError as _CeleryWorkerLost
     from celery.concurrency.base import BasePool
-    from celery.concurrency.prefork import process_initializer
+    from celery.concurrency.prefork import process_destructor, process_initializer
     from celery.utils.log import get_logger
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError(f"corral.celery needs Celery ({exc}): pip install 'corral[celery]'") from exc
@@ -120,10 +121,14 @@ def _set_up_child(app: Any, hostname: str) -> None:
     """Set a child up as prefork sets up its children.
 
     Celery's initializer resets SIGUSR1 (prefork's soft-limit signal), which is corral's
-    interrupt here: the child's own handler is put back.
+    interrupt here: the child's own handler is put back. ``worker_process_shutdown`` is
+    sent as the child leaves by itself (the pool stopped, the child recycled or retired), as
+    prefork's children send it: multiprocessing runs its exit finalizers then. A child that
+    is killed (a hard limit, ``revoke(terminate=True)``, a crash) sends none, as under prefork.
     """
     interrupt = signal.getsignal(_child.INTERRUPT)
     process_initializer(app, hostname)
+    multiprocessing.util.Finalize(None, process_destructor, (os.getpid(), 0), exitpriority=10)
     # Loaded now, as prefork's children inherit it from the worker: left to Celery's tracer,
     # a child's first task imported it (redis-py: 0.1 s, more on a busy machine) inside the
     # call, under the task's soft limit, which could fall there, before the task's own try.
