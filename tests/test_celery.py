@@ -3,7 +3,7 @@
 Every test talks to a real ``celery worker`` process on corral's pool (``--pool custom``
 with ``CELERY_CUSTOM_WORKER_POOL``), through a real Redis server (broker and result
 backend) that this module starts, from a Celery client in the test process. The tasks are
-in ``tests/celery_app.py``.
+in ``tests/celery_app.py`` (an app made inside a function: ``tests/celery_app_in_a_function.py``).
 
 One worker serves each group of tests whose behaviour allows sharing it; each group has a
 queue of its own. A worker replaces its children by design (a time limit, a death, a
@@ -118,7 +118,8 @@ class Worker:
 
     The pool is chosen as the command line does (``--pool custom`` with
     ``CELERY_CUSTOM_WORKER_POOL``), or with ``configured`` as the app's configuration
-    does (``worker_pool``).
+    does (``worker_pool``). ``app``: the module of the app (``celery -A``), or a module
+    that makes its app in a function and runs the worker itself (``python -m``).
     """
 
     def __init__(
@@ -128,6 +129,7 @@ class Worker:
         *options: str,
         env: dict[str, str] | None = None,
         configured: bool = False,
+        app: str = "tests.celery_app",
     ) -> None:
         self.queue = f"q-{uuid.uuid4().hex[:8]}"
         self.name = f"{self.queue}@corral-tests"
@@ -140,9 +142,13 @@ class Worker:
         else:
             environment["CELERY_CUSTOM_WORKER_POOL"] = "corral.celery:TaskPool"
             choice = ("--pool", "custom")
+        if app == "tests.celery_app":
+            command: tuple[str, ...] = (sys.executable, "-m", "celery", "-A", app, "worker")
+        else:
+            command = (sys.executable, "-m", app, "worker")
         self.process = subprocess.Popen(
             [
-                *(sys.executable, "-m", "celery", "-A", "tests.celery_app", "worker"),
+                *command,
                 *(*choice, "-Q", self.queue, "-n", self.name, "-l", "info"),
                 *("--logfile", str(self.log), "--without-gossip", "--without-mingle"),
                 *("--without-heartbeat", *options),
@@ -175,7 +181,8 @@ class Worker:
         return fragment in self.text()
 
     def send(self, client: Celery, task: str, *args: Any, **options: Any) -> Any:
-        return client.send_task(f"tests.celery_app.{task}", args, queue=self.queue, **options)
+        name = task if "." in task else f"tests.celery_app.{task}"
+        return client.send_task(name, args, queue=self.queue, **options)
 
     def run(self, client: Celery, task: str, *args: Any, **options: Any) -> Any:
         """Send a task and wait for its value."""
@@ -397,6 +404,30 @@ def test_max_memory_per_child(scaling: Worker, client: Celery) -> None:
     pid = scaling.run(client, "hold_memory", 100)
     wait_until(lambda: pid not in scaling.processes(client))
     assert scaling.run(client, "whoami")["pid"] != pid
+
+
+def test_an_app_no_import_reaches_has_its_children_forked_from_the_pool(
+    redis_url: str, client: Celery, tmp_path: Path
+) -> None:
+    """An app made inside a function (the worker started by ``app.worker_main``) cannot be
+    imported by a forkserver: its children are forked from the pool's thread, with the app,
+    run its tasks, and a child that dies is replaced."""
+    w = Worker(redis_url, tmp_path, "-c", "2", app="tests.celery_app_in_a_function")
+    try:
+        assert w.pool(client)["start-method"] == "fork"
+        children = w.processes(client)
+        assert len(children) == 2
+        seen = [w.run(client, "in_a_function.whoami") for _ in range(4)]
+        assert {info["pid"] for info in seen} <= children
+        assert all(info["app_made_in"] == w.pid for info in seen)
+        dying = w.send(client, "in_a_function.die")
+        with pytest.raises(WorkerLostError):
+            dying.get(timeout=BOUND)
+        wait_until(lambda: len(w.processes(client)) == 2 and w.processes(client) != children)
+        assert w.run(client, "in_a_function.whoami")["pid"] in w.processes(client)
+        assert w.stop() == 0
+    finally:
+        w.stop(signal.SIGKILL)
 
 
 @pytest.mark.parametrize("how", ["warm", "cold"])
