@@ -1,6 +1,6 @@
 """The worker process: run the initializer, announce itself, then serve calls until EOF.
 
-The child blocks on its in-pipe (no polling, no sleeps) and answers on its out-pipe::
+The child blocks on its in-pipe (no polling, no sleeps) and answers on its out-pipe:
 
     parent                               child
       |  CALL(job, fn, args)  ------------>  job id stored as "taken" (and, for a call with

@@ -1,6 +1,6 @@
 """corral's errors: each builds its own message from structured fields and survives pickling.
 
-The hierarchy::
+The hierarchy:
 
     CorralError
     ├── WorkerLostError          a worker died with the job acknowledged (exitcode | signal)

@@ -4,7 +4,7 @@ each, so the per-job cost (a pickle, a frame, a round trip) is shared by many sm
 ``map`` knows its whole input: it cuts it into about ``CHUNKS_PER_WORKER`` chunks per
 worker at once and gathers them. ``imap`` may not know its input's length, or may never
 reach its end, so it reads it lazily, a chunk at a time, and keeps a bounded window of
-chunks in flight::
+chunks in flight:
 
     input ──read a chunk──▶ submit(call_each, fn, chunk) ──▶ workers
       ▲                                                          │

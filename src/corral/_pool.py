@@ -1,6 +1,6 @@
 """``Pool``: a ``TaskQueue`` that keeps its own workers alive.
 
-How a call travels, and where each step happens::
+How a call travels, and where each step happens:
 
     pool.submit(fn, x)                         the caller's task
       | pickle (fn, x) once -> Job               SerializationError raised right here

@@ -2,7 +2,7 @@
 
 Recording is on the hot path, so it is a few subtractions and deque appends per call;
 percentiles are computed only when someone asks for ``stats()``. A call's time splits in
-three::
+three:
 
     submitted ---- queue wait ---- handed to a worker ---- transfer + run ---- done
                                                           run: inside the function

@@ -5,7 +5,7 @@ process child behind its pipes (``_child``), a thread or local worker in the par
 (``workers._thread``, ``workers._local``), and a Dask worker between pulls
 (``workers._dask_remote``). What carries the batches (a frame, a host callback, a Dask
 task's result) is theirs: nothing here pickles, locks, waits or writes. It runs the
-iterator and decides::
+iterator and decides:
 
     fn(*args) -> open_iterator()        LiveIterator(job, iterator, credit): held by the worker
     a turn    -> Turns.choose()         this stream's batch, or the next waiting job

@@ -4,7 +4,7 @@ A worker dies with the program's process by itself (``PR_SET_PDEATHSIG``, see ``
 even mid-task; but a process its task started (a ``subprocess.Popen``, a pool of its own)
 would be adopted by init and live on. So each worker leads a process group of its own,
 which what its task starts joins, and one small process per program, the undertaker,
-holds a pipe from the program and the list of those groups::
+holds a pipe from the program and the list of those groups:
 
     program                                   undertaker
       worker started  -- "+pgid" ---------->  remembers the group

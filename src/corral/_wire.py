@@ -1,6 +1,6 @@
 """The wire between parent and worker: frames and what travels in them. No I/O here.
 
-A frame is a fixed header followed by a body::
+A frame is a fixed header followed by a body:
 
     +----------------+----------------+------+------------------------------------+
     | body length u64| job id u64     | kind | body                               |
@@ -18,7 +18,7 @@ read should land and ``buffer_updated(n)`` returns the frames completed. ``feed`
 for callers (and tests) that hold bytes already.
 
 The messages, each a plain tuple in a fixed order that one pair of functions here makes
-and reads (no other module builds or parses them)::
+and reads (no other module builds or parses them):
 
     CALL         (function, args, soft time limit, credit)   dumps_call   / loads_call
     RESULT       (value, run time)                           dumps_result / loads_outcome

@@ -6,7 +6,7 @@
 worker hands each task to the pool as a call of its tracer, with callbacks for the moment
 it starts, its outcome and its time limits; a ``corral.Pool`` of worker processes runs
 the calls, on an event loop of its own (uvloop's where installed) in one thread of
-the worker's main process::
+the worker's main process:
 
     Celery's main thread (its hub)              corral's thread (an asyncio loop, the Pool)
 

@@ -3,7 +3,7 @@
 For code without an event loop of its own (or with one that hands work out through
 ``loop.run_in_executor``). There is one bridge and no second copy of the pool: each
 executor owns a private event loop, run by one daemon thread, and that loop owns one
-``corral.Pool``. Every call crosses over to it::
+``corral.Pool``. Every call crosses over to it:
 
     the caller's thread                          the bridge's thread (its own event loop)
 

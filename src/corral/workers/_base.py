@@ -2,7 +2,7 @@
 
 A worker runs jobs that its host (a ``TaskQueue`` or a ``Pool``) hands it, and tells the host
 what became of each through the host's callbacks. The host decides *which* job goes *where*
-and *what it means*; the worker only runs what it is given and reports::
+and *what it means*; the worker only runs what it is given and reports:
 
     host                                 worker
       start(host) ---------------------->  ready to take jobs when it returns

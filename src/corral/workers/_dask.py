@@ -4,7 +4,7 @@ Why: the same queue, with its priorities, series, errors, reports and streams, c
 calls to many machines. The cluster's scheduler and workers do the running; this worker is
 the queue's side of one ``distributed.Client`` (asynchronous, on the queue's event loop).
 
-How it keeps the ``Worker`` contract (``corral.workers._base``)::
+How it keeps the ``Worker`` contract (``corral.workers._base``):
 
     parent (the queue's event loop)                 a Dask worker thread
       send(job) --- client.submit(run_call) ---->  fn(*args), in a small wrapper

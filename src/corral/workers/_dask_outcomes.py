@@ -3,7 +3,7 @@
 Why a module of its own: ``corral.workers._dask`` decides what to submit and when a job is
 done; this is how the answers of the cluster reach it, and in which order. They take one of
 two roads: events of the worker's topic, which the scheduler forwards as they are logged,
-and the task's value, which waits on the cluster until it is fetched::
+and the task's value, which waits on the cluster until it is fetched:
 
     a Dask worker thread                          the parent (the queue's event loop)
       corral.report(obj) ------ event --------->  on_event: counted, host.job_report

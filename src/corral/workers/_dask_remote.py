@@ -7,7 +7,7 @@ version as the parent. Nothing here holds the parent's state (its client, its jo
 event loop): only what lives in the Dask worker process itself, the table of the streams it
 keeps between batches and the soft limit of the call running in each of its threads.
 
-The tasks, each run in a thread of a Dask worker::
+The tasks, each run in a thread of a Dask worker:
 
     run_call(fn, args, where, announce, soft_limit)  fn(*args) -> its outcome, pickled
     open_stream(fn, args, where, n)                  fn(*args), kept as a stream -> a Batch

@@ -5,7 +5,7 @@ is best run where it already is, as a task of the loop, with no pickling at all.
 plain callable can run here too, and the same queue can then route heavier calls elsewhere
 by ``series``. The value and the exception reach the caller as they are, traceback intact.
 
-How it keeps the ``Worker`` contract (``corral.workers._base``)::
+How it keeps the ``Worker`` contract (``corral.workers._base``):
 
     send(job)  ->  queued; one loop callback later the first job starts  (send never runs it)
     plain callable     runs inline in that callback: it blocks the loop while it runs

@@ -3,7 +3,7 @@
 It owns the process, the parent's ends of its two pipes and one fd that becomes readable
 when the process dies (a pidfd, or the forkserver's status pipe). All three sit on the event
 loop, so a result, a crash or an exit is noticed the moment it happens, with no thread and
-no timer. Which jobs the process held when it died decides their fate::
+no timer. Which jobs the process held when it died decides their fate:
 
     sent, never acknowledged  ->  unstarted: back to the queue, run elsewhere exactly once
     acknowledged, running     ->  started: lost, WorkerLostError (or a retry)

@@ -5,7 +5,7 @@ must not block the event loop, and needs no process: nothing is pickled, and the
 the exception comes back as it is, traceback intact. One thread per worker, so a queue
 decides how many calls run at once.
 
-The loop and the thread meet under one lock, in four places::
+The loop and the thread meet under one lock, in four places:
 
     loop thread                                worker thread
       send()       -- _pending ------------->  _take(): a job, or a stream's turn
