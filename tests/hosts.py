@@ -91,6 +91,7 @@ class Host:
         self._check_thread()
         self.events.append(("done", job.id))
         self.run_times[job.id] = job.run_time
+        worker.tasks_done += 1  # as the queue does: the worker only reports
         assert not self.outcomes[job.id].done(), f"job {job.id} reported twice"
         self.outcomes[job.id].set_result((value, error))
 
@@ -130,6 +131,7 @@ def send(worker: Worker, job: Job[Any]) -> Job[Any]:
     if job.state is JobState.PENDING:  # a test may send one it marked cancelled
         move(job, JobState.SENT)
     worker.send(job)
+    worker.tasks_sent += 1
     return job
 
 

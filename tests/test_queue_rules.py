@@ -279,6 +279,32 @@ async def test_fair_sends_one_job_at_a_time_prefetch_up_to_its_count() -> None:
             worker.finish(job)
 
 
+async def test_the_queue_keeps_each_workers_figures() -> None:
+    """A worker counts nothing: the queue counts the jobs it sent each worker and those
+    each finished (a failure and a cancel included), which ``stats()`` shows."""
+    async with queue_of(strategy="prefetch", prefetch=2) as queue:
+        first, second = ScriptedWorker(), ScriptedWorker()
+        await attached(queue, first, second)
+        jobs = [queue.submit(tasks.add, i, 0) for i in range(5)]
+        assert (first.tasks_sent, second.tasks_sent) == (2, 2)
+        first.finish(first.held[0], 0)
+        first.finish(first.held[0], error=ValueError("scripted"))
+        assert (first.tasks_sent, first.tasks_done) == (3, 2)
+        first.held[0].cancel()  # not begun: the worker drops it (job_done, CancelledError)
+        for job in list(second.held):
+            second.finish(job, 0)
+        assert (first.tasks_sent, first.tasks_done) == (3, 3)
+        assert (second.tasks_sent, second.tasks_done) == (2, 2)
+        assert {w.name: w.tasks_done for w in queue.stats().workers} == {
+            first.name: 3,
+            second.name: 2,
+        }
+        errors = [error for _, error in [await outcome(job) for job in jobs]]
+        assert sorted(type(error).__name__ for error in errors) == [
+            *("CancelledError", "NoneType", "NoneType", "NoneType", "ValueError")
+        ]
+
+
 async def test_lower_priority_first_and_fifo_among_equals() -> None:
     """Jobs waiting for a busy worker go to it lowest priority first, and in the order
     submitted among equal priorities."""

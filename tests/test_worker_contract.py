@@ -563,7 +563,6 @@ async def test_values_and_exceptions_come_back(kind: Kind) -> None:
         for job in jobs:  # (those of a kind that runs several at once interleave)
             mine = [event for event in host.events if event[1] == job.id]
             assert mine == [("started", job.id), ("done", job.id)]
-        assert (worker.tasks_sent, worker.tasks_done) == (6, 6)
     finally:
         await worker.stop()
     assert not worker.alive

@@ -592,6 +592,7 @@ class TaskQueue:
                     # (RecursionError, a job never ended).
                     refused.extend(self._dispatcher.finished(worker))
                 else:
+                    worker.tasks_sent += 1
                     # Retired at its quota's last send, not its last result, so that under
                     # prefetch a worker is never sent more than its quota.
                     if self._quota is not None and self._dispatcher.quota_left(worker) == 0:
@@ -637,6 +638,7 @@ class TaskQueue:
         timings.calls += 1
         run = job.run_time
         timings.samples.append((job.submitted_at, job.sent_at, now, run))
+        worker.tasks_done += 1
         worker.busy_time += now - job.sent_at if run is None else run
         if error is not None and job.state is not JobState.CANCELLED:
             timings.failed += 1

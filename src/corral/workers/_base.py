@@ -23,10 +23,9 @@ What every worker must do:
   (``job.time_limit``: the host times it from there); for others it may leave it out.
   Reports and stream items come in order, before the job's ``job_done``.
 - Set ``job.run_time`` (seconds inside the call) before ``job_done`` where it can measure
-  it, else leave it None; count ``tasks_sent`` and ``tasks_done`` (stats read them). A
-  worker that can tell a job was delivered whole and killed it before it began adds one
-  to ``job.deliveries`` (the host fails such a job at its bound instead of retrying it
-  for ever).
+  it, else leave it None. A worker that can tell a job was delivered whole and killed it
+  before it began adds one to ``job.deliveries`` (the host fails such a job at its bound
+  instead of retrying it for ever). It counts nothing: its host keeps its figures.
 
 What it must not do: write ``job.state`` (the queue moves every job through its life
 cycle), choose among jobs (order, priority, series, retries and replacement are the
@@ -116,8 +115,9 @@ class Worker(abc.ABC):
 
     ``series`` names the series of jobs it serves; None serves every series (a string is
     refused: it would be a set of letters). ``name`` is what errors and stats call it.
-    ``state`` is the worker's own life cycle; ``busy_time`` and ``ready_at`` are written
-    by its host. See the module docstring for what every kind must do.
+    ``state`` is the worker's own life cycle; its figures (``tasks_sent``, ``tasks_done``,
+    ``busy_time``, ``ready_at``) are written by its host. See the module docstring for
+    what every kind must do.
     """
 
     kind = "worker"
@@ -131,9 +131,10 @@ class Worker(abc.ABC):
             )
         self.series: frozenset[str] | None = None if series is None else frozenset(series)
         self._name = name
+        # Its figures, which its host keeps (the worker only reports): stats and logs read them.
         self.tasks_sent = 0  # jobs handed to it
         self.tasks_done = 0  # jobs it finished
-        self.busy_time = 0.0  # seconds spent running jobs (the host adds each run time)
+        self.busy_time = 0.0  # seconds spent running jobs
         self.ready_at: float | None = None  # perf_counter when it began serving its host
 
     @property

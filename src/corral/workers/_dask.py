@@ -282,7 +282,6 @@ class DaskWorker(Worker):
         self._calls[job] = call
         assert self._idle is not None
         self._idle.clear()
-        self.tasks_sent += 1
 
     def _launch(self, call: Call) -> None:
         """Submit call's first Dask task and start the task of the loop that awaits it."""
@@ -473,7 +472,6 @@ class DaskWorker(Worker):
         if call.launched and not call.released:
             call.released = True
             self._active -= 1
-        self.tasks_done += 1
         if not self._calls:
             assert self._idle is not None
             self._idle.set()

@@ -121,7 +121,6 @@ class LocalWorker(Worker):
     def send(self, job: Job[Any]) -> None:
         if self.state is not WorkerState.READY:
             raise RuntimeError(f"cannot send to {self.name}: it is {self.state.value}")
-        self.tasks_sent += 1
         self._pending.append(job)
         self._wake()
 
@@ -326,7 +325,6 @@ class LocalWorker(Worker):
 
     def _job_done(self, job: Job[Any], value: Any, error: BaseException | None) -> None:
         assert self._host is not None
-        self.tasks_done += 1
         self._host.job_done(self, job, value, error)
 
     # -- the end --------------------------------------------------------------------------

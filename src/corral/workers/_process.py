@@ -365,7 +365,6 @@ class ProcessWorker(Worker):
         taken = self._page.words[ARGS_TAKEN]
         writer.write(framed(CALL, job.id, job.encode(), self._regions[0], taken))
         self._sent[job.id] = (job, writer.queued)
-        self.tasks_sent += 1
 
     def credit(self, job: Job[Any], n: int) -> None:
         """The consumer of job's stream took n items: the worker may send n more."""
@@ -477,7 +476,6 @@ class ProcessWorker(Worker):
                 if entry is None:
                     continue
                 job = entry[0]
-                self.tasks_done += 1
                 if self._overdue and (overdue := self._overdue.pop(job_id, None)):
                     overdue.cancel()
                 if kind & SHARED:
@@ -529,7 +527,6 @@ class ProcessWorker(Worker):
         a running call interrupted) and drop whatever it still sends for it."""
         self.cancel(job)
         del self._sent[job.id]
-        self.tasks_done += 1
         assert self._host is not None
         self._host.job_done(self, job, None, error)
 

@@ -175,7 +175,6 @@ class ThreadWorker(Worker):
     def send(self, job: Job[Any]) -> None:
         if self.state is not WorkerState.READY:
             raise RuntimeError(f"cannot send to {self.name}: it is {self.state.value}")
-        self.tasks_sent += 1
         with self._lock:
             self._pending.append(job)
             self._wakeup.notify()
@@ -283,7 +282,6 @@ class ThreadWorker(Worker):
                     timer.cancel()
             if event.run_time is not None:
                 job.run_time = event.run_time
-            self.tasks_done += 1
             host.job_done(self, job, event.value, event.error)
 
     def _give_up(self, job: Job[Any] | None, reason: str, grace: float = 0.0) -> None:
