@@ -1,4 +1,5 @@
-"""New forkserver workers do not import again what the main module imported."""
+"""New forkserver workers do not import again what the main module imported, and the
+program's event loop serves on while the forkserver imports it."""
 
 from __future__ import annotations
 
@@ -58,3 +59,60 @@ def test_workers_find_the_main_modules_imports_preloaded(tmp_path: Path) -> None
     assert done.stdout.strip() == "5"
     importers = log.read_text().split()
     assert len(importers) == 2, f"imported by {len(importers)} processes: {importers}"
+
+
+SLOW = """
+import time
+time.sleep({seconds})   # stands for numpy, torch, ...: seconds to import
+"""
+
+TICKING = """
+import asyncio, sys, time
+sys.path.insert(0, {root!r})
+import slow_helper
+import corral
+from tests import tasks
+
+async def main():
+    gaps = []
+    async def tick():
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+    ticking = asyncio.create_task(tick())
+    started = time.perf_counter()
+    async with corral.Pool(2) as pool:
+        up = time.perf_counter() - started
+        print(await pool.run(tasks.add, 2, 3), f"{{up:.3f}}", f"{{max(gaps):.3f}}")
+    ticking.cancel()
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+@pytest.mark.timeout(90)
+def test_the_loop_serves_on_while_the_forkserver_preloads(tmp_path: Path) -> None:
+    """The first pool's start waits for the forkserver's preloading (here a module the
+    script imports that takes 1.5 s) on the event loop: other tasks keep running, where
+    multiprocessing would block the loop in a read for all of it."""
+    seconds = 1.5
+    (tmp_path / "slow_helper.py").write_text(SLOW.format(seconds=seconds))
+    script = tmp_path / "script.py"
+    script.write_text(TICKING.format(root=str(ROOT)))
+    done = subprocess.run(
+        [sys.executable, script.name],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=80,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    answer, up, longest_stall = done.stdout.split()
+    assert answer == "5"
+    assert float(up) >= seconds  # the forkserver did import it before the first worker
+    assert float(longest_stall) < seconds / 2, f"the loop stood still {longest_stall} s"

@@ -11,11 +11,15 @@ that start fails, and reaches the loop as ECONNABORTED, which it survives. Anywh
 and for every other caller, ``os.fork`` is what it was.
 
 In the forkserver it also imports what multiprocessing's start-up of each worker would
-import after the fork, so that no worker spends its first milliseconds on it.
+import after the fork, so that no worker spends its first milliseconds on it. Preloaded
+last, its import is the moment the server has preloaded everything: it says so on the FIFO
+named by ``READY`` (see ``workers._process``), so the pool waits for that on its event loop
+and not blocked in multiprocessing's read of the first worker's pid.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
 import multiprocessing.forkserver
@@ -24,6 +28,9 @@ import sys
 from types import FrameType
 
 _SERVER_LOOP = multiprocessing.forkserver.main.__code__
+
+# The environment variable naming the FIFO on which a booting forkserver says it is ready.
+READY = "CORRAL_FORKSERVER_READY"
 _fork = os.fork
 
 
@@ -44,6 +51,18 @@ def _fork_or_abort_the_request() -> int:
         raise OSError(errno.ECONNABORTED, f"the forkserver could not fork: {exc}") from exc
 
 
+def _say_ready() -> None:
+    """Tell the pool waiting on the FIFO that the server is ready to fork, if one waits."""
+    path = os.environ.pop(READY, None)  # not for the workers it forks
+    if path:
+        with contextlib.suppress(OSError):  # ENXIO, ENOENT: the pool stopped waiting
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            try:
+                os.write(fd, b"\n")
+            finally:
+                os.close(fd)
+
+
 def _in_the_server() -> bool:
     """Whether this import runs in the forkserver's loop (its preloading)."""
     frame: FrameType | None = sys._getframe(1)
@@ -60,3 +79,4 @@ if _in_the_server():
     # main module again, unpickling the process object), imported once here instead.
     for _module in ("multiprocessing.popen_forkserver", "pkgutil"):
         importlib.import_module(_module)
+    _say_ready()

@@ -24,6 +24,7 @@ import multiprocessing.forkserver
 import os
 import signal
 import sys
+import tempfile
 import types
 import weakref
 from multiprocessing import resource_tracker
@@ -116,9 +117,83 @@ def _preload_in_forkserver(ctx: BaseContext) -> None:
     """
     server = getattr(multiprocessing.forkserver, "_forkserver", None)
     modules = list(getattr(server, "_preload_modules", None) or ["__main__"])
-    wanted = [_child.__name__, _forkserver.__name__, *_imported_by_main()]
+    # _forkserver last: its import says the server is ready (see _boot_forkserver)
+    wanted = [_child.__name__, *_imported_by_main(), _forkserver.__name__]
     if not set(wanted) <= set(modules):
         ctx.set_forkserver_preload([*modules, *(m for m in wanted if m not in modules)])
+
+
+# The forkserver's boot under way, awaited by every worker of that loop that starts meanwhile.
+_booting: asyncio.Future[None] | None = None
+
+
+async def _boot_forkserver(ctx: BaseContext, timeout: float) -> None:
+    """Start the forkserver unless it runs, and wait on the event loop until it has
+    preloaded the main module's imports, which may take seconds (numpy, torch).
+
+    Left to multiprocessing, the first worker's start waits for that blocked in a read of
+    the pid, the program's loop frozen meanwhile. A server that dies, or is not ready within
+    timeout, is left to that start, which fails (or waits) as it would have.
+    """
+    global _booting
+    loop = asyncio.get_running_loop()
+    if _booting is not None and not _booting.done() and _booting.get_loop() is loop:
+        await asyncio.shield(_booting)
+        return
+    server = multiprocessing.forkserver._forkserver
+    if getattr(server, "_forkserver_pid", None) is not None:
+        return  # running already
+    _preload_in_forkserver(ctx)
+    try:
+        folder = tempfile.TemporaryDirectory(prefix="corral-forkserver-")
+    except OSError:
+        return  # no FIFO to be had: the first start waits as multiprocessing has it wait
+    with folder:
+        path = os.path.join(folder.name, "ready")
+        try:
+            os.mkfifo(path, 0o600)
+            ready = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError:
+            return
+        booted = _booting = loop.create_future()
+        watched = [ready]
+        try:
+            _start_forkserver(path)
+            pid = getattr(server, "_forkserver_pid", None)
+            if pid is not None and hasattr(os, "pidfd_open"):
+                watched.append(os.pidfd_open(pid))  # readable if it dies instead
+            for fd in watched:
+                loop.add_reader(fd, _settle, booted)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(booted)
+        finally:
+            for fd in watched:
+                loop.remove_reader(fd)
+                os.close(fd)
+            _settle(booted)
+
+
+def _settle(booted: asyncio.Future[None]) -> None:
+    if not booted.done():
+        booted.set_result(None)
+
+
+def _start_forkserver(ready: str) -> None:
+    """Start the forkserver (and the undertaker, which boots meanwhile), both born with
+    SIGINT blocked (see ``_launch``), the forkserver told to say on the FIFO ``ready`` when
+    it is."""
+    resource_tracker.ensure_running()  # first: its start unblocks SIGINT (see _launch)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    os.environ[_forkserver.READY] = ready
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        os.environ.pop(_forkserver.READY, None)
+    try:
+        undertaker.prepare()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _imported_by_main() -> list[str]:
@@ -239,6 +314,13 @@ class ProcessWorker(Worker):
         self._up = loop.create_future()
         self._gone = loop.create_future()
         self.state = WorkerState.STARTING
+        try:
+            if self.start_method == "forkserver":
+                ctx = multiprocessing.get_context(self.start_method)
+                await _boot_forkserver(ctx, self.startup_timeout)
+        except BaseException:  # cancelled: nothing was launched
+            self._finish(None)
+            raise
         try:
             self._launch(loop)
         except Exception as exc:  # OSError, or multiprocessing refusing (no __main__ guard)
