@@ -84,6 +84,13 @@ async def main():
             last = now
     ticking = asyncio.create_task(tick())
     started = time.perf_counter()
+    if {cancel_first}:  # a first start, cancelled while the forkserver boots
+        first = corral.Pool(1)
+        starting = asyncio.create_task(first.start())
+        await asyncio.sleep(0.2)
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        await first.terminate()
     async with corral.Pool(2) as pool:
         up = time.perf_counter() - started
         print(await pool.run(tasks.add, 2, 3), f"{{up:.3f}}", f"{{max(gaps):.3f}}")
@@ -95,14 +102,18 @@ if __name__ == "__main__":
 
 
 @pytest.mark.timeout(90)
-def test_the_loop_serves_on_while_the_forkserver_preloads(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cancel_first", [False, True], ids=["start", "cancelled-start-first"])
+def test_the_loop_serves_on_while_the_forkserver_preloads(
+    tmp_path: Path, cancel_first: bool
+) -> None:
     """The first pool's start waits for the forkserver's preloading (here a module the
     script imports that takes 1.5 s) on the event loop: other tasks keep running, where
-    multiprocessing would block the loop in a read for all of it."""
+    multiprocessing would block the loop in a read for all of it. A start cancelled
+    meanwhile leaves the boot to the next."""
     seconds = 1.5
     (tmp_path / "slow_helper.py").write_text(SLOW.format(seconds=seconds))
     script = tmp_path / "script.py"
-    script.write_text(TICKING.format(root=str(ROOT)))
+    script.write_text(TICKING.format(root=str(ROOT), cancel_first=cancel_first))
     done = subprocess.run(
         [sys.executable, script.name],
         cwd=tmp_path,

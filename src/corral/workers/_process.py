@@ -123,8 +123,9 @@ def _preload_in_forkserver(ctx: BaseContext) -> None:
         ctx.set_forkserver_preload([*modules, *(m for m in wanted if m not in modules)])
 
 
-# The forkserver's boot under way, awaited by every worker of that loop that starts meanwhile.
-_booting: asyncio.Future[None] | None = None
+# The forkserver's boot under way: a task of its own, which every worker of that loop
+# starting meanwhile awaits, so that one start cancelled leaves the boot to the others.
+_booting: asyncio.Task[None] | None = None
 
 
 async def _boot_forkserver(ctx: BaseContext, timeout: float) -> None:
@@ -137,17 +138,23 @@ async def _boot_forkserver(ctx: BaseContext, timeout: float) -> None:
     """
     global _booting
     loop = asyncio.get_running_loop()
-    if _booting is not None and not _booting.done() and _booting.get_loop() is loop:
-        await asyncio.shield(_booting)
-        return
-    server = multiprocessing.forkserver._forkserver
-    if getattr(server, "_forkserver_pid", None) is not None:
-        return  # running already
-    _preload_in_forkserver(ctx)
+    if _booting is None or _booting.done() or _booting.get_loop() is not loop:
+        server = multiprocessing.forkserver._forkserver
+        if getattr(server, "_forkserver_pid", None) is not None:
+            return  # running already (or booting for another thread's loop)
+        _preload_in_forkserver(ctx)
+        _booting = loop.create_task(_boot(server, timeout), name="corral-forkserver-boot")
+    await asyncio.shield(_booting)
+
+
+async def _boot(server: Any, timeout: float) -> None:
+    """Start the forkserver, told to say on a FIFO when it is ready, and wait for that, or
+    for its death, or timeout."""
     try:
         folder = tempfile.TemporaryDirectory(prefix="corral-forkserver-")
     except OSError:
         return  # no FIFO to be had: the first start waits as multiprocessing has it wait
+    loop = asyncio.get_running_loop()
     with folder:
         path = os.path.join(folder.name, "ready")
         try:
@@ -155,23 +162,25 @@ async def _boot_forkserver(ctx: BaseContext, timeout: float) -> None:
             ready = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         except OSError:
             return
-        booted = _booting = loop.create_future()
+        booted = loop.create_future()
         watched = [ready]
         try:
             _start_forkserver(path)
             pid = getattr(server, "_forkserver_pid", None)
             if pid is not None and hasattr(os, "pidfd_open"):
-                watched.append(os.pidfd_open(pid))  # readable if it dies instead
+                try:
+                    watched.append(os.pidfd_open(pid))  # readable if it dies instead
+                except OSError:  # gone already: the start that follows says how
+                    _settle(booted)
             for fd in watched:
                 loop.add_reader(fd, _settle, booted)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
-                    await asyncio.shield(booted)
+                    await booted
         finally:
             for fd in watched:
                 loop.remove_reader(fd)
                 os.close(fd)
-            _settle(booted)
 
 
 def _settle(booted: asyncio.Future[None]) -> None:
@@ -318,16 +327,15 @@ class ProcessWorker(Worker):
             if self.start_method == "forkserver":
                 ctx = multiprocessing.get_context(self.start_method)
                 await _boot_forkserver(ctx, self.startup_timeout)
-        except BaseException:  # cancelled: nothing was launched
-            self._finish(None)
-            raise
-        try:
             self._launch(loop)
         except Exception as exc:  # OSError, or multiprocessing refusing (no __main__ guard)
             self._finish(None)
             raise WorkerStartupError(
                 1, f"could not start a process: {type(exc).__name__}: {exc}"
             ) from exc
+        except BaseException:  # cancelled while the forkserver booted: nothing launched
+            self._finish(None)
+            raise
         try:
             # asyncio.timeout, not wait_for: a start cancelled just as the worker failed
             # raises CancelledError, not the failure chained to a CancelledError
