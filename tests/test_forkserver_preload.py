@@ -3,13 +3,11 @@ program's event loop serves on while the forkserver imports it."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.processes import ROOT, run_python
 
 HEAVY = """
 import os
@@ -47,14 +45,7 @@ def test_workers_find_the_main_modules_imports_preloaded(tmp_path: Path) -> None
     (tmp_path / "heavy_helper.py").write_text(HEAVY.format(log=str(log)))
     script = tmp_path / "script.py"
     script.write_text(SCRIPT.format(root=str(ROOT)))
-    done = subprocess.run(  # run from its own folder, as scripts usually are
-        [sys.executable, script.name],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=80,
-        check=False,
-    )
+    done = run_python(script.name, cwd=tmp_path, timeout=80)  # from its folder, as usual
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "5"
     importers = log.read_text().split()
@@ -67,7 +58,7 @@ time.sleep({seconds})   # stands for numpy, torch, ...: seconds to import
 """
 
 TICKING = """
-import asyncio, sys, time
+import asyncio, multiprocessing.forkserver, sys, time
 sys.path.insert(0, {root!r})
 import slow_helper
 import corral
@@ -84,10 +75,13 @@ async def main():
             last = now
     ticking = asyncio.create_task(tick())
     started = time.perf_counter()
-    if {cancel_first}:  # a first start, cancelled while the forkserver boots
+    if {cancel_first}:  # a first start, cancelled once the forkserver boots
         first = corral.Pool(1)
         starting = asyncio.create_task(first.start())
-        await asyncio.sleep(0.2)
+        server = multiprocessing.forkserver._forkserver
+        async with asyncio.timeout(30):
+            while server._forkserver_pid is None:
+                await asyncio.sleep(0.01)
         starting.cancel()
         await asyncio.gather(starting, return_exceptions=True)
         await first.terminate()
@@ -114,14 +108,7 @@ def test_the_loop_serves_on_while_the_forkserver_preloads(
     (tmp_path / "slow_helper.py").write_text(SLOW.format(seconds=seconds))
     script = tmp_path / "script.py"
     script.write_text(TICKING.format(root=str(ROOT), cancel_first=cancel_first))
-    done = subprocess.run(
-        [sys.executable, script.name],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=80,
-        check=False,
-    )
+    done = run_python(script.name, cwd=tmp_path, timeout=80)
     assert done.returncode == 0, done.stderr
     answer, up, longest_stall = done.stdout.split()
     assert answer == "5"

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import types
 import weakref
+from collections.abc import Iterator
 from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
@@ -189,18 +190,30 @@ def _settle(booted: asyncio.Future[None]) -> None:
 
 
 def _start_forkserver(ready: str) -> None:
-    """Start the forkserver (and the undertaker, which boots meanwhile), both born with
-    SIGINT blocked (see ``_launch``), the forkserver told to say on the FIFO ``ready`` when
-    it is."""
-    resource_tracker.ensure_running()  # first: its start unblocks SIGINT (see _launch)
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    os.environ[_forkserver.READY] = ready
-    try:
-        multiprocessing.forkserver.ensure_running()
-    finally:
-        os.environ.pop(_forkserver.READY, None)
-    try:
+    """Start the forkserver, told to say on the FIFO ``ready`` when it is, and the
+    undertaker, which boots meanwhile."""
+    with _sigint_held("forkserver"):
+        os.environ[_forkserver.READY] = ready
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            del os.environ[_forkserver.READY]
         undertaker.prepare()
+
+
+@contextlib.contextmanager
+def _sigint_held(start_method: str) -> Iterator[None]:
+    """Hold SIGINT blocked while processes start, so that they are born with it blocked
+    (the mask survives fork, exec and the forkserver): a worker ignores it before it
+    unblocks it, so a Ctrl-C during its start-up cannot print a KeyboardInterrupt traceback
+    from it, and the forkserver's preloading would not survive one. The forkserver and
+    spawn start multiprocessing's resource tracker first, whose start unblocks SIGINT
+    whatever the mask was: it is started before the mask is taken."""
+    if start_method != "fork":
+        resource_tracker.ensure_running()
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
@@ -402,29 +415,14 @@ class ProcessWorker(Worker):
                 args=(channels, self._setup, inherited),
                 name=f"corral-{self.name}",
             )
-            # Born with SIGINT blocked (the mask survives fork, exec and the forkserver), the
-            # child ignores it before unblocking: a Ctrl-C during its start-up cannot print
-            # a KeyboardInterrupt traceback from it. Here it is only held for the moment of
-            # start.
             _check_fd_room(in_w)
-            if self.start_method != "fork":
-                # The forkserver and spawn start multiprocessing's resource tracker first,
-                # whose start unblocks SIGINT whatever the mask was: started before the
-                # mask is taken, it leaves the forkserver and the workers born blocked.
-                resource_tracker.ensure_running()
-            held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-            try:
+            with _sigint_held(self.start_method):
                 if self.start_method == "forkserver":
-                    # A forkserver not yet running boots for tens of milliseconds (a fresh
-                    # interpreter importing the preloads), which start() waits out; started
-                    # first, it boots while the undertaker starts (also born with SIGINT
-                    # blocked, as the forkserver must be: its preloading would not survive
-                    # a Ctrl-C).
+                    # Running already, unless start() could not wait for its boot on the
+                    # loop (no FIFO to be had): then the read of the first pid waits it out.
                     multiprocessing.forkserver.ensure_running()
                 undertaker.prepare()  # before the first fork: no worker waits for it after
                 process.start()
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, held)
             undo.callback(_reap, process)  # run first: the process goes before its pipes
             if self.start_method != "forkserver" and hasattr(os, "pidfd_open"):
                 # Readable once the process is a zombie, so its exit status is ready to reap.
